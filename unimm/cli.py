@@ -1,0 +1,42 @@
+"""The ``unimm`` console script: one subcommand per job, each a plain module with two functions.
+
+A command module defines ``add_arguments(parser)`` and ``main(args) -> int``; it is imported only when
+its command runs (or for ``--help``), so ``unimm --help`` stays fast and one broken optional
+dependency cannot take down the other commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# command -> (module implementing it, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("unimm.commands.demo", "chat and image generation with the embedded demo model"),
+    "datasets": ("unimm.commands.datasets", "build (and cache) the offline demo datasets, print their sizes"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unimm", description="Unified multimodal autoregressive models.")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(name, help=help_text, description=module.__doc__)
+        module.add_arguments(sub)
+        sub.set_defaults(_command_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args._command_module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

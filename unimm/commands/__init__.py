@@ -1,0 +1,1 @@
+"""Implementations of the ``unimm`` CLI subcommands (see ``unimm.cli.COMMANDS``)."""

@@ -1,0 +1,83 @@
+"""The contract between the shared training loop and one training stage.
+
+The loop (``unimm.training.loop``) owns everything that is the same for every component: the
+DeepSpeed engine, mixed precision, gradient accumulation and clipping, LR schedules, checkpoints and
+resume, logging, evaluation cadence and export. A stage owns what differs: which model to build,
+which data it reads, how a batch becomes a loss, and what a person would like to look at.
+
+Each stage lives in its own module of this package (``tokenizer.py``, ``detokenizer.py``, ``llm.py``)
+and declares the dataclass of its own recipe fields; a recipe YAML is parsed with ``HfArgumentParser``
+into the loop's ``TrainingArguments`` plus that dataclass.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class TrainingStage(abc.ABC):
+    """One component's training recipe code. Subclasses set ``name`` and ``arguments_class``."""
+
+    name: ClassVar[str]
+    # The dataclass holding this stage's recipe fields (model size, data, loss weights, ...).
+    arguments_class: ClassVar[type]
+
+    def __init__(self, stage_args: Any) -> None:
+        self.args = stage_args
+
+    @abc.abstractmethod
+    def build_model(self) -> nn.Module:
+        """Return the module to train (frozen parts already have ``requires_grad=False``)."""
+
+    @abc.abstractmethod
+    def build_datasets(self) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None]:
+        """Return ``(train, eval)`` map-style datasets; ``eval`` may be ``None``."""
+
+    def collate(self, samples: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """Turn a list of dataset items into a batch; the default stacks tensors field by field."""
+        return torch.utils.data.default_collate(list(samples))
+
+    @abc.abstractmethod
+    def compute_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return the scalar loss to backpropagate and named float metrics to log for this batch."""
+
+    def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; a group may carry its own ``lr`` / ``weight_decay``.
+
+        The default: every trainable parameter, no weight decay on biases, norms and embeddings."""
+        decay, no_decay = [], []
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim < 2 or "norm" in name or "embed" in name else decay).append(param)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, eval_loader: torch.utils.data.DataLoader) -> dict[str, float]:
+        """Metrics on the eval set; the default averages ``compute_loss``'s metrics."""
+        totals: dict[str, float] = {}
+        batches = 0
+        for batch in eval_loader:
+            loss, metrics = self.compute_loss(model, batch, step=-1)
+            metrics = {"loss": float(loss), **metrics}
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + value
+            batches += 1
+        return {key: value / max(batches, 1) for key, value in totals.items()}
+
+    @torch.no_grad()
+    def write_samples(self, model: nn.Module, step: int, output_dir: Path) -> list[Path]:
+        """Write PNG grids a person would rather look at (reconstructions, generations); optional."""
+        return []
+
+    @abc.abstractmethod
+    def export(self, model: nn.Module, output_dir: Path) -> None:
+        """Write the trained component in its Hub layout (``save_pretrained``, safetensors)."""
