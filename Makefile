@@ -1,0 +1,43 @@
+# The two commands of the README: `make demo` and `make test`. Both set up everything on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+# This machine's CPU wheel; on a GPU machine use e.g. `make test TORCH=torch` after installing CUDA torch.
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: demo test test-fast test-slow lint format data install clean
+
+demo: $(INSTALLED) data
+	$(PY) -m unimm.cli demo
+
+test: $(INSTALLED) data lint
+	$(PY) -m pytest -m "not slow" -q --durations=15
+
+test-fast: $(INSTALLED)
+	$(PY) -m pytest -q
+
+test-slow: $(INSTALLED) data
+	$(PY) -m pytest -m slow -q
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(INSTALLED)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+data:
+	scripts/install_data.sh
+
+install: $(INSTALLED)
+
+$(INSTALLED): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache *.egg-info

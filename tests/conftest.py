@@ -1,0 +1,31 @@
+"""Shared fixtures: every test starts from the same seeds; a per-session dataset cache.
+
+Tiny model configs live next to the tests of each subpackage (``tests/<pkg>/conftest.py``)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+# Tests never reach a hub; make that explicit so a missing asset fails fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Two cores on CI: more threads than cores only adds contention.
+torch.set_num_threads(min(torch.get_num_threads(), 2))
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything() -> None:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def dataset_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One on-disk ``datasets`` cache shared by the tests of a session."""
+    return str(tmp_path_factory.mktemp("datasets-cache"))
