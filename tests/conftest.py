@@ -7,15 +7,18 @@ from __future__ import annotations
 import os
 import random
 
+# Tests never reach a hub; make that explicit so a missing asset fails fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Tiny models are dominated by per-op overhead: one thread is faster than two, and it keeps
+# subprocesses (2-rank DeepSpeed runs) from oversubscribing CI's two cores. Set before torch loads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 import torch
 
-# Tests never reach a hub; make that explicit so a missing asset fails fast instead of hanging.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-# Two cores on CI: more threads than cores only adds contention.
-torch.set_num_threads(min(torch.get_num_threads(), 2))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)

@@ -9,3 +9,32 @@ subpackages' ``__init__``); nothing else happens at import time.
 """
 
 __version__ = "0.1.0.dev0"
+
+from unimm.detokenizer import DetokenizerPipeline, TokenDiffusionDecoder
+from unimm.llm import (
+    ImageVocabulary,
+    ModalitySampling,
+    UniMMConfig,
+    UniMMForCausalLM,
+    UniMMProcessor,
+    apply_lora,
+    merge_lora,
+)
+from unimm.pipelines import UniMMPipeline
+from unimm.tokenizer import DualCodebookConfig, DualCodebookImageProcessor, DualCodebookTokenizer
+
+__all__ = [
+    "DetokenizerPipeline",
+    "DualCodebookConfig",
+    "DualCodebookImageProcessor",
+    "DualCodebookTokenizer",
+    "ImageVocabulary",
+    "ModalitySampling",
+    "TokenDiffusionDecoder",
+    "UniMMConfig",
+    "UniMMForCausalLM",
+    "UniMMPipeline",
+    "UniMMProcessor",
+    "apply_lora",
+    "merge_lora",
+]

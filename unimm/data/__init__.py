@@ -1,0 +1,54 @@
+"""Data: the sample schema, loaders, pre-tokenization, packing, collators and the offline demo datasets."""
+
+from unimm.data.bad_records import BadRecordError, BadRecords
+from unimm.data.collators import PaddingCollator, TextDropout
+from unimm.data.demo_datasets import FASHION_MNIST_CLASSES, load_emoji, load_fashion_mnist
+from unimm.data.loaders import (
+    load_image_folder,
+    load_interleaved,
+    load_jsonl,
+    load_llava,
+    load_parquet,
+    load_webdataset,
+    mix_datasets,
+)
+from unimm.data.packing import PackedCollator, pack_dataset, pack_examples
+from unimm.data.pretokenize import load_pretokenized, pretokenize_images
+from unimm.data.schema import (
+    drop_text,
+    image_segment,
+    image_tokens_segment,
+    open_image,
+    sample_features,
+    text_segment,
+    validate_sample,
+)
+
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "BadRecordError",
+    "BadRecords",
+    "PackedCollator",
+    "PaddingCollator",
+    "TextDropout",
+    "drop_text",
+    "image_segment",
+    "image_tokens_segment",
+    "load_emoji",
+    "load_fashion_mnist",
+    "load_image_folder",
+    "load_interleaved",
+    "load_jsonl",
+    "load_llava",
+    "load_parquet",
+    "load_pretokenized",
+    "load_webdataset",
+    "mix_datasets",
+    "open_image",
+    "pack_dataset",
+    "pack_examples",
+    "pretokenize_images",
+    "sample_features",
+    "text_segment",
+    "validate_sample",
+]

@@ -35,6 +35,10 @@ class TrainingStage(abc.ABC):
     def build_model(self) -> nn.Module:
         """Return the module to train (frozen parts already have ``requires_grad=False``)."""
 
+    def validate(self, model: nn.Module, train_dataset: torch.utils.data.Dataset) -> None:
+        """Raise a clear error if the model and the data do not fit together (checked before training)."""
+        return None
+
     @abc.abstractmethod
     def build_datasets(self) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None]:
         """Return ``(train, eval)`` map-style datasets; ``eval`` may be ``None``."""
@@ -48,6 +52,21 @@ class TrainingStage(abc.ABC):
         self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Return the scalar loss to backpropagate and named float metrics to log for this batch."""
+
+    # What throughput is counted in (tqdm and metrics.jsonl show `<unit>_per_second`).
+    throughput_unit: ClassVar[str] = "samples"
+
+    def count_units(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many throughput units a batch holds; the default: its batch size."""
+        return len(next(iter(batch.values())))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Stage-owned training state outside the model (e.g. EMA weights), saved in every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (on resume, and before export from a checkpoint)."""
+        return None
 
     def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """Optimizer parameter groups; a group may carry its own ``lr`` / ``weight_decay``.

@@ -1,0 +1,207 @@
+"""Generation speed of unimm's engine against transformers' own implementations, in one run.
+
+Image generation: ``UniMMForCausalLM.generate_multimodal(mode="image")`` against
+``JanusForConditionalGeneration.generate(generation_mode="image")`` on a matched configuration (same Llama
+backbone size, image token count, guidance, sampling), both with freshly initialised weights (speed does
+not depend on the values). Text: ``generate_multimodal(mode="text")`` against plain ``generate`` of the
+underlying language model, greedy, same number of new tokens.
+
+Runs are interleaved (reference, ours, reference, ours, ...) and the median of ``--repeats`` is reported.
+Throughput is measured in CPU time of this process with one torch thread (the machine may be shared, and
+CPU time is what other jobs disturb least); the wall-clock ratio is printed next to it. Image throughput
+counts codebook tokens only: unimm also writes the size, end-of-row and end-of-image tokens (20 more
+forward steps for a 16x16 grid), which are not counted.
+
+    python benchmarks/generation.py [--batch-sizes 1 4 16] [--repeats 3] [--grid 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import GenerationConfig, JanusConfig, JanusForConditionalGeneration, LlamaConfig
+
+from unimm.llm import ModalitySampling, UniMMConfig, UniMMForCausalLM
+
+
+def llama_config(args: argparse.Namespace) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=args.text_vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 4,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+
+
+def build_janus(args: argparse.Namespace) -> JanusForConditionalGeneration:
+    hidden = args.hidden
+    config = JanusConfig(
+        text_config=llama_config(args).to_dict(),
+        vision_config=dict(
+            hidden_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8,
+            projection_dim=hidden, num_image_tokens=args.grid * args.grid,
+        ),
+        vq_config=dict(
+            embed_dim=8, num_embeddings=args.codebook, projection_dim=hidden, image_token_embed_dim=hidden,
+            base_channels=32, channel_multiplier=[1, 1], num_res_blocks=1, latent_channels=16,
+            num_patches=args.grid,
+        ),
+        image_token_id=args.text_vocab - 1,
+    )  # fmt: skip
+    model = JanusForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=1, pad_token_id=0, eos_token_id=2, generation_kwargs={"boi_token_id": 3}
+    )
+    return model
+
+
+def build_unimm(args: argparse.Namespace) -> UniMMForCausalLM:
+    config = UniMMConfig(
+        text_config=llama_config(args),
+        codebook_size=args.codebook,
+        max_grid_height=args.grid,
+        max_grid_width=args.grid,
+        default_grid_height=args.grid,
+        default_grid_width=args.grid,
+    )
+    return UniMMForCausalLM(config).eval()
+
+
+def timed(fn, *args) -> tuple[float, float]:
+    """``(wall seconds, CPU seconds of this process)``; with one torch thread the CPU time is the work
+    done, which other jobs on a shared machine barely disturb."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn(*args)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def interleaved_rates(runners: dict, repeats: int, work: int) -> dict[str, tuple[float, float]]:
+    """Run each runner in turn ``repeats + 1`` times (the first round warms up and is dropped); return
+    ``work`` per median CPU second and per median wall second for each."""
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
+    for repeat in range(repeats + 1):
+        for name, runner in runners.items():
+            elapsed = timed(runner, repeat)
+            if repeat:
+                times[name].append(elapsed)
+    return {
+        name: (
+            work / statistics.median(cpu for _, cpu in values),
+            work / statistics.median(w for w, _ in values),
+        )
+        for name, values in times.items()
+    }
+
+
+def print_row(label: str, rates: dict[str, tuple[float, float]], reference: str) -> None:
+    (ref_cpu, ref_wall), (ours_cpu, ours_wall) = rates[reference], rates["unimm"]
+    print(
+        f"| {label} | {ref_cpu:.1f} | {ours_cpu:.1f} | **{ours_cpu / ref_cpu:.2f}x** | {ours_wall / ref_wall:.2f}x |",
+        flush=True,
+    )
+
+
+def bench_images(args, janus, unimm, batch: int) -> dict[str, float]:
+    prompt = torch.randint(4, args.text_vocab - 1, (batch, args.prompt_length))
+    prompt[:, 0] = 1
+    prompt[:, -1] = 3  # Janus' prompt ends with its <begin_of_image>; unimm opens the image itself
+    mask = torch.ones_like(prompt)
+    prompts = prompt[:, :-1].tolist()
+    unconditional = [[1]] * batch
+    sampling = ModalitySampling(do_sample=True, temperature=1.0)
+
+    def run_janus(seed: int) -> None:
+        torch.manual_seed(seed)
+        janus.generate(
+            prompt, attention_mask=mask, generation_mode="image", do_sample=True, temperature=1.0,
+            guidance_scale=args.guidance,
+        )  # fmt: skip
+
+    def run_unimm(seed: int) -> None:
+        unimm.generate_multimodal(
+            prompts, mode="image", guidance_scale=args.guidance, unconditional_input_ids=unconditional,
+            image_sampling=sampling, seed=seed,
+        )  # fmt: skip
+
+    return interleaved_rates({"janus": run_janus, "unimm": run_unimm}, args.repeats, batch * args.grid**2)
+
+
+def bench_text(args, unimm, batch: int) -> dict[str, float]:
+    language_model = unimm.language_model
+    prompt = torch.randint(4, args.text_vocab, (batch, args.prompt_length))
+    mask = torch.ones_like(prompt)
+
+    # No end-of-sequence for either side: both write exactly `text_tokens` tokens, with no extra processor.
+    plain = GenerationConfig(
+        do_sample=False, max_new_tokens=args.text_tokens, pad_token_id=0, eos_token_id=None
+    )
+
+    def run_generate(seed: int) -> None:
+        language_model.generate(prompt, attention_mask=mask, generation_config=plain)
+
+    def run_unimm(seed: int) -> None:
+        unimm.generate_multimodal(
+            prompt, attention_mask=mask, mode="text", max_new_tokens=args.text_tokens, eos_token_id=[]
+        )
+
+    return interleaved_rates(
+        {"generate": run_generate, "unimm": run_unimm}, args.repeats, batch * args.text_tokens
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 4, 16])
+    parser.add_argument("--text-batch-sizes", type=int, nargs="*", default=[1, 16])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--text-vocab", type=int, default=2048)
+    parser.add_argument("--codebook", type=int, default=4096)
+    parser.add_argument("--grid", type=int, default=16, help="image side in codes (grid x grid tokens)")
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--prompt-length", type=int, default=16)
+    parser.add_argument("--text-tokens", type=int, default=128)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 keeps a shared CPU steadier)"
+    )
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    janus, unimm = build_janus(args), build_unimm(args)
+    print(
+        f"Llama backbone: hidden {args.hidden}, {args.layers} layers, {args.heads} heads; {args.grid}x{args.grid} "
+        f"image tokens, codebook {args.codebook}, guidance {args.guidance}, sampling at temperature 1; "
+        f"torch threads {torch.get_num_threads()}; median of {args.repeats} interleaved runs"
+    )
+    with torch.inference_mode():
+        print(
+            "\n| image generation | Janus (img tok/CPU-s) | unimm (img tok/CPU-s) | speed-up (CPU) | speed-up (wall) |"
+        )
+        print("|---|---|---|---|---|")
+        for batch in args.batch_sizes:
+            print_row(f"batch {batch}", bench_images(args, janus, unimm, batch), "janus")
+        print(
+            f"\n| text ({args.text_tokens} greedy tokens) | LM generate (tok/CPU-s) | unimm (tok/CPU-s) "
+            "| ratio (CPU) | ratio (wall) |"
+        )
+        print("|---|---|---|---|---|")
+        for batch in args.text_batch_sizes:
+            print_row(f"batch {batch}", bench_text(args, unimm, batch), "generate")
+
+
+if __name__ == "__main__":
+    main()

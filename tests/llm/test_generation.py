@@ -1,0 +1,303 @@
+import pytest
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from unimm.llm import ModalitySampling
+from unimm.llm.sampling import RowSampler
+
+GREEDY = ModalitySampling()
+SAMPLED = ModalitySampling(do_sample=True, temperature=1.0)
+
+
+def boost_token(model, token_id: int, at_calls: set[int] | None = None, amount: float = 1e4):
+    """Make the model strongly prefer ``token_id`` (on the given logits calls, or always)."""
+    original = model.compute_logits
+    calls = {"n": 0}
+
+    def compute_logits(hidden_states, start=0, end=None):
+        logits = original(hidden_states, start, end)
+        if (at_calls is None or calls["n"] in at_calls) and start <= token_id:
+            logits[..., token_id - start] += amount
+        calls["n"] += 1
+        return logits
+
+    model.compute_logits = compute_logits
+
+
+def check_images(vocabulary, ids: list[int]) -> list[torch.Tensor]:
+    """Every image token lies in a well-formed image (token_ids_to_image validates rows and <|eol|>)."""
+    texts, images = vocabulary.split_images(ids)
+    spans = sum(1 for t in ids if t == vocabulary.boi_token_id)
+    assert spans == len(images), f"unfinished or malformed image in {ids}"
+    assert all(t < vocabulary.text_vocab_size for piece in texts for t in piece)
+    return images
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_constraints_on_mixed_batch(tiny, kind):
+    model = tiny.model(kind)
+    vocabulary = model.vocabulary
+    boost_token(model, vocabulary.boi_token_id, amount=3.0)  # interleaved rows open images now and then
+    prompts = [[1, 5, 6], [1, 7, 8, 9, 10], [1, 11], [1, 12, 13], [1, 14, 15, 16]]
+    modes = ["image", "text", "interleaved", "image", "interleaved"]
+    grids = [(2, 3), None, None, (4, 1), (1, 2)]
+    for seed in range(2):
+        output = model.generate_multimodal(
+            prompts, mode=modes, image_grid=grids, max_new_tokens=40, text_sampling=SAMPLED,
+            image_sampling=SAMPLED, seed=seed,
+        )  # fmt: skip
+        for row, length in enumerate(output.sequence_lengths.tolist()):
+            ids = output.sequences[row, :length].tolist()
+            images = check_images(vocabulary, ids)
+            assert [image.shape for image in images] == [image.shape for image in output.image_token_ids[row]]
+            if modes[row] == "image":
+                assert len(images) == 1 and tuple(images[0].shape) == grids[row]
+                assert ids == vocabulary.image_to_token_ids(images[0]).tolist()
+            elif modes[row] == "text":
+                assert max(ids) < vocabulary.text_vocab_size
+            elif grids[row] is not None:
+                assert all(tuple(image.shape) == grids[row] for image in images)
+        assert output.image_token_ids[2] or output.image_token_ids[4], "boosted <|boi|> never opened an image"
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_greedy_mixed_batch_equals_each_prompt_alone(tiny, kind):
+    model = tiny.model(kind)
+    requests = [
+        dict(prompt=[1, 5, 6], mode="image", grid=(2, 3), scale=1.0, uncond=None),
+        dict(prompt=[1, 7, 8, 9, 10, 11, 12], mode="text", grid=None, scale=1.0, uncond=None),
+        dict(prompt=[1, 11], mode="interleaved", grid=(2, 2), scale=1.0, uncond=None),
+        dict(prompt=[1, 12, 13, 14], mode="image", grid=(3, 2), scale=4.0, uncond=[1, 4]),
+    ]
+    kwargs = dict(max_new_tokens=12, text_sampling=GREEDY, image_sampling=GREEDY, eos_token_id=[])
+    batched = model.generate_multimodal(
+        [r["prompt"] for r in requests], mode=[r["mode"] for r in requests],
+        image_grid=[r["grid"] for r in requests], guidance_scale=[r["scale"] for r in requests],
+        unconditional_input_ids=[r["uncond"] for r in requests], **kwargs,
+    )  # fmt: skip
+    for row, r in enumerate(requests):
+        alone = model.generate_multimodal(
+            [r["prompt"]], mode=r["mode"], image_grid=r["grid"], guidance_scale=r["scale"],
+            unconditional_input_ids=[r["uncond"]], **kwargs,
+        )  # fmt: skip
+        length = int(alone.sequence_lengths[0])
+        assert int(batched.sequence_lengths[row]) == length
+        assert batched.sequences[row, :length].tolist() == alone.sequences[0, :length].tolist()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_cache_implementations_agree(tiny, kind):
+    model = tiny.model(kind)
+    kwargs = dict(
+        mode=["image", "text", "interleaved", "image"], image_grid=[(2, 3), None, (2, 2), (3, 2)],
+        guidance_scale=[1.0, 1.0, 1.0, 4.0], unconditional_input_ids=[None, None, None, [1, 4]],
+        max_new_tokens=12, image_sampling=GREEDY, eos_token_id=[],
+    )  # fmt: skip
+    prompts = [[1, 5, 6], [1, 7, 8, 9, 10, 11, 12], [1, 11], [1, 12, 13, 14]]
+    outputs = [
+        model.generate_multimodal(prompts, cache_implementation=implementation, **kwargs)
+        for implementation in ("preallocated", "dynamic", "static")
+    ]
+    for other in outputs[1:]:
+        assert torch.equal(outputs[0].sequences, other.sequences)
+        assert torch.equal(outputs[0].sequence_lengths, other.sequence_lengths)
+
+
+def test_eager_attention_matches_sdpa(tiny):
+    """The decode loop hands SDPA a 4-D mask and other implementations the 2-D one; same tokens."""
+    prompts = [[1, 5, 6], [1, 7, 8, 9, 10], [1, 12, 13, 14]]
+    kwargs = dict(
+        mode=["image", "text", "image"], image_grid=(2, 2), guidance_scale=[1.0, 1.0, 3.0],
+        unconditional_input_ids=[None, None, [1]], max_new_tokens=8, image_sampling=GREEDY, eos_token_id=[],
+    )  # fmt: skip
+    sdpa = tiny.model().generate_multimodal(prompts, **kwargs)
+    eager = tiny.model(attn_implementation="eager")
+    assert eager.config.text_config._attn_implementation == "eager"
+    assert torch.equal(eager.generate_multimodal(prompts, **kwargs).sequences, sdpa.sequences)
+
+
+def reference_guided_image(model, prompt, unconditional, grid, scale):
+    """Naive classifier-free guidance without cache: two full forwards per code."""
+    vocabulary = model.vocabulary
+    height, width = grid
+    head = [vocabulary.boi_token_id, vocabulary.height_token_id(height), vocabulary.width_token_id(width)]
+    conditional, uncond = prompt + head, unconditional + head
+    for _ in range(height):
+        for _ in range(width):
+            c = model(torch.tensor([conditional])).logits[0, -1]
+            u = model(torch.tensor([uncond])).logits[0, -1]
+            guided = u + scale * (c - u)
+            code = int(guided[vocabulary.code_token_offset :].argmax()) + vocabulary.code_token_offset
+            conditional.append(code)
+            uncond.append(code)
+        conditional.append(vocabulary.eol_token_id)
+        uncond.append(vocabulary.eol_token_id)
+    return conditional[len(prompt) :] + [vocabulary.eoi_token_id]
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_guidance_follows_formula_against_naive_reference(tiny, scale):
+    model = tiny.model()
+    prompt, unconditional = [1, 5, 6, 7], [1, 4]
+    output = model.generate_multimodal(
+        [prompt], mode="image", image_grid=(2, 3), guidance_scale=scale, unconditional_input_ids=[unconditional],
+        image_sampling=GREEDY,
+    )  # fmt: skip
+    expected = reference_guided_image(model, prompt, unconditional, (2, 3), scale)
+    assert output.sequences[0].tolist() == expected
+
+
+def test_guidance_one_equals_unguided_and_guidance_changes_output(tiny):
+    model = tiny.model()
+    kwargs = dict(mode="image", image_grid=(3, 3), image_sampling=SAMPLED, seed=7)
+    unguided = model.generate_multimodal([[1, 5, 6]], **kwargs)
+    guided_one = model.generate_multimodal(
+        [[1, 5, 6]], guidance_scale=1.0, unconditional_input_ids=[[1]], **kwargs
+    )
+    assert torch.equal(unguided.sequences, guided_one.sequences)
+    # Greedy, so the (near-uniform) random model's small logit differences, amplified, change the argmax.
+    kwargs["image_sampling"] = GREEDY
+    unguided = model.generate_multimodal([[1, 5, 6]], **kwargs)
+    guided = model.generate_multimodal(
+        [[1, 5, 6]], guidance_scale=5.0, unconditional_input_ids=[[1]], **kwargs
+    )
+    assert not torch.equal(unguided.sequences, guided.sequences)
+
+
+def test_unconditional_rows_do_not_see_generated_text(tiny):
+    """Interleaved: text written before an image is dropped from the unconditional context, so the image
+    equals the one image mode draws from (prompt + that text) with the same unconditional prompt."""
+    model = tiny.model()
+    vocabulary = model.vocabulary
+    boost_token(model, vocabulary.boi_token_id, at_calls={2})  # open an image after two text tokens
+    prompt, unconditional = [1, 5, 6], [1, 4]
+    kwargs = dict(guidance_scale=3.0, unconditional_input_ids=[unconditional], image_grid=(2, 2),
+                  image_sampling=GREEDY, eos_token_id=[])  # fmt: skip
+    interleaved = model.generate_multimodal([prompt], mode="interleaved", max_new_tokens=16, **kwargs)
+    ids = interleaved.sequences[0].tolist()
+    assert ids[2] == vocabulary.boi_token_id and max(ids[:2]) < vocabulary.text_vocab_size
+    image_length = vocabulary.image_sequence_length(2, 2)
+    alone = model.generate_multimodal([prompt + ids[:2]], mode="image", **kwargs)
+    assert alone.sequences[0].tolist() == ids[2 : 2 + image_length]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_text_mode_matches_plain_generate_with_image_tokens_suppressed(tiny, kind):
+    model = tiny.model(kind)
+    vocabulary = model.vocabulary
+    prompt = torch.tensor([[1, 5, 6, 7]])
+    ours = model.generate_multimodal(prompt, mode="text", max_new_tokens=10, eos_token_id=[])
+    reference = model.language_model.generate(
+        prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False,
+        suppress_tokens=list(range(vocabulary.text_vocab_size, vocabulary.vocab_size)),
+    )  # fmt: skip
+    assert ours.sequences[0].tolist() == reference[0, prompt.shape[1] :].tolist()
+
+
+def test_text_rows_stop_at_eos_and_pad(tiny):
+    model = tiny.model()
+    boost_token(model, 30, at_calls={0, 1, 2, 4, 5})
+    boost_token(model, 2, at_calls={3})  # eos as the 4th token
+    output = model.generate_multimodal([[1, 5], [1, 6]], mode="text", max_new_tokens=8, eos_token_id=2)
+    assert output.sequence_lengths.tolist() == [4, 4]
+    assert output.sequences.tolist() == [[30, 30, 30, 2]] * 2
+
+
+def test_sampling_is_seeded_and_num_images_per_prompt_expands(tiny):
+    model = tiny.model()
+    kwargs = dict(mode="image", image_grid=(2, 2), image_sampling=SAMPLED, num_images_per_prompt=3)
+    first = model.generate_multimodal([[1, 5], [1, 6, 7]], seed=3, **kwargs)
+    second = model.generate_multimodal([[1, 5], [1, 6, 7]], seed=3, **kwargs)
+    assert first.sequences.shape[0] == 6 and len(first.image_token_ids) == 6
+    assert torch.equal(first.sequences, second.sequences)
+    assert len({tuple(first.sequences[row].tolist()) for row in range(3)}) > 1
+
+
+def test_row_sampler_per_modality_parameters():
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0]] * 4)
+    is_image = torch.tensor([False, False, True, True])
+    sampler = RowSampler(GREEDY, ModalitySampling(do_sample=True, top_k=2), torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(50):
+        tokens = sampler(logits, is_image, generator)
+        assert tokens[:2].tolist() == [1, 1]  # text rows are greedy
+        seen.update(tokens[2:].tolist())
+    assert seen == {1, 2}  # image rows sample from the top 2 only
+    nucleus = RowSampler(ModalitySampling(do_sample=True, top_p=0.5), GREEDY, torch.device("cpu"))
+    assert all(nucleus(logits, is_image, generator)[:2].tolist() == [1, 1] for _ in range(20))
+
+
+def test_row_sampler_draws_from_the_softmax():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).expand(64, 4)
+    sampler = RowSampler(SAMPLED, SAMPLED, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    counts = sum(torch.bincount(sampler(logits, torch.zeros(64, dtype=torch.bool), generator), minlength=4)
+                 for _ in range(200))  # fmt: skip
+    frequencies = counts / counts.sum()
+    torch.testing.assert_close(frequencies, logits[0].softmax(-1), atol=0.01, rtol=0)
+
+
+class Collector(BaseStreamer):
+    def __init__(self):
+        self.values, self.ended = [], False
+
+    def put(self, value):
+        self.values.append(value.flatten().tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_gets_prompt_then_text_tokens_only(tiny):
+    model = tiny.model()
+    boost_token(model, model.vocabulary.boi_token_id, at_calls={1})
+    streamer = Collector()
+    output = model.generate_multimodal(
+        [[1, 5, 6]],
+        mode="interleaved",
+        image_grid=(1, 2),
+        max_new_tokens=12,
+        streamer=streamer,
+        eos_token_id=[],
+    )
+    ids = output.sequences[0].tolist()
+    assert streamer.values[0] == [1, 5, 6] and streamer.ended
+    streamed = [token for value in streamer.values[1:] for token in value]
+    assert streamed == [t for t in ids if t < model.vocabulary.text_vocab_size]
+    assert len(streamed) == len(ids) - model.vocabulary.image_sequence_length(1, 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(input_ids=[[1, 5, 90]]), r"input_ids\[0\].*not inside an image"),
+        (dict(input_ids=[[1, 64, 67, 71, 90, 65]]), r"input_ids\[0\].*malformed image"),
+        (dict(input_ids=[[1, 5], []]), r"input_ids\[1\]. is empty"),
+        (dict(input_ids=[[1] * 250], max_new_tokens=10), r"input_ids\[0\].*exceeds the context"),
+        (dict(guidance_scale=0.5), r"guidance_scale\[0\]"),
+        (dict(guidance_scale=2.0), r"unconditional_input_ids\[0\]. is required"),
+        (dict(image_sampling=ModalitySampling(do_sample=True, top_k=0)), r"image_sampling.top_k"),
+        (dict(text_sampling=ModalitySampling(do_sample=True, top_p=0.0)), r"text_sampling.top_p"),
+        (dict(mode="video"), r"mode\[0\]"),
+        (dict(image_grid=(5, 1)), r"image_grid\[0\]"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+        (dict(input_ids=[[1], [1]], streamer=Collector()), "streamer"),
+        (dict(cache_implementation="paged"), "cache_implementation"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_argument(tiny, kwargs, match):
+    model = tiny.model()
+    arguments = dict(input_ids=[[1, 5]], mode="image")
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        model.generate_multimodal(**arguments)
+
+
+def test_generation_runs_in_bfloat16(tiny):
+    model = tiny.model().to(torch.bfloat16)
+    output = model.generate_multimodal(
+        [[1, 5, 6], [1, 7]], mode=["image", "interleaved"], image_grid=(2, 2), guidance_scale=[3.0, 1.0],
+        unconditional_input_ids=[[1], None], max_new_tokens=8, seed=0,
+    )  # fmt: skip
+    assert tuple(output.image_token_ids[0][0].shape) == (2, 2)

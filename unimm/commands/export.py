@@ -1,0 +1,25 @@
+"""Export a training checkpoint (any ZeRO stage) to the component's Hub layout (safetensors).
+
+``unimm export outputs/run`` exports the run's newest checkpoint to ``outputs/run/export``; a checkpoint
+folder (``outputs/run/checkpoints/step-00000100``) and ``--output`` pick others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a run folder (its newest checkpoint) or a checkpoint folder")
+    parser.add_argument("--output", default=None, help="destination folder (default: <run>/export)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from unimm.training.export import export_checkpoint
+
+    output = export_checkpoint(args.checkpoint, args.output)
+    logger.info("exported to %s", output)
+    return 0

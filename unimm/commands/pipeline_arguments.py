@@ -1,0 +1,66 @@
+"""What the pipeline commands (chat, generate, reconstruct, demo) share: checkpoint options, loading,
+error reporting and captioned PNG grids."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "demo"
+DTYPES = ("float32", "bfloat16", "float16")
+CAPTION_HEIGHT = 28
+CAPTION_CHARACTER_WIDTH = 6  # pixels per character of PIL's default font
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint",
+        default=str(DEFAULT_CHECKPOINT),
+        help=f"pipeline folder (model_index.json + llm/, visual_tokenizer/, ...) or Hub repo id "
+        f"(default: the demo model, {DEFAULT_CHECKPOINT})",
+    )
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (default: float32)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of sampling and noise (default: 0)")
+
+
+def load_pipeline(args: argparse.Namespace):
+    """The ``UniMMPipeline`` named by ``--checkpoint``, on ``--device`` in ``--dtype``."""
+    import torch
+
+    from unimm.pipelines import UniMMPipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return UniMMPipeline.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype), device=device)
+
+
+def report_error(error: Exception) -> int:
+    """Log a user error (bad path, bad size, partial checkpoint) as one line; the command's exit status."""
+    logger.error("%s", error)
+    return 1
+
+
+def captioned_grid(images: list[Image.Image], captions: list[str], cell: int = 96) -> Image.Image:
+    """Images side by side, each upscaled to ``cell`` pixels with its caption underneath."""
+    grid = Image.new("RGB", (cell * len(images), cell + CAPTION_HEIGHT), "white")
+    draw = ImageDraw.Draw(grid)
+    for column, (image, caption) in enumerate(zip(images, captions)):
+        grid.paste(image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST), (column * cell, 0))
+        words = caption.removeprefix("an emoji of ").removeprefix("a photo of ")
+        draw.text((column * cell + 2, cell + 2), words[: cell // CAPTION_CHARACTER_WIDTH], fill="black")
+    return grid
+
+
+def stack_rows(rows: list[Image.Image]) -> Image.Image:
+    """Grid rows one under the other on white."""
+    grid = Image.new("RGB", (max(row.width for row in rows), sum(row.height for row in rows)), "white")
+    top = 0
+    for row in rows:
+        grid.paste(row, (0, top))
+        top += row.height
+    return grid

@@ -1,0 +1,468 @@
+"""One decode loop for text answers, images and interleaved output, batched with mixed requests.
+
+:meth:`UniMMGenerationMixin.generate_multimodal` runs conditional rows and, for requests with guidance,
+their unconditional rows in the same forward pass over one KV cache (a transformers ``DynamicCache`` whose
+layers write into preallocated buffers, see ``kv_cache.py``):
+
+1. validate the requests and left-pad all rows into one batch (unconditional rows after conditional ones);
+2. prefill the cache with the prompts;
+3. per step: logits (image slice only while every row is in an image), classifier-free guidance on
+   rows inside images, the constraint state machine's mask and forced tokens, per-modality sampling;
+4. feed the chosen tokens back; an unconditional row sees only image tokens (its context is the prompt
+   with the text dropped, the rule training uses), the generated text is masked out of its attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
+from transformers.generation.streamers import BaseStreamer
+from transformers.utils import ModelOutput
+
+from .constraints import CLASS_CODES, DONE, IMAGE, ConstraintState, build_mask_table
+from .kv_cache import preallocated_cache
+from .sampling import ModalitySampling, RowSampler
+
+MODES = ("text", "image", "interleaved")
+CACHE_IMPLEMENTATIONS = ("preallocated", "dynamic", "static")
+TokenIds = Sequence[Sequence[int]] | torch.Tensor
+
+
+@dataclass
+class UniMMGenerationOutput(ModelOutput):
+    """Output of :meth:`UniMMGenerationMixin.generate_multimodal`.
+
+    Attributes:
+        sequences: ``(N, L)`` generated token ids (prompt excluded), right-padded with ``pad_token_id``;
+            ``N`` is the number of requests times ``num_images_per_prompt``, request-major.
+        sequence_lengths: ``(N,)`` number of generated tokens per row.
+        image_token_ids: per row, the ``(h, w)`` codebook-index grid of every complete generated image.
+    """
+
+    sequences: torch.LongTensor | None = None
+    sequence_lengths: torch.LongTensor | None = None
+    image_token_ids: list[list[torch.LongTensor]] | None = None
+
+
+def _per_request(value, count: int, argument: str, is_single=None) -> list:
+    """Broadcast one value to ``count`` requests, or check a per-request list. A list or tuple is per
+    request unless ``is_single`` says it is one value (a ``(height, width)`` grid)."""
+    single = not isinstance(value, (list, tuple)) or (is_single is not None and is_single(value))
+    if single:
+        return [value] * count
+    if len(value) != count:
+        raise ValueError(f"`{argument}` has {len(value)} entries but there are {count} prompts.")
+    return list(value)
+
+
+def _is_grid(value) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value)
+
+
+def _as_id_lists(input_ids: TokenIds, attention_mask: torch.Tensor | None, argument: str) -> list[list[int]]:
+    """Prompts as python id lists; a padded tensor is unpadded with its attention mask."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.ndim != 2:
+            raise ValueError(f"`{argument}` must be (batch, length), got shape {tuple(input_ids.shape)}.")
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        return [row[keep.bool()].tolist() for row, keep in zip(input_ids.cpu(), mask.cpu())]
+    return [[int(t) for t in ids] for ids in input_ids]
+
+
+class UniMMGenerationMixin:
+    """Adds :meth:`generate_multimodal` to :class:`~unimm.llm.UniMMForCausalLM`."""
+
+    def _validate_prompt(self, ids: list[int], argument: str) -> None:
+        """Empty prompts, ids off the vocabulary and image tokens outside a well-formed image are errors."""
+        vocabulary = self.vocabulary
+        if not ids:
+            raise ValueError(f"`{argument}` is empty; every prompt needs at least one token (e.g. BOS).")
+        low, high = min(ids), max(ids)
+        if low < 0 or high >= vocabulary.vocab_size:
+            raise ValueError(
+                f"`{argument}` holds ids in {low}..{high}; valid ids are 0..{vocabulary.vocab_size - 1}."
+            )
+        if high < vocabulary.text_vocab_size:
+            return
+        position = 0
+        while position < len(ids):
+            if ids[position] < vocabulary.text_vocab_size:
+                position += 1
+                continue
+            if ids[position] != vocabulary.boi_token_id:
+                raise ValueError(
+                    f"`{argument}`: image token {ids[position]} at position {position} is not inside an image "
+                    "`<|boi|> <|h|> <|w|> rows <|eoi|>` on the grid."
+                )
+            try:
+                end = ids.index(vocabulary.eoi_token_id, position)
+                vocabulary.token_ids_to_image(ids[position : end + 1])
+            except ValueError as error:
+                raise ValueError(f"`{argument}`: malformed image at position {position}: {error}") from None
+            position = end + 1
+
+    def _check_context(self, length: int, budget: int, argument: str) -> None:
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        if limit is not None and length + budget > limit:
+            raise ValueError(
+                f"`{argument}` ({length} tokens) plus {budget} new tokens exceeds the context of {limit} "
+                "positions; shorten the prompt or lower `max_new_tokens` / the image grid."
+            )
+
+    # no_grad rather than inference_mode: the returned ids must stay usable in autograd code downstream.
+    @torch.no_grad()
+    def generate_multimodal(
+        self,
+        input_ids: TokenIds,
+        attention_mask: torch.Tensor | None = None,
+        mode: str | Sequence[str] = "text",
+        image_grid: tuple[int, int] | Sequence[tuple[int, int] | None] | None = None,
+        guidance_scale: float | Sequence[float] = 1.0,
+        unconditional_input_ids: TokenIds | None = None,
+        unconditional_attention_mask: torch.Tensor | None = None,
+        text_sampling: ModalitySampling | None = None,
+        image_sampling: ModalitySampling | None = None,
+        max_new_tokens: int = 256,
+        num_images_per_prompt: int = 1,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        streamer: BaseStreamer | None = None,
+        cache_implementation: str = "preallocated",
+    ) -> UniMMGenerationOutput:
+        """Generate text, images or interleaved output for a batch of (possibly mixed) requests.
+
+        Args:
+            input_ids: the prompts, as lists of ids (any lengths) or a ``(B, T)`` tensor with
+                ``attention_mask`` (left or right padding).
+            mode: per request or for all: ``"text"`` (no image tokens), ``"image"`` (exactly one image,
+                then stop) or ``"interleaved"`` (the model opens images itself).
+            image_grid: ``(height, width)`` in codes, per request or for all. ``None``: image mode uses
+                ``config.default_grid_height/width``; interleaved lets the model write the size tokens.
+            guidance_scale: classifier-free guidance per request (>= 1; 1 disables it). Active only
+                inside images: ``logits = uncond + scale * (cond - uncond)``.
+            unconditional_input_ids: per request, the prompt with its text dropped (``drop_text``, as
+                rendered by ``UniMMProcessor``); required for requests with ``guidance_scale > 1``,
+                ``None`` entries allowed for the others.
+            text_sampling, image_sampling: sampling of text tokens (default greedy) and of image codes
+                (default: sampling at temperature 1).
+            max_new_tokens: budget of text and interleaved requests; an image request writes exactly its
+                image.
+            num_images_per_prompt: rows per request (request-major in the output).
+            eos_token_id, pad_token_id: default to the generation config / text config.
+            generator, seed: randomness of sampling (``seed`` makes a fresh generator). Greedy decoding
+                is batch-invariant; sampled tokens depend on the batch composition.
+            streamer: a transformers streamer (batch of one row), fed the prompt, then text tokens.
+            cache_implementation: ``"preallocated"`` (a ``DynamicCache`` whose layers write in place into
+                buffers reserved for the longest row, see ``unimm.llm.kv_cache``), ``"dynamic"``
+                (transformers' ``DynamicCache``, concatenates per step) or ``"static"`` (``StaticCache``).
+        """
+        vocabulary = self.vocabulary
+        device = self.get_input_embeddings().weight.device
+        prompts = _as_id_lists(input_ids, attention_mask, "input_ids")
+        count = len(prompts)
+        if count == 0:
+            raise ValueError("`input_ids` holds no prompts.")
+        modes = _per_request(mode, count, "mode")
+        for index, request_mode in enumerate(modes):
+            if request_mode not in MODES:
+                raise ValueError(f"`mode[{index}]`={request_mode!r} is not one of {MODES}.")
+        grids = _per_request(image_grid, count, "image_grid", is_single=_is_grid)
+        scales = [float(s) for s in _per_request(guidance_scale, count, "guidance_scale")]
+        text_sampling = text_sampling or ModalitySampling()
+        image_sampling = image_sampling or ModalitySampling(do_sample=True)
+        text_sampling.validate("text_sampling")
+        image_sampling.validate("image_sampling")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(
+                f"`num_images_per_prompt` must be a positive int, got {num_images_per_prompt!r}."
+            )
+        if cache_implementation not in CACHE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"`cache_implementation`={cache_implementation!r} is not one of {CACHE_IMPLEMENTATIONS}."
+            )
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}.")
+        unconditional = (
+            _as_id_lists(unconditional_input_ids, unconditional_attention_mask, "unconditional_input_ids")
+            if isinstance(unconditional_input_ids, torch.Tensor)
+            else _per_request(unconditional_input_ids, count, "unconditional_input_ids")
+        )
+        if len(unconditional) != count:
+            raise ValueError(
+                f"`unconditional_input_ids` has {len(unconditional)} rows but there are {count} prompts."
+            )
+
+        requested, budgets = self._validate_requests(
+            prompts, modes, grids, scales, unconditional, max_new_tokens
+        )
+
+        # Expand requests into rows: conditional rows first, then the unconditional rows of guided requests.
+        repeat = num_images_per_prompt
+        rows = [i for i in range(count) for _ in range(repeat)]
+        num_rows = len(rows)
+        guided_rows = [r for r, i in enumerate(rows) if scales[i] > 1.0]
+        if streamer is not None and num_rows != 1:
+            raise ValueError(f"`streamer` supports a single row; this call has {num_rows} rows.")
+
+        eos = self._resolve_eos(eos_token_id)
+        pad = self._resolve_pad(pad_token_id, eos)
+        sequences = [prompts[i] for i in rows] + [unconditional[rows[r]] for r in guided_rows]
+
+        def row_tensor(values, dtype=torch.long):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        state = ConstraintState(
+            vocabulary,
+            image_mode=row_tensor([modes[i] == "image" for i in rows], torch.bool),
+            allow_image=row_tensor([modes[i] == "interleaved" for i in rows], torch.bool),
+            requested_grid=row_tensor([requested[i] for i in rows]),
+            budget=row_tensor([budgets[i] for i in rows]),
+            eos_token_ids=row_tensor(eos),
+            pad_token_id=pad,
+        )
+        guided_index = row_tensor(guided_rows)
+        logits_dtype = self.get_output_embeddings().weight.dtype
+        guidance = row_tensor([scales[rows[r]] for r in guided_rows], logits_dtype).unsqueeze(-1)  # (U, 1)
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        if streamer is not None:
+            streamer.put(torch.tensor([prompts[0]]))
+        generated, lengths = self._decode_loop(
+            sequences,
+            num_rows,
+            state,
+            guided_index,
+            guidance,
+            text_sampling,
+            image_sampling,
+            generator,
+            streamer,
+            cache_implementation,
+        )
+        if streamer is not None:
+            streamer.end()
+        return self._collect_outputs(generated, lengths)
+
+    def _validate_requests(
+        self,
+        prompts: list[list[int]],
+        modes: list[str],
+        grids: list,
+        scales: list[float],
+        unconditional: list,
+        max_new_tokens: int,
+    ) -> tuple[list[tuple[int, int]], list[int]]:
+        """Check every request; returns the requested grids ((0, 0) = the model chooses) and token budgets.
+        Unconditional prompts of guided requests are normalised to id lists in place."""
+        vocabulary = self.vocabulary
+        requested, budgets = [], []
+        for index in range(len(prompts)):
+            self._validate_prompt(prompts[index], f"input_ids[{index}]")
+            if scales[index] < 1.0:
+                raise ValueError(
+                    f"`guidance_scale[{index}]`={scales[index]} must be >= 1 (1 disables guidance)."
+                )
+            if scales[index] > 1.0:
+                if unconditional[index] is None:
+                    raise ValueError(
+                        f"`unconditional_input_ids[{index}]` is required with guidance_scale > 1: the prompt with "
+                        "its text dropped (UniMMProcessor(..., return_unconditional=True) renders it)."
+                    )
+                unconditional[index] = [int(t) for t in unconditional[index]]
+                self._validate_prompt(unconditional[index], f"unconditional_input_ids[{index}]")
+            grid = grids[index]
+            if grid is None and modes[index] == "image":
+                grid = (self.config.default_grid_height, self.config.default_grid_width)
+            if grid is not None:
+                if not _is_grid(tuple(grid)):
+                    raise ValueError(
+                        f"`image_grid[{index}]` must be a (height, width) pair of ints, got {grid!r}."
+                    )
+                vocabulary.check_grid(*grid, argument=f"image_grid[{index}]")
+            requested.append(tuple(grid) if grid is not None else (0, 0))
+            budget = vocabulary.image_sequence_length(*grid) if modes[index] == "image" else max_new_tokens
+            self._check_context(len(prompts[index]), budget, f"input_ids[{index}]")
+            budgets.append(budget)
+        return requested, budgets
+
+    def _resolve_eos(self, eos_token_id: int | Sequence[int] | None) -> list[int]:
+        if eos_token_id is None:
+            eos_token_id = getattr(self.generation_config, "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(self.config.text_config, "eos_token_id", None)
+        if eos_token_id is None:
+            return []
+        return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
+
+    def _resolve_pad(self, pad_token_id: int | None, eos: list[int]) -> int:
+        if pad_token_id is None:
+            pad_token_id = getattr(self.generation_config, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = getattr(self.config.text_config, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = eos[0] if eos else 0
+        return int(pad_token_id)
+
+    def _decode_loop(
+        self,
+        sequences: list[list[int]],
+        num_rows: int,
+        state: ConstraintState,
+        guided_index: torch.Tensor,
+        guidance: torch.Tensor,
+        text_sampling: ModalitySampling,
+        image_sampling: ModalitySampling,
+        generator: torch.Generator | None,
+        streamer: BaseStreamer | None,
+        cache_implementation: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        vocabulary = self.vocabulary
+        device = guided_index.device
+        decoder = self.get_decoder()
+        max_steps = int(state.budget.max())
+        static = cache_implementation == "static"
+        hidden, cache, attention_mask, next_position = self._prefill_prompts(
+            sequences, max_steps, cache_implementation
+        )
+        prompt_length = attention_mask.shape[1] - max_steps
+        cache_positions = torch.arange(attention_mask.shape[1], device=device)
+        all_visible = torch.ones(attention_mask.shape[0], dtype=torch.bool, device=device)
+
+        mask_table = build_mask_table(vocabulary, device, hidden.dtype)
+        text_only = state.text_only
+        # A text-only batch never samples image codes: its sampler skips the image parameters entirely.
+        sampler = RowSampler(text_sampling, text_sampling if text_only else image_sampling, device)
+        # SDPA takes the decode mask as a 4-D bool view, which skips transformers' per-step mask building
+        # (a single query needs no causal structure); other attention implementations get the 2-D mask.
+        four_d_mask = self.config.text_config._attn_implementation == "sdpa"
+        output = torch.full((num_rows, max_steps), state.pad_token_id, dtype=torch.long, device=device)
+        lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
+        image_start = vocabulary.text_vocab_size
+        # Image-only batches know every step's constraints up front: no state updates, no host syncs.
+        schedule = state.schedule() if state.is_deterministic else None
+        end = image_start if text_only else vocabulary.vocab_size
+        all_in_image = False
+        for step in range(max_steps):
+            if schedule is None:
+                mask_class, forced = state.plan()
+                in_image, unfinished = state.phase == IMAGE, state.phase != DONE
+            else:
+                mask_class, forced = schedule.mask_class[step], schedule.forced[step]
+                in_image, unfinished = schedule.in_image[step], schedule.unfinished[step]
+            # While every unfinished row is inside an image, only the image slice of the head is needed;
+            # a text-only batch never needs the image rows.
+            start = image_start if all_in_image else 0
+            logits = self.compute_logits(hidden, start, end)  # (R, end - start)
+            conditional = self._guide(logits, num_rows, guided_index, guidance, in_image)
+            if not text_only:
+                conditional = conditional + mask_table[mask_class, start:end]
+            next_tokens = sampler(conditional, mask_class == CLASS_CODES, generator) + start
+            next_tokens = torch.where(forced >= 0, forced, next_tokens)
+            lengths += unfinished
+            output[:, step] = next_tokens
+            if schedule is None:
+                part_of_image = state.advance(next_tokens)
+                # One host sync per step: stop when every row is done; note whether all are in images.
+                still_running = state.phase != DONE
+                if text_only:
+                    any_unfinished, any_outside_image = bool(still_running.any()), True
+                else:
+                    any_unfinished, any_outside_image = torch.stack(
+                        [still_running.any(), (still_running & (state.phase != IMAGE)).any()]
+                    ).tolist()
+            else:
+                part_of_image = schedule.part_of_image[step]
+                any_unfinished, any_outside_image = step + 1 < max_steps, False
+            if streamer is not None and not bool(part_of_image[0]) and int(next_tokens[0]) < image_start:
+                streamer.put(next_tokens[:1].cpu())
+            if not any_unfinished:
+                break
+            all_in_image = not any_outside_image
+            column = prompt_length + step
+            if guided_index.numel():
+                # Unconditional rows follow their conditional row but only see image tokens.
+                feed = torch.cat([next_tokens, next_tokens[guided_index]])  # (R,)
+                visible = torch.cat([all_visible[:num_rows], part_of_image[guided_index]])  # (R,)
+                attention_mask[:, column] = visible
+                next_position = next_position + visible
+            else:
+                feed = next_tokens
+                attention_mask[:, column] = True
+                next_position = next_position + 1
+            step_mask = attention_mask if static else attention_mask[:, : column + 1]
+            hidden = decoder(
+                input_ids=feed.unsqueeze(-1),
+                attention_mask=step_mask[:, None, None, :]
+                if four_d_mask
+                else step_mask.long(),  # (R, 1, 1, T)
+                position_ids=next_position.unsqueeze(-1) - 1,
+                past_key_values=cache,
+                cache_position=cache_positions[column : column + 1],
+                use_cache=True,
+            ).last_hidden_state[:, -1]  # (R, D)
+        return output[:, : int(lengths.max())], lengths
+
+    def _prefill_prompts(
+        self, sequences: list[list[int]], max_steps: int, cache_implementation: str
+    ) -> tuple[torch.Tensor, Cache, torch.Tensor, torch.Tensor]:
+        """Left-pad the prompts (every row's last token in the last column) and fill the KV cache.
+
+        Returns the last hidden state ``(R, D)``, the cache, the attention mask ``(R, T + max_steps)``
+        (decode columns still 0) and each row's next position ``(R,)``."""
+        device = self.get_input_embeddings().weight.device
+        prompt_length = max(len(ids) for ids in sequences)
+        total_length = prompt_length + max_steps
+        tokens = torch.zeros(len(sequences), prompt_length, dtype=torch.long, device=device)
+        attention_mask = torch.zeros(len(sequences), total_length, dtype=torch.bool, device=device)
+        for row, ids in enumerate(sequences):
+            tokens[row, prompt_length - len(ids) :] = torch.tensor(ids, device=device)
+            attention_mask[row, prompt_length - len(ids) : prompt_length] = True
+        prompt_mask = attention_mask[:, :prompt_length]
+        static = cache_implementation == "static"
+        text_config = self.config.text_config
+        if static:  # attention over the whole (masked) preallocated length
+            cache = StaticCache(config=text_config, max_cache_len=total_length)
+        elif cache_implementation == "preallocated":  # no per-step concatenation, attention over the prefix
+            cache = preallocated_cache(text_config, total_length)
+        else:
+            cache = DynamicCache(config=text_config)
+        hidden = self.get_decoder()(
+            input_ids=tokens,
+            attention_mask=(attention_mask if static else prompt_mask).long(),
+            position_ids=(prompt_mask.long().cumsum(-1) - 1).clamp(min=0),  # (R, T)
+            past_key_values=cache,
+            cache_position=torch.arange(prompt_length, device=device),
+            use_cache=True,
+        ).last_hidden_state[:, -1]  # (R, D)
+        return hidden, cache, attention_mask, prompt_mask.sum(-1)  # next positions (R,)
+
+    @staticmethod
+    def _guide(
+        logits: torch.Tensor,
+        num_rows: int,
+        guided_index: torch.Tensor,
+        guidance: torch.Tensor,
+        in_image: torch.Tensor,
+    ) -> torch.Tensor:
+        """Conditional rows' logits ``(N, V')``, guided as ``uncond + scale * (cond - uncond)`` where a
+        guided row is inside an image; ``logits`` holds the N conditional rows, then the U unconditional."""
+        conditional = logits[:num_rows]
+        if not guided_index.numel():
+            return conditional
+        guided_conditional = conditional[guided_index]  # (U, V')
+        unconditional = logits[num_rows:]
+        guided = unconditional + guidance * (guided_conditional - unconditional)
+        use_guidance = in_image[guided_index].unsqueeze(-1)  # (U, 1)
+        return conditional.index_copy(0, guided_index, torch.where(use_guidance, guided, guided_conditional))
+
+    def _collect_outputs(self, generated: torch.Tensor, lengths: torch.Tensor) -> UniMMGenerationOutput:
+        rows = generated.cpu().tolist()
+        images = [
+            self.vocabulary.split_images(ids[:length])[1] for ids, length in zip(rows, lengths.tolist())
+        ]
+        return UniMMGenerationOutput(sequences=generated, sequence_lengths=lengths, image_token_ids=images)

@@ -1,0 +1,79 @@
+"""Per-modality sampling parameters and one batched sampler with per-row parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ModalitySampling:
+    """How the tokens of one modality (text, or image codes) are chosen.
+
+    ``do_sample=False`` is greedy decoding; otherwise the logits are divided by ``temperature`` and
+    filtered by ``top_k`` (``None``: off) and ``top_p`` (``None`` or 1.0: off) before sampling."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def validate(self, argument: str) -> None:
+        """Raise ``ValueError`` naming ``argument`` (e.g. ``"image_sampling"``) for impossible values."""
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"`{argument}.top_k` must be a positive int or None (off), got {self.top_k!r}.")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"`{argument}.top_p` must be in (0, 1] or None (off), got {self.top_p!r}.")
+        if self.do_sample and not self.temperature > 0.0:
+            raise ValueError(
+                f"`{argument}.temperature` must be > 0 when sampling, got {self.temperature!r}; "
+                "use do_sample=False for greedy decoding."
+            )
+
+
+class RowSampler:
+    """Samples one token per row, each row with the parameters of its current modality.
+
+    The parameters of the two modalities are stacked once into ``(2,)`` tensors; each step gathers them
+    by a per-row modality index, so a mixed batch costs the same tensor ops as a uniform one."""
+
+    def __init__(self, text: ModalitySampling, image: ModalitySampling, device: torch.device):
+        modes = (text, image)
+        self.do_sample = torch.tensor([m.do_sample for m in modes], device=device)
+        self.temperature = torch.tensor([m.temperature if m.do_sample else 1.0 for m in modes], device=device)
+        self.top_k = torch.tensor([(m.top_k or 0) if m.do_sample else 0 for m in modes], device=device)
+        self.top_p = torch.tensor([(m.top_p or 1.0) if m.do_sample else 1.0 for m in modes], device=device)
+        self.any_sample = any(m.do_sample for m in modes)
+        self.always_sample = all(m.do_sample for m in modes)
+        self.max_top_k = max(int(k) for k in self.top_k.tolist())
+        self.any_top_p = any(float(p) < 1.0 for p in self.top_p.tolist())
+
+    def __call__(
+        self, logits: torch.Tensor, is_image: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``logits`` ``(R, V)`` (already masked) and ``is_image`` ``(R,)`` bool -> next tokens ``(R,)``."""
+        if not self.any_sample:
+            return logits.argmax(dim=-1)
+        greedy = None if self.always_sample else logits.argmax(dim=-1)
+        modality = is_image.long()
+        do_sample = self.do_sample[modality]
+        scores = logits / self.temperature[modality].unsqueeze(-1).to(logits.dtype)
+        if self.max_top_k:
+            k = self.top_k[modality].clamp(max=scores.shape[-1])  # (R,), 0 = off
+            top_values = scores.topk(min(self.max_top_k, scores.shape[-1]), dim=-1).values  # (R, k_max)
+            kth = top_values.gather(-1, (k - 1).clamp(min=0).unsqueeze(-1))  # (R, 1)
+            scores = scores.masked_fill((k > 0).unsqueeze(-1) & (scores < kth), float("-inf"))
+        if self.any_top_p:
+            sorted_scores, order = scores.sort(dim=-1, descending=True)
+            probs = sorted_scores.softmax(dim=-1)
+            # Drop a token once the mass before it already reaches top_p (the top token always stays).
+            drop = (probs.cumsum(dim=-1) - probs) >= self.top_p[modality].unsqueeze(-1)
+            sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+            scores = torch.empty_like(scores).scatter_(-1, order, sorted_scores)
+        probs = scores.float().softmax(dim=-1)
+        # Exponential race: argmax(p / E) with E = -log(U) ~ Exp(1) draws from p like torch.multinomial, in
+        # a few elementwise passes instead of a per-row cumulative search (about 4x faster on CPU).
+        noise = torch.rand(probs.shape, generator=generator, device=probs.device).log_().neg_()
+        sampled = (probs / noise).argmax(dim=-1)
+        return sampled if self.always_sample else torch.where(do_sample, sampled, greedy)

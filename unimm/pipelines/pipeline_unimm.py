@@ -1,0 +1,538 @@
+"""``UniMMPipeline``: chat about images, generate images, interleaved output and reconstruction.
+
+One checkpoint folder, saved and loaded by diffusers' ``model_index.json`` machinery; every subfolder
+loads on its own with its own library::
+
+    model_index.json     component classes and the pipeline settings (prompt_format)
+    llm/                 UniMMForCausalLM            AutoModelForCausalLM (after ``import unimm``)
+    processor/           UniMMProcessor              AutoProcessor: tokenizer, chat template, image processor
+    visual_tokenizer/    DualCodebookTokenizer       AutoModel
+    detokenizer/         DetokenizerPipeline         diffusers: decoder/ (TokenDiffusionDecoder), scheduler/
+    README.md            the model card
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from huggingface_hub import HfApi
+from transformers import TextIteratorStreamer
+
+from unimm.detokenizer import DetokenizerPipeline
+from unimm.llm import ModalitySampling, UniMMForCausalLM, UniMMProcessor
+from unimm.tokenizer import DualCodebookTokenizer
+
+from .checkpoint_folder import MODEL_INDEX, check_checkpoint_folder
+from .conversations import conversations_with_images, open_image_argument
+from .model_card import build_model_card
+
+logger = logging.getLogger(__name__)
+
+DECODERS = ("diffusion", "pixel")
+OUTPUTS = ("text", "image", "interleaved")
+# How text-to-image prompts are written, as the model was trained: a user turn of the chat template
+# answered by the image ("chat"), or BOS + caption followed by the image ("caption").
+PROMPT_FORMATS = ("chat", "caption")
+DOWNLOAD_OPTIONS = ("cache_dir", "revision", "token", "local_files_only", "force_download")
+
+ImageInput = PIL.Image.Image | str | os.PathLike | bytes
+
+
+@dataclass
+class UniMMChatOutput(BaseOutput):
+    """Output of :meth:`UniMMPipeline.chat`: one answer per conversation (``text`` is the first)."""
+
+    texts: list[str]
+
+    @property
+    def text(self) -> str:
+        return self.texts[0]
+
+
+@dataclass
+class UniMMImageOutput(BaseOutput):
+    """Output of :meth:`UniMMPipeline.generate_images`.
+
+    Attributes:
+        images: ``len(prompts) * num_images_per_prompt`` images, prompt-major.
+        image_token_ids: ``(N, h, w)`` codebook ids the language model wrote.
+    """
+
+    images: list[PIL.Image.Image]
+    image_token_ids: torch.LongTensor
+
+
+@dataclass
+class UniMMInterleavedOutput(BaseOutput):
+    """Output of :meth:`UniMMPipeline.generate`: per conversation, its text pieces and images in order."""
+
+    segments: list[list[str | PIL.Image.Image]]
+
+
+@dataclass
+class UniMMReconstructionOutput(BaseOutput):
+    """Output of :meth:`UniMMPipeline.reconstruct`: the decoded images and each one's ``(h, w)`` code grid."""
+
+    images: list[PIL.Image.Image]
+    image_token_ids: list[torch.LongTensor]
+
+
+class UniMMPipeline(DiffusionPipeline):
+    r"""Chat, image generation, interleaved output and reconstruction with one unified model.
+
+    Components:
+        llm ([`UniMMForCausalLM`]): the language model over text and image tokens.
+        processor ([`UniMMProcessor`]): text tokenizer (chat template) and image processor.
+        visual_tokenizer ([`DualCodebookTokenizer`]): images to code grids, and its fast pixel decoder.
+        detokenizer ([`DetokenizerPipeline`], *optional*): the diffusion decoder from code grids to images.
+        prompt_format (`str`): ``"chat"`` or ``"caption"``, how text-to-image prompts are written.
+    """
+
+    _optional_components = ["detokenizer"]
+
+    def __init__(
+        self,
+        llm: UniMMForCausalLM,
+        processor: UniMMProcessor,
+        visual_tokenizer: DualCodebookTokenizer,
+        detokenizer: DetokenizerPipeline | None = None,
+        prompt_format: str = "chat",
+    ) -> None:
+        super().__init__()
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+        if prompt_format == "caption" and processor.tokenizer.bos_token_id is None:
+            raise ValueError("prompt_format='caption' needs a text tokenizer with a BOS token; use 'chat'")
+        _check_codebooks(llm, processor, visual_tokenizer, detokenizer)
+        processor.vq_model = visual_tokenizer  # the processor encodes chat images with it
+        self.register_modules(
+            llm=llm, processor=processor, visual_tokenizer=visual_tokenizer, detokenizer=detokenizer
+        )
+        self.register_to_config(prompt_format=prompt_format)
+
+    # ------------------------------------------------------------------ loading, saving, devices
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        attn_implementation: str | None = None,
+        **kwargs: Any,
+    ) -> UniMMPipeline:
+        """Load a checkpoint folder or Hub repo; ``dtype`` and ``device`` apply to every component,
+        ``attn_implementation`` (``"sdpa"``, ``"flash_attention_2"``, ...) to the language model; other
+        keyword arguments go to ``DiffusionPipeline.from_pretrained`` (``device_map``, ``variant``, ...)."""
+        # 1. A local folder, else a Hub repo id (downloaded by diffusers).
+        download_options = {name: kwargs.pop(name) for name in DOWNLOAD_OPTIONS if name in kwargs}
+        folder = _resolve_folder(cls, os.fspath(pretrained_model_name_or_path), download_options)
+        # 2. Refuse missing or partial folders with a one-line error.
+        check_checkpoint_folder(folder)
+        # 3. Components through diffusers, which passes no dtype to a nested pipeline: load that one here.
+        saved = json.loads((folder / MODEL_INDEX).read_text())
+        if "detokenizer" not in kwargs and (saved.get("detokenizer") or [None])[0] is not None:
+            kwargs["detokenizer"] = DetokenizerPipeline.from_pretrained(folder / "detokenizer", dtype=dtype)
+        pipeline = super().from_pretrained(folder, dtype=dtype, **kwargs)
+        if attn_implementation is not None:
+            pipeline.llm.set_attn_implementation(attn_implementation)
+        if device is not None:
+            pipeline.to(device)
+        return pipeline
+
+    def to(self, *args: Any, **kwargs: Any) -> UniMMPipeline:
+        """Move/cast every component (the nested detokenizer pipeline too), like ``DiffusionPipeline.to``."""
+        super().to(*args, **kwargs)
+        if self.detokenizer is not None:
+            self.detokenizer.to(*args, **kwargs)
+        return self
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        super().set_progress_bar_config(**kwargs)
+        if self.detokenizer is not None:
+            self.detokenizer.set_progress_bar_config(**kwargs)
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        training_data: Sequence[str] | None = None,
+        metrics: Mapping[str, float | str] | None = None,
+        repo_id: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write the checkpoint folder and its model card (README.md) listing the components and the given
+        training data and metrics. ``kwargs`` go to ``DiffusionPipeline.save_pretrained`` (``variant``,
+        ``max_shard_size``, ``safe_serialization``); use :meth:`push_to_hub` to publish."""
+        if kwargs.get("push_to_hub"):
+            raise ValueError("save_pretrained does not upload: call pipeline.push_to_hub(repo_id) instead")
+        super().save_pretrained(save_directory, **kwargs)
+        card = build_model_card(self, training_data, metrics, repo_id=repo_id)
+        card.save(Path(save_directory) / "README.md")
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        training_data: Sequence[str] | None = None,
+        metrics: Mapping[str, float | str] | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload UniMMPipeline",
+        create_pr: bool = False,
+    ) -> str:
+        """Save to a temporary folder (with the model card) and upload it to the Hub; returns the commit
+        URL."""
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, training_data=training_data, metrics=metrics, repo_id=repo_id)
+            commit = api.upload_folder(
+                repo_id=repo_id, folder_path=folder, commit_message=commit_message, create_pr=create_pr
+            )
+        return str(commit)
+
+    # ------------------------------------------------------------------ chat
+    def chat(
+        self,
+        messages: str | Sequence[dict] | Sequence[str | Sequence[dict]],
+        images: ImageInput | Sequence[ImageInput | Sequence[ImageInput] | None] | None = None,
+        stream: bool = False,
+        max_new_tokens: int = 128,
+        text_sampling: ModalitySampling | None = None,
+        seed: int | None = None,
+    ) -> UniMMChatOutput | Iterator[str]:
+        """Answer in text.
+
+        Args:
+            messages: a question, one conversation (transformers chat messages; image parts may be empty
+                placeholders ``{"type": "image"}``), or a batch: a list of questions or conversations.
+            images: for one conversation, its images (they fill the placeholders in order, or go before the
+                last user turn's text); for a batch, one entry (an image, a list, or None) per conversation.
+            stream: return an iterator of text pieces as they are generated (one conversation).
+            text_sampling: greedy by default.
+        """
+        # 1. Conversations with their images opened.
+        conversations = conversations_with_images(messages, images)
+        if stream and len(conversations) != 1:
+            raise ValueError(f"stream=True takes one conversation, got {len(conversations)}")
+        # 2. Chat template up to the assistant header, left-padded for batched decoding.
+        batch = self.processor(messages=conversations, add_generation_prompt=True, padding_side="left")
+        generate_kwargs = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "mode": "text",
+            "text_sampling": text_sampling,
+            "max_new_tokens": max_new_tokens,
+            "seed": seed,
+        }
+        # 3. Generate (streamed from a worker thread, or the whole batch at once).
+        if stream:
+            return self._stream_text(generate_kwargs)
+        output = self.llm.generate_multimodal(**generate_kwargs)
+        texts, _ = self.processor.batch_decode(output.sequences, output.sequence_lengths)
+        return UniMMChatOutput(texts=[text.strip() for text in texts])
+
+    def _stream_text(self, generate_kwargs: dict[str, Any]) -> Iterator[str]:
+        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failures: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.llm.generate_multimodal(**generate_kwargs, streamer=streamer)
+            except Exception as error:  # raised again in the caller's thread, after the stream ends
+                failures.append(error)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+
+        def pieces() -> Iterator[str]:
+            yield from (piece for piece in streamer if piece)
+            thread.join()
+            if failures:
+                raise failures[0]
+
+        return pieces()
+
+    # ------------------------------------------------------------------ image generation
+    def generate_images(
+        self,
+        prompts: str | Sequence[str],
+        num_images_per_prompt: int = 1,
+        guidance_scale: float = 3.0,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        decoder: str = "diffusion",
+        num_inference_steps: int = 20,
+        decoder_guidance_scale: float = 2.0,
+        image_sampling: ModalitySampling | None = None,
+    ) -> UniMMImageOutput:
+        """Generate ``num_images_per_prompt`` images per prompt: every prompt and image in one batched,
+        constrained and guided language-model call, then one batched decode.
+
+        Args:
+            guidance_scale: classifier-free guidance of the language model (1 disables it).
+            height, width: image size in pixels, multiples of the tokenizer's downsampling factor
+                (default: the model's default grid).
+            decoder: ``"diffusion"`` (the detokenizer) or ``"pixel"`` (the tokenizer's fast decoder).
+            num_inference_steps, decoder_guidance_scale: of the diffusion decoder.
+            image_sampling: sampling of image codes (default: temperature 1, no top-k/top-p).
+        """
+        # 1. Check inputs.
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
+            raise ValueError("prompts must be a string or a non-empty list of strings")
+        _check_decoder(decoder, self.detokenizer)
+        grid = self.image_grid(height, width)
+        # 2. Conditional prompts and their unconditional forms (text dropped, as in training).
+        prompt_ids, unconditional_ids = self._image_prompts(prompts)
+        # 3. All prompts x images in one call of the constrained engine.
+        output = self.llm.generate_multimodal(
+            prompt_ids,
+            mode="image",
+            image_grid=grid,
+            guidance_scale=guidance_scale,
+            unconditional_input_ids=unconditional_ids,
+            image_sampling=image_sampling,
+            num_images_per_prompt=num_images_per_prompt,
+            seed=seed,
+        )
+        image_token_ids = torch.stack([row_images[0] for row_images in output.image_token_ids])  # (N, h, w)
+        # 4. One batched decode.
+        images = self.decode_images(
+            image_token_ids, decoder, num_inference_steps, decoder_guidance_scale, seed
+        )
+        return UniMMImageOutput(images=images, image_token_ids=image_token_ids)
+
+    def image_grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """The ``(h, w)`` code grid of an image of ``height x width`` pixels (``None``: the default grid)."""
+        factor = self.visual_tokenizer.config.downsample_factor
+        vocabulary, config = self.llm.vocabulary, self.llm.config
+        grid = []
+        for name, pixels, default, limit in (
+            ("height", height, config.default_grid_height, vocabulary.max_grid_height),
+            ("width", width, config.default_grid_width, vocabulary.max_grid_width),
+        ):
+            if pixels is None:
+                grid.append(default)
+                continue
+            if not isinstance(pixels, int) or pixels % factor or not factor <= pixels <= limit * factor:
+                raise ValueError(
+                    f"{name}={pixels!r} is off the grid: use a multiple of {factor} pixels from {factor} to "
+                    f"{limit * factor}"
+                )
+            grid.append(pixels // factor)
+        return grid[0], grid[1]
+
+    def _image_prompts(self, prompts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+        if self.config.prompt_format == "caption":
+            tokenizer = self.processor.tokenizer
+            bos = [tokenizer.bos_token_id]
+            texts = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
+            return [bos + ids for ids in texts], [bos for _ in prompts]
+        conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
+        batch = self.processor(messages=conversations, add_generation_prompt=True, return_unconditional=True)
+        return (
+            _unpadded(batch["input_ids"], batch["attention_mask"]),
+            _unpadded(batch["unconditional_input_ids"], batch["unconditional_attention_mask"]),
+        )
+
+    # ------------------------------------------------------------------ interleaved output
+    def generate(
+        self,
+        messages: str | Sequence[dict] | Sequence[str | Sequence[dict]],
+        output: str = "interleaved",
+        images: ImageInput | Sequence[ImageInput | Sequence[ImageInput] | None] | None = None,
+        max_new_tokens: int = 256,
+        guidance_scale: float = 3.0,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        decoder: str = "diffusion",
+        num_inference_steps: int = 20,
+        decoder_guidance_scale: float = 2.0,
+        text_sampling: ModalitySampling | None = None,
+        image_sampling: ModalitySampling | None = None,
+    ) -> UniMMInterleavedOutput:
+        """Answer conversations with text, one image, or text and images interleaved as the model decides.
+
+        ``output`` is ``"text"``, ``"image"`` or ``"interleaved"``; ``height``/``width`` fix the size of every
+        image (otherwise the model writes the size tokens in interleaved output). Other arguments as in
+        :meth:`chat` and :meth:`generate_images`."""
+        # 1. Check inputs; conversations with their images.
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        _check_decoder(decoder, self.detokenizer)
+        grid = self.image_grid(height, width) if height is not None or width is not None else None
+        conversations = conversations_with_images(messages, images)
+        # 2. Prompts and their unconditional forms, for guidance inside images.
+        batch = self.processor(
+            messages=conversations, add_generation_prompt=True, return_unconditional=True, padding_side="left"
+        )
+        # 3. One engine call for the whole batch.
+        generated = self.llm.generate_multimodal(
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            mode=output,
+            image_grid=grid,
+            guidance_scale=guidance_scale if output != "text" else 1.0,  # guidance acts only inside images
+            unconditional_input_ids=_unpadded(
+                batch["unconditional_input_ids"], batch["unconditional_attention_mask"]
+            ),
+            text_sampling=text_sampling,
+            image_sampling=image_sampling,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+        )
+        # 4. Decode every image of the batch (same-size grids together), then put the pieces in order.
+        rows = [
+            self.llm.vocabulary.split_images(ids[:length])
+            for ids, length in zip(generated.sequences.tolist(), generated.sequence_lengths.tolist())
+        ]
+        grids = [grid_ids for _, row_grids in rows for grid_ids in row_grids]
+        decoded = iter(self._decode_grids(grids, decoder, num_inference_steps, decoder_guidance_scale, seed))
+        segments = []
+        for text_pieces, row_grids in rows:
+            row: list[str | PIL.Image.Image] = []
+            for index, piece in enumerate(text_pieces):
+                text = self.processor.tokenizer.decode(piece, skip_special_tokens=True).strip()
+                if text:
+                    row.append(text)
+                if index < len(row_grids):
+                    row.append(next(decoded))
+            segments.append(row)
+        return UniMMInterleavedOutput(segments=segments)
+
+    # ------------------------------------------------------------------ decoding and reconstruction
+    @torch.no_grad()
+    def decode_images(
+        self,
+        image_token_ids: torch.Tensor,
+        decoder: str = "diffusion",
+        num_inference_steps: int = 20,
+        guidance_scale: float = 2.0,
+        seed: int | None = None,
+    ) -> list[PIL.Image.Image]:
+        """Code grids ``(B, h, w)`` to images with the diffusion decoder or the tokenizer's pixel decoder."""
+        _check_decoder(decoder, self.detokenizer)
+        if decoder == "pixel":
+            pixel_values = self.visual_tokenizer.decode(image_token_ids.to(self.visual_tokenizer.device))
+            return self.processor.image_processor.postprocess(pixel_values)
+        # A CPU generator draws the same initial noise on every device.
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        return self.detokenizer(
+            image_token_ids,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            output_type="pil",
+        ).images
+
+    def _decode_grids(
+        self,
+        grids: list[torch.Tensor],
+        decoder: str,
+        num_inference_steps: int,
+        guidance_scale: float,
+        seed: int | None,
+    ) -> list[PIL.Image.Image]:
+        """Decode grids of possibly different sizes: one batch per size, results in the input order."""
+        images: list[PIL.Image.Image | None] = [None] * len(grids)
+        for shape in dict.fromkeys(tuple(grid.shape) for grid in grids):
+            indices = [index for index, grid in enumerate(grids) if tuple(grid.shape) == shape]
+            batch = torch.stack([grids[index] for index in indices])  # (b, h, w)
+            for index, image in zip(
+                indices, self.decode_images(batch, decoder, num_inference_steps, guidance_scale, seed)
+            ):
+                images[index] = image
+        return images
+
+    @torch.no_grad()
+    def reconstruct(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        decoder: str = "diffusion",
+        num_inference_steps: int = 20,
+        guidance_scale: float = 2.0,
+        seed: int | None = None,
+    ) -> UniMMReconstructionOutput:
+        """Encode images to code grids with the visual tokenizer and decode them again."""
+        _check_decoder(decoder, self.detokenizer)
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        opened = [open_image_argument(image, f"images[{index}]") for index, image in enumerate(images)]
+        grids = self.processor.encode_images(opened)
+        decoded = self._decode_grids(grids, decoder, num_inference_steps, guidance_scale, seed)
+        return UniMMReconstructionOutput(images=decoded, image_token_ids=grids)
+
+
+def _unpadded(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
+    return [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
+
+
+def _check_decoder(decoder: str, detokenizer: DetokenizerPipeline | None) -> None:
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if decoder == "diffusion" and detokenizer is None:
+        raise ValueError(
+            "this checkpoint has no detokenizer/: use decoder='pixel' (the tokenizer's own decoder)"
+        )
+
+
+def _check_codebooks(
+    llm: UniMMForCausalLM,
+    processor: UniMMProcessor,
+    visual_tokenizer: DualCodebookTokenizer,
+    detokenizer: DetokenizerPipeline | None,
+) -> None:
+    """All components must speak about the same codebook and image vocabulary."""
+    sizes = {
+        "llm": llm.config.codebook_size,
+        "processor": processor.codebook_size,
+        "visual_tokenizer": visual_tokenizer.config.codebook_size,
+    }
+    if detokenizer is not None:
+        sizes["detokenizer"] = detokenizer.decoder.config.codebook_size
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"the components were trained on different codebooks (codebook sizes {sizes})")
+    if processor.text_vocab_size != llm.config.text_vocab_size:
+        raise ValueError(
+            f"processor.text_vocab_size={processor.text_vocab_size} but the llm's is "
+            f"{llm.config.text_vocab_size}"
+        )
+
+
+def _resolve_folder(pipeline_class: type[DiffusionPipeline], name: str, download_options: dict) -> Path:
+    """``name`` as a local folder, or the snapshot of the Hub repo ``name``."""
+    path = Path(name).expanduser()
+    looks_local = (
+        path.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1 or path.parent.is_dir()
+    )
+    if path.exists() or looks_local:
+        return path
+    try:
+        return Path(pipeline_class.download(name, **download_options))
+    except Exception as error:  # hub, network and cache errors all mean the same thing to the caller
+        raise FileNotFoundError(
+            f"{name!r} is not a local folder and could not be downloaded from the Hugging Face Hub "
+            f"({type(error).__name__}); pass an existing checkpoint folder or a reachable repo id"
+        ) from None
+
+
+__all__ = [
+    "UniMMChatOutput",
+    "UniMMImageOutput",
+    "UniMMInterleavedOutput",
+    "UniMMPipeline",
+    "UniMMReconstructionOutput",
+]

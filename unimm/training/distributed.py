@@ -1,0 +1,66 @@
+"""Process-group setup through DeepSpeed: launched by ``deepspeed``/``torchrun`` or as one plain process.
+
+Launchers export ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``; a plain
+``python`` run has none, so we export the single-rank values ourselves (on a free port, so parallel
+runs do not clash) and let DeepSpeed initialise the group as usual.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import deepspeed
+import deepspeed.comm as dist
+import torch
+from deepspeed.accelerator import get_accelerator
+
+LOCALHOST = "127.0.0.1"
+
+
+def find_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOCALHOST, 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Initialise DeepSpeed's process group once (gloo on CPU, the accelerator's backend elsewhere)."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        single_rank = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": LOCALHOST}
+        for key, value in single_rank.items():
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(find_free_port()))
+    accelerator = get_accelerator()
+    backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized() and world_size() > 1:
+        dist.barrier()
+
+
+def mean_over_ranks(values: dict[str, float], device: Any) -> dict[str, float]:
+    """Average named floats over all ranks (every rank must pass the same keys)."""
+    if world_size() == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[key]) for key in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return {key: float(value) / world_size() for key, value in zip(keys, tensor.tolist())}

@@ -1,0 +1,82 @@
+"""Data loaders whose position can be saved and restored exactly.
+
+The order of an epoch is a pure function of ``(seed, epoch)`` (``DistributedSampler``), each rank
+reads its own disjoint shard of it, and a resumed run starts at the first sample it has not seen.
+The loader draws its worker seeds from its own generator, never from the global torch RNG, so
+creating a loader mid-epoch on resume leaves the model's random stream (dropout) exactly where the
+uninterrupted run had it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """``DistributedSampler`` that can skip the first ``start_index`` samples of this rank's shard."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.start_index = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.start_index :])
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.start_index, 0)
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    collate_fn: Callable,
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    shuffle: bool,
+    num_workers: int = 0,
+) -> DataLoader:
+    """A loader over this rank's shard; training loaders shuffle and drop the last partial batch."""
+    if len(dataset) < world_size * (batch_size if shuffle else 1):
+        raise ValueError(
+            f"dataset has {len(dataset)} samples, fewer than one batch per rank "
+            f"({world_size} rank(s) x batch size {batch_size})"
+        )
+    sampler = ResumableDistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=shuffle
+    )
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        drop_last=shuffle,
+        num_workers=num_workers,
+        generator=generator,
+    )
+
+
+def set_position(loader: DataLoader, epoch: int, batches_consumed: int) -> None:
+    """Point ``loader`` at ``epoch``, after its first ``batches_consumed`` batches."""
+    loader.sampler.set_epoch(epoch)
+    loader.generator.manual_seed(loader.sampler.seed + epoch)  # worker seeds depend on the epoch only
+    loader.sampler.start_index = batches_consumed * loader.batch_size
+
+
+def move_to_device(batch: Any, device: torch.device, float_dtype: torch.dtype | None = None) -> Any:
+    """Move every tensor of a (nested) batch to ``device``; floating tensors optionally cast."""
+    if isinstance(batch, torch.Tensor):
+        dtype = float_dtype if float_dtype is not None and batch.is_floating_point() else None
+        return batch.to(device=device, dtype=dtype)
+    if isinstance(batch, dict):
+        return {key: move_to_device(value, device, float_dtype) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(value, device, float_dtype) for value in batch)
+    return batch

@@ -1,0 +1,280 @@
+"""Training stages ``llm_pretrain`` and ``llm_sft``: next-token prediction for a causal LM, full or LoRA.
+
+The model is any ``AutoModelForCausalLM``: a saved ``UniMMForCausalLM`` (text + image vocabulary;
+``import unimm.llm`` registers it), a plain text LM, or a config built from the recipe. The data are
+token sequences (pre-tokenized: image ids already in the LLM's vocabulary) in a ``datasets`` folder,
+JSONL or parquet with an ``input_ids`` column; ``llm_sft`` also needs ``labels`` with ``-100`` where no
+loss is taken (prompts), ``llm_pretrain`` learns every token.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import datasets
+import pyarrow.compute
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from unimm.data.collators import PaddingCollator
+from unimm.data.packing import IGNORE_INDEX, PACKED_COLUMNS, PackedCollator, pack_dataset
+from unimm.llm import UniMMForCausalLM  # importing unimm.llm registers it with AutoModelForCausalLM
+from unimm.llm.lora import apply_lora
+from unimm.training.stages.base import TrainingStage
+
+logger = logging.getLogger(__name__)
+
+TOKENS_COLUMN = "input_ids"
+LABELS_COLUMN = "labels"
+# Per-modality losses a UniMMForCausalLM output carries, logged next to the loss.
+MODALITY_LOSSES = ("text_loss", "image_loss")
+TABLE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class LlmArguments:
+    """Recipe fields of the ``llm_pretrain`` and ``llm_sft`` stages."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "a saved model folder (UniMMForCausalLM or any causal LM)"}
+    )
+    model_config: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "build a fresh model from this config instead ({model_type: llama, ...})"},
+    )
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside model_name_or_path"})
+    attn_implementation: str | None = None
+    train_dataset: str | None = field(default=None, metadata={"help": "datasets folder, .jsonl or .parquet"})
+    eval_dataset: str | None = None
+    random_tokens: int = field(
+        default=0,
+        metadata={"help": "train on N random sequences instead of a dataset (smoke runs, benchmarks)"},
+    )
+    data_seed: int = 0
+    max_length: int = 512
+    packing: bool = field(
+        default=False, metadata={"help": "pack samples into max_length rows (no attention across samples)"}
+    )
+    gradient_checkpointing: bool = False
+    lora_rank: int = field(default=0, metadata={"help": "> 0: train LoRA adapters of this rank instead"})
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: str = field(
+        default="all-linear", metadata={"help": "'all-linear' or 'q_proj,v_proj'"}
+    )
+    lora_modules_to_save: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "modules trained in full next to LoRA for a plain LM (embed_tokens, lm_head); a "
+            "UniMMForCausalLM trains its image-token rows instead (unimm.llm.lora.apply_lora)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if (self.model_name_or_path is None) == (self.model_config is None):
+            raise ValueError("set exactly one of model_name_or_path and model_config")
+        if (self.train_dataset is None) == (self.random_tokens == 0):
+            raise ValueError("set exactly one of train_dataset and random_tokens")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Rows of a token table as dicts of int lists (the given columns, truncated to ``max_length``)."""
+
+    def __init__(self, table: datasets.Dataset, max_length: int, columns: Sequence[str]) -> None:
+        self.table, self.max_length = table, max_length
+        self.columns = [column for column in columns if column in table.column_names]
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        row = self.table[index]
+        return {key: list(row[key])[: self.max_length] for key in self.columns}
+
+    def max_token_id(self) -> int:
+        tokens = pyarrow.compute.list_flatten(self.table.data.column(TOKENS_COLUMN))
+        return int(pyarrow.compute.max(tokens).as_py())
+
+
+def load_token_table(path: str, name: str) -> datasets.Dataset:
+    """A ``datasets.Dataset`` from a ``save_to_disk`` folder or a JSONL/parquet file."""
+    source = Path(path)
+    if not source.exists():
+        raise FileNotFoundError(f"{name} {path!r} does not exist")
+    if source.is_dir():
+        table = datasets.load_from_disk(str(source))
+        if isinstance(table, datasets.DatasetDict):
+            raise ValueError(f"{name} {path!r} holds splits {list(table)}; point it at one split's folder")
+        return table
+    if source.suffix not in TABLE_LOADERS:
+        raise ValueError(f"{name} {path!r}: expected a datasets folder or one of {sorted(TABLE_LOADERS)}")
+    return datasets.load_dataset(TABLE_LOADERS[source.suffix], data_files=str(source), split="train")
+
+
+def random_token_table(num_rows: int, length: int, vocab_size: int, seed: int) -> datasets.Dataset:
+    """Random sequences; their ``labels`` mask the first half, as if it were a prompt."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (num_rows, length), generator=generator)
+    labels = tokens.clone()
+    labels[:, : length // 2] = IGNORE_INDEX
+    return datasets.Dataset.from_dict({TOKENS_COLUMN: tokens.tolist(), LABELS_COLUMN: labels.tolist()})
+
+
+class LlmStage(TrainingStage):
+    """Shared by both LLM stages; they differ only in where the labels come from."""
+
+    arguments_class = LlmArguments
+    throughput_unit = "tokens"
+    requires_labels: ClassVar[bool]
+
+    def __init__(self, stage_args: LlmArguments) -> None:
+        super().__init__(stage_args)
+        self.set_pad_token_id(0)
+
+    def set_pad_token_id(self, pad_token_id: int) -> None:
+        if self.args.packing:
+            self.collator = PackedCollator(self.args.max_length, pad_token_id)
+        else:
+            self.collator = PaddingCollator(pad_token_id)
+
+    # ----------------------------------------------------------------------------------- model
+    def build_model(self) -> nn.Module:
+        args = self.args
+        extra = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
+        if args.model_config is not None:
+            config_values = dict(args.model_config)
+            config = AutoConfig.for_model(config_values.pop("model_type"), **config_values)
+            model = AutoModelForCausalLM.from_config(config, **extra)
+        else:
+            if not Path(args.model_name_or_path).exists():
+                raise FileNotFoundError(f"model_name_or_path {args.model_name_or_path!r} does not exist")
+            gguf = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **gguf, **extra)
+        pad_token_id = model.config.get_text_config().pad_token_id
+        self.set_pad_token_id(pad_token_id if pad_token_id is not None else 0)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        return self._with_lora(model) if args.lora_rank > 0 else model
+
+    def _with_lora(self, model: nn.Module) -> nn.Module:
+        args = self.args
+        targets = args.lora_target_modules
+        targets = targets if targets == "all-linear" else [name.strip() for name in targets.split(",")]
+        if args.gradient_checkpointing:
+            model.enable_input_require_grads()
+        if isinstance(model, UniMMForCausalLM):
+            return apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets)
+        config = LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=targets,
+            modules_to_save=list(args.lora_modules_to_save) or None,
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, config)
+
+    # ------------------------------------------------------------------------------------ data
+    def build_datasets(self) -> tuple[TokenDataset, TokenDataset | None]:
+        args = self.args
+        if args.random_tokens:
+            vocab_size = self._vocab_size_hint()
+            train = random_token_table(args.random_tokens, args.max_length, vocab_size, args.data_seed)
+            return self._token_dataset(train), None
+        train = self._token_dataset(self._checked_table(args.train_dataset, "train_dataset"))
+        if args.eval_dataset is None:
+            return train, None
+        return train, self._token_dataset(self._checked_table(args.eval_dataset, "eval_dataset"))
+
+    def _token_dataset(self, table: datasets.Dataset) -> TokenDataset:
+        """Keep the columns this stage learns from (pretraining ignores labels), packed if asked."""
+        keep = [TOKENS_COLUMN, LABELS_COLUMN] if self.requires_labels else [TOKENS_COLUMN]
+        table = table.select_columns([column for column in keep if column in table.column_names])
+        if self.args.packing:
+            return TokenDataset(
+                pack_dataset(table, self.args.max_length), self.args.max_length, PACKED_COLUMNS
+            )
+        return TokenDataset(table, self.args.max_length, keep)
+
+    def _vocab_size_hint(self) -> int:
+        if self.args.model_config is not None:
+            return int(self.args.model_config["vocab_size"])
+        return int(AutoConfig.from_pretrained(self.args.model_name_or_path).get_text_config().vocab_size)
+
+    def _checked_table(self, path: str, name: str) -> datasets.Dataset:
+        table = load_token_table(path, name)
+        required = [TOKENS_COLUMN] + ([LABELS_COLUMN] if self.requires_labels else [])
+        missing = [column for column in required if column not in table.column_names]
+        if missing:
+            raise ValueError(
+                f"{name} {path!r}: stage {self.name!r} needs column(s) {missing}; it has {table.column_names}"
+            )
+        if len(table) == 0:
+            raise ValueError(f"{name} {path!r} is empty")
+        return table
+
+    def validate(self, model: nn.Module, train_dataset: torch.utils.data.Dataset) -> None:
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if embeddings is None or not hasattr(model, "generate"):
+            raise TypeError(f"stage {self.name!r} trains causal LMs; got {type(model).__name__}")
+        vocab_size, largest = embeddings.num_embeddings, train_dataset.max_token_id()
+        if largest >= vocab_size:
+            raise ValueError(
+                f"train data holds token id {largest} but the model's vocabulary has {vocab_size} rows: "
+                "was the data tokenized for another model (or another image vocabulary)?"
+            )
+
+    def collate(self, samples: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        """Padded batches (``unimm.data.collators``), or packed rows with a block-causal mask."""
+        return self.collator(samples)
+
+    # ------------------------------------------------------------------------------------ loss
+    def compute_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        outputs = model(**batch)
+        metrics = {}
+        for name in MODALITY_LOSSES:
+            value = getattr(outputs, name, None)
+            if value is not None and torch.isfinite(value):
+                metrics[name] = float(value)
+        return outputs.loss, metrics
+
+    def count_units(self, batch: dict[str, torch.Tensor]) -> int:
+        """Tokens processed: real tokens of padded rows; all positions of packed rows."""
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None and mask.dim() == 2 else batch["input_ids"].numel()
+
+    # ---------------------------------------------------------------------------------- export
+    def export(self, model: nn.Module, output_dir: Path) -> None:
+        """A plain model folder (LoRA merged into the weights), with the tokenizer when there is one."""
+        if isinstance(model, PeftModel):
+            model = model.merge_and_unload()
+        model.save_pretrained(output_dir)
+        source = self.args.model_name_or_path
+        if source is not None and (self.args.gguf_file or (Path(source) / "tokenizer_config.json").is_file()):
+            gguf = {"gguf_file": self.args.gguf_file} if self.args.gguf_file else {}
+            AutoTokenizer.from_pretrained(source, **gguf).save_pretrained(output_dir)
+
+
+class LlmPretrainStage(LlmStage):
+    """Every token is a target (captions and images in either order, interleaved documents)."""
+
+    name = "llm_pretrain"
+    requires_labels = False
+
+
+class LlmSftStage(LlmStage):
+    """Targets come from the data's ``labels`` (the assistant's answers; ``-100`` on prompts)."""
+
+    name = "llm_sft"
+    requires_labels = True

@@ -1,0 +1,396 @@
+"""Training stage ``tokenizer``: the dual-codebook visual tokenizer on an image dataset.
+
+Also home of :func:`pretrain_teacher_classifier`, which gives the small built-in ViT teacher real
+semantics on a labelled demo dataset (a random frozen teacher carries none), saved as a normal
+transformers folder that a tokenizer recipe loads as ``teacher_name_or_path``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForImageClassification
+
+from unimm.evaluation import metrics
+from unimm.tokenizer import DualCodebookConfig, DualCodebookImageProcessor, DualCodebookTokenizer
+
+from .base import TrainingStage
+
+logger = logging.getLogger(__name__)
+
+DATASETS = ("fashion_mnist", "emoji", "synthetic")
+
+
+@dataclass
+class TokenizerStageArguments:
+    """Recipe fields of the ``tokenizer`` stage (model size, data, loss switches)."""
+
+    tokenizer_config: str = "demo"  # a named config of DualCodebookConfig.named(): tiny | demo | base
+    dataset: str = "fashion_mnist"  # fashion_mnist | emoji | synthetic
+    image_size: int = 32
+    teacher_name_or_path: str | None = None  # e.g. a folder written by pretrain_teacher_classifier
+    # > 0: if `teacher_name_or_path` is a local folder that does not exist yet, first train the built-in
+    # ViT as a classifier on the labelled training set for this many epochs and save it there.
+    pretrain_teacher_epochs: float = 0.0
+    codebook_size: int | None = None
+    hidden_channels: int | None = None
+    perceptual_weight: float | None = None
+    adversarial_weight: float | None = None
+    adversarial_start_step: int | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = 1000
+    num_synthetic_samples: int = 64  # size of each split of the synthetic dataset (tests, smoke runs)
+    cache_dir: str | None = None
+    num_sample_images: int = 16  # images in the reconstruction grid
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"TokenizerStageArguments.dataset={self.dataset!r}: expected one of {DATASETS}")
+
+
+class TokenizerImageDataset(torch.utils.data.Dataset):
+    """Items ``{"pixel_values": (C, H, W), "labels": int}`` from a sample-schema dataset (image = segment 0)."""
+
+    def __init__(self, dataset: Any, processor: DualCodebookImageProcessor) -> None:
+        self.dataset = dataset
+        self.processor = processor
+        self.has_labels = "label" in dataset.column_names
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = self.dataset[int(index)]
+        images = [segment["image"] for segment in row["segments"] if segment["image"] is not None]
+        if not images:
+            raise ValueError(f"dataset row {index} has no image segment")
+        pixel_values = self.processor(images[0], return_tensors="pt").pixel_values[0]
+        label = int(row["label"]) if self.has_labels else -1
+        return {"pixel_values": pixel_values, "labels": torch.tensor(label)}
+
+
+class SyntheticShapesDataset(torch.utils.data.Dataset):
+    """Deterministic random rectangles on a plain background, label = colour index: data for tests."""
+
+    def __init__(self, num_samples: int, image_size: int, num_channels: int = 3, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.labels = torch.randint(0, 4, (num_samples,), generator=generator)
+        palette = torch.tensor([[1.0, -1.0, -1.0], [-1.0, 1.0, -1.0], [-1.0, -1.0, 1.0], [1.0, 1.0, -1.0]])
+        images = torch.full((num_samples, num_channels, image_size, image_size), -1.0)
+        corners = torch.randint(0, image_size // 2, (num_samples, 2), generator=generator)
+        sizes = torch.randint(image_size // 4, image_size // 2 + 1, (num_samples, 2), generator=generator)
+        for i in range(num_samples):
+            (top, left), (height, width) = corners[i].tolist(), sizes[i].tolist()
+            colour = palette[self.labels[i], :num_channels].view(-1, 1, 1)
+            images[i, :, top : top + height, left : left + width] = colour
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.images[index], "labels": self.labels[index]}
+
+
+def _take(dataset: Any, limit: int | None) -> Any:
+    return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset
+
+
+def load_image_datasets(
+    args: TokenizerStageArguments, processor: DualCodebookImageProcessor, num_channels: int = 3
+) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
+    """``(train, test)`` image datasets for the stage's ``dataset`` choice."""
+    if args.dataset == "synthetic":
+        return (
+            SyntheticShapesDataset(args.num_synthetic_samples, args.image_size, num_channels, seed=0),
+            SyntheticShapesDataset(args.num_synthetic_samples, args.image_size, num_channels, seed=1),
+        )
+    from unimm.data import demo_datasets
+
+    if args.dataset == "fashion_mnist":
+        splits = demo_datasets.load_fashion_mnist(args.image_size, mode="RGB", cache_dir=args.cache_dir)
+    else:
+        splits = demo_datasets.load_emoji(args.image_size, cache_dir=args.cache_dir)
+    return (
+        TokenizerImageDataset(_take(splits["train"], args.max_train_samples), processor),
+        TokenizerImageDataset(_take(splits["test"], args.max_eval_samples), processor),
+    )
+
+
+class TokenizerStage(TrainingStage):
+    """Trains [`DualCodebookTokenizer`]; evaluates PSNR/SSIM and whole-eval-set codebook usage."""
+
+    name = "tokenizer"
+    arguments_class = TokenizerStageArguments
+
+    def __init__(self, stage_args: TokenizerStageArguments) -> None:
+        super().__init__(stage_args)
+        self.config = self._build_config()
+        self.processor = DualCodebookImageProcessor.from_tokenizer_config(self.config)
+        self.eval_dataset: torch.utils.data.Dataset | None = None
+
+    def _build_config(self) -> DualCodebookConfig:
+        args = self.args
+        overrides: dict[str, Any] = {"image_size": args.image_size}
+        for field in ("codebook_size", "hidden_channels", "perceptual_weight", "adversarial_weight"):
+            if getattr(args, field) is not None:
+                overrides[field] = getattr(args, field)
+        if args.adversarial_start_step is not None:
+            overrides["adversarial_start_step"] = args.adversarial_start_step
+        self.builtin_teacher_config = DualCodebookConfig.named(
+            args.tokenizer_config, **overrides
+        ).teacher_config
+        if args.teacher_name_or_path is not None:
+            overrides.update(teacher_name_or_path=args.teacher_name_or_path, teacher_config=None)
+        return DualCodebookConfig.named(args.tokenizer_config, **overrides)
+
+    def build_model(self) -> nn.Module:
+        teacher_path = self.args.teacher_name_or_path
+        if teacher_path and self.args.pretrain_teacher_epochs > 0 and not Path(teacher_path).exists():
+            self._pretrain_teacher(Path(teacher_path))
+        try:
+            return DualCodebookTokenizer(self.config)
+        except OSError as error:
+            raise OSError(
+                f"tokenizer stage: cannot load the teacher {teacher_path!r} ({error}); create it with "
+                "`pretrain_teacher_epochs: 1` in the recipe or `python benchmarks/tokenizer_quality.py "
+                "pretrain-teacher`, or give a Hub id"
+            ) from error
+
+    def _pretrain_teacher(self, output_dir: Path) -> None:
+        if self.builtin_teacher_config is None:
+            raise ValueError("pretrain_teacher_epochs needs a named config with a built-in teacher_config")
+        if self.eval_dataset is None:
+            self.build_datasets()
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not distributed or torch.distributed.get_rank() == 0:
+            pretrain_teacher_classifier(
+                self.builtin_teacher_config,
+                self.train_dataset,
+                self.eval_dataset,
+                num_labels=int(max(int(item["labels"]) for item in self.eval_dataset)) + 1,
+                output_dir=output_dir,
+                epochs=self.args.pretrain_teacher_epochs,
+                log_path=output_dir / "log.jsonl",
+            )
+        if distributed:
+            torch.distributed.barrier()  # the other ranks load what rank 0 saved
+
+    def build_datasets(self) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None]:
+        self.train_dataset, self.eval_dataset = load_image_datasets(
+            self.args, self.processor, self.config.num_channels
+        )
+        return self.train_dataset, self.eval_dataset
+
+    def compute_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        output = model(pixel_values=batch["pixel_values"], step=step if step >= 0 else None)
+        logged = {
+            name: float(value.detach())
+            for name, value in output.items()
+            if name not in ("loss", "image_token_ids", "reconstruction") and value is not None
+        }
+        data_range = self._data_range()
+        logged["psnr"] = float(
+            metrics.psnr(output.reconstruction.detach(), batch["pixel_values"], data_range).mean()
+        )
+        return output.loss, logged
+
+    def _data_range(self) -> float:
+        return float(1.0 / min(self.config.image_std))
+
+    def parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """The default groups, with the codebooks also free of weight decay (it would shrink the entries)."""
+        groups = super().parameter_groups(model)
+        codebooks = {id(p) for name, p in model.named_parameters() if name.endswith("codebook")}
+        decay = [p for p in groups[0]["params"] if id(p) not in codebooks]
+        no_decay = groups[1]["params"] + [p for p in groups[0]["params"] if id(p) in codebooks]
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, eval_loader: torch.utils.data.DataLoader) -> dict[str, float]:
+        """Eval-set PSNR/SSIM of ``decode(encode(x))`` and codebook usage/perplexity over all eval ids."""
+        model = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+        was_training = model.training
+        model.eval()
+        psnrs, ssims, counts = [], [], torch.zeros(model.config.codebook_size, dtype=torch.long)
+        for batch in eval_loader:
+            pixel_values = batch["pixel_values"].to(model.device, model.dtype)
+            ids = model.encode(pixel_values)
+            reconstruction = model.decode(ids)
+            target, prediction = self._to_unit_range(pixel_values), self._to_unit_range(reconstruction)
+            psnrs.append(metrics.psnr(prediction, target))
+            if min(target.shape[-2:]) >= 11:
+                ssims.append(metrics.ssim(prediction, target))
+            counts += metrics.codebook_counts(ids.cpu(), model.config.codebook_size)
+        model.train(was_training)
+        results = {
+            "psnr": float(torch.cat(psnrs).mean()),
+            "codebook_usage": metrics.codebook_usage(counts),
+            "perplexity": metrics.codebook_perplexity(counts),
+        }
+        if ssims:
+            results["ssim"] = float(torch.cat(ssims).mean())
+        return results
+
+    def _to_unit_range(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.config.image_mean, device=pixel_values.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.config.image_std, device=pixel_values.device).view(1, -1, 1, 1)
+        return (pixel_values.float() * std + mean).clamp(0, 1)
+
+    @torch.no_grad()
+    def write_samples(self, model: nn.Module, step: int, output_dir: Path) -> list[Path]:
+        """A PNG grid: originals in odd rows, their reconstructions below them."""
+        if self.eval_dataset is None or len(self.eval_dataset) == 0:
+            return []
+        model = getattr(model, "module", model)
+        count = min(self.args.num_sample_images, len(self.eval_dataset))
+        pixel_values = torch.stack([self.eval_dataset[i]["pixel_values"] for i in range(count)])
+        path = Path(output_dir) / f"reconstructions-{step:07d}.png"
+        save_reconstruction_grid(model, self.processor, pixel_values.to(model.device, model.dtype), path)
+        return [path]
+
+    def export(self, model: nn.Module, output_dir: Path) -> None:
+        model = getattr(model, "module", model)
+        model.save_pretrained(output_dir)
+        self.processor.save_pretrained(output_dir)
+
+
+@torch.no_grad()
+def save_reconstruction_grid(
+    model: DualCodebookTokenizer,
+    processor: DualCodebookImageProcessor,
+    pixel_values: torch.Tensor,
+    path: Path,
+    columns: int = 8,
+) -> Path:
+    """Save originals and ``decode(encode(x))`` as a PNG grid, each row of originals above its reconstructions."""
+    was_training = model.training
+    model.eval()
+    reconstruction = model.decode(model.encode(pixel_values))
+    model.train(was_training)
+    originals = processor.postprocess(pixel_values, output_type="np")  # (B, H, W, C)
+    reconstructed = processor.postprocess(reconstruction, output_type="np")
+    rows = []
+    for start in range(0, len(originals), columns):
+        for images in (originals[start : start + columns], reconstructed[start : start + columns]):
+            padded = list(images) + [np.zeros_like(images[0])] * (columns - len(images))
+            rows.append(np.concatenate(padded, axis=1))  # (H, columns * W, C)
+    grid = np.concatenate(rows, axis=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    return path
+
+
+def pretrain_teacher_classifier(
+    teacher_config: dict[str, Any],
+    train_dataset: torch.utils.data.Dataset,
+    eval_dataset: torch.utils.data.Dataset,
+    num_labels: int,
+    output_dir: str | Path,
+    epochs: float = 1.0,
+    batch_size: int = 128,
+    learning_rate: float = 1e-3,
+    log_path: str | Path | None = None,
+) -> float:
+    """Train the built-in (or any) vision backbone as an image classifier on labelled items
+    ``{"pixel_values", "labels"}``, save it with ``save_pretrained`` and return its eval accuracy.
+
+    The saved folder loads with ``AutoModel.from_pretrained`` as a semantic teacher (the head is dropped)."""
+    kwargs = dict(teacher_config)
+    config = AutoConfig.for_model(kwargs.pop("model_type"), num_labels=num_labels, **kwargs)
+    model = AutoModelForImageClassification.from_config(config)
+    if len(train_dataset) == 0:
+        raise ValueError("pretrain_teacher_classifier: the training dataset is empty")
+    batch_size = min(batch_size, len(train_dataset))
+    loader = torch.utils.data.DataLoader(train_dataset, batch_size=batch_size, shuffle=True, drop_last=True)
+    total_steps = max(1, int(epochs * len(loader)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, learning_rate, total_steps=total_steps, pct_start=0.1
+    )
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    log_file = open(log_path, "a") if log_path else None  # noqa: SIM115 - closed below
+    model.train()
+    step = 0
+    with tqdm(total=total_steps, desc="teacher classifier") as progress:
+        while step < total_steps:
+            for batch in loader:
+                loss = model(pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad()
+                step += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss.item():.3f}")
+                if log_file and step % 20 == 0:
+                    log_file.write(json.dumps({"step": step, "loss": loss.item()}) + "\n")
+                    log_file.flush()
+                if step >= total_steps:
+                    break
+    accuracy = classifier_accuracy(model, eval_dataset, batch_size)
+    if log_file:
+        log_file.write(json.dumps({"step": step, "eval_accuracy": accuracy}) + "\n")
+        log_file.close()
+    model.save_pretrained(output_dir)
+    logger.info("teacher classifier: eval accuracy %.4f, saved to %s", accuracy, output_dir)
+    return accuracy
+
+
+@torch.no_grad()
+def classifier_accuracy(model: nn.Module, dataset: torch.utils.data.Dataset, batch_size: int = 256) -> float:
+    model.eval()
+    correct = total = 0
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        logits = model(pixel_values=batch["pixel_values"]).logits
+        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        total += len(batch["labels"])
+    return correct / max(total, 1)
+
+
+def collect_codes(
+    model: DualCodebookTokenizer, dataset: torch.utils.data.Dataset, batch_size: int = 256
+) -> dict[str, torch.Tensor]:
+    """Encode a whole dataset: ids (N, h, w), labels (N,), pixels in [0, 1] and reconstructions in [0, 1]."""
+    model.eval()
+    ids, labels, pixels, reconstructions = [], [], [], []
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    mean = torch.tensor(model.config.image_mean).view(1, -1, 1, 1)
+    std = torch.tensor(model.config.image_std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="encode"):
+            pixel_values = batch["pixel_values"].to(model.device, model.dtype)
+            batch_ids = model.encode(pixel_values)
+            ids.append(batch_ids.cpu())
+            labels.append(batch["labels"])
+            pixels.append((batch["pixel_values"] * std + mean).clamp(0, 1))
+            reconstructions.append((model.decode(batch_ids).float().cpu() * std + mean).clamp(0, 1))
+    return {
+        "image_token_ids": torch.cat(ids),
+        "labels": torch.cat(labels),
+        "pixels": torch.cat(pixels),
+        "reconstructions": torch.cat(reconstructions),
+    }
+
+
+__all__ = [
+    "SyntheticShapesDataset",
+    "TokenizerImageDataset",
+    "TokenizerStage",
+    "TokenizerStageArguments",
+    "classifier_accuracy",
+    "collect_codes",
+    "pretrain_teacher_classifier",
+    "save_reconstruction_grid",
+]
