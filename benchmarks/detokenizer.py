@@ -2,7 +2,7 @@
 
     # quality on held-out Fashion-MNIST test images (PSNR, SSIM, Fréchet distance in the tokenizer's
     # semantic-teacher feature space), 10/20/50 steps, PNG grid side by side:
-    python benchmarks/detokenizer.py quality --tokenizer outputs/tokenizer-fmnist/model \
+    python benchmarks/detokenizer.py quality --tokenizer outputs/tokenizer-fmnist \
         --detokenizer outputs/detokenizer-fmnist/export
     # images/s at 20 steps, batch 1 and 16: our batched-CFG pipeline vs the unbatched-CFG reference loop
     # (one image at a time, conditional and unconditional forwards separately, as ILLUME+/Emu3 do):
