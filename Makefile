@@ -6,10 +6,14 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-slow lint format data assets install clean
+.PHONY: demo demo-model test test-fast test-slow lint format data assets install clean
 
 demo: $(INSTALLED) data
 	$(PY) -m unimm.cli demo
+
+# Retrain the committed demo checkpoint from scratch (recipes/demo/README.md); resumes if interrupted.
+demo-model: $(INSTALLED) data
+	$(PY) -m unimm.training.demo_model
 
 test: $(INSTALLED) data lint
 	$(PY) -m pytest -m "not slow" -q --durations=15

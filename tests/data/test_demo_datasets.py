@@ -160,3 +160,23 @@ def test_real_emoji(dataset_cache_dir: str) -> None:
     assert (image.mode, image.size) == ("RGB", (32, 32))
     with_tones = load_emoji(image_size=16, include_skin_tones=True, cache_dir=dataset_cache_dir)
     assert len(with_tones["train"]) > len(train) + 1000
+
+
+@pytest.mark.integration
+def test_demo_mixture(dataset_cache_dir: str) -> None:
+    emoji = load_emoji(image_size=32, cache_dir=dataset_cache_dir)
+    mixture = demo_datasets.load_demo_mixture(image_size=32, emoji_repeats=3, cache_dir=dataset_cache_dir)
+    train, test = mixture["train"], mixture["test"]
+    assert len(train) == 60000 + 3 * len(emoji["train"]) and len(test) == 10000 + len(emoji["test"])
+    assert train["source"].count("emoji") == 3 * len(emoji["train"])
+    # Shuffled: a prefix (what max_eval_samples keeps) holds both sources; emoji rows carry no class.
+    head = test.select(range(1000))
+    assert {"fashion_mnist", "emoji"} == set(head["source"])
+    assert all((label == -1) == (source == "emoji") for label, source in zip(head["label"], head["source"]))
+    assert head[0]["segments"][0]["image"].mode == "RGB"
+    again = demo_datasets.load_demo_mixture(image_size=32, emoji_repeats=3, cache_dir=dataset_cache_dir)
+    assert again["test"]["caption"][:100] == test["caption"][:100]
+    with pytest.raises(ValueError, match="emoji_repeats"):
+        demo_datasets.load_demo_mixture(emoji_repeats=0, cache_dir=dataset_cache_dir)
+    with pytest.raises(ValueError, match="unknown demo dataset"):
+        demo_datasets.load_demo_dataset("mnist")

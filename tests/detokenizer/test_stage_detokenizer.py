@@ -111,7 +111,7 @@ def test_objectives(tokenizer_path, prediction_type):
 
 
 def test_bad_arguments(tokenizer_path, tmp_path):
-    with pytest.raises(ValueError, match=r"dataset must be one of \('fashion_mnist', 'emoji'\)"):
+    with pytest.raises(ValueError, match=r"dataset must be one of \('fashion_mnist', 'emoji', 'demo'\)"):
         DetokenizerArguments(tokenizer_path=tokenizer_path, dataset="cifar")
     with pytest.raises(ValueError, match=r"condition_dropout must be in \[0, 1\)"):
         DetokenizerArguments(tokenizer_path=tokenizer_path, condition_dropout=1.5)

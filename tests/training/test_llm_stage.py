@@ -123,6 +123,38 @@ def test_llm_pretrain_learns(tmp_path, deepspeed_dir, packing):
 
 
 @pytest.mark.integration
+def test_zero3_builds_the_model_partitioned(tmp_path, deepspeed_dir, monkeypatch):
+    """At ZeRO-3 the model is partitioned as transformers creates it (no rank ever holds it whole)."""
+    from unimm.training.loop import train
+
+    built_numels = []
+    original = LlmPretrainStage.build_model
+
+    def build_and_record(self):
+        model = original(self)
+        built_numels.append(sum(parameter.numel() for parameter in model.parameters()))
+        return model
+
+    monkeypatch.setattr(LlmPretrainStage, "build_model", build_and_record)
+    data = _write_sequences(tmp_path / "train.jsonl", 32)
+    recipe = parse_recipe(
+        {
+            "stage": "llm_pretrain", "output_dir": str(tmp_path / "run"), "model_config": TINY_LLAMA,
+            "train_dataset": data, "deepspeed_config": str(deepspeed_dir / "zero3.json"), "max_steps": 6,
+            "per_device_train_batch_size": 8, "learning_rate": 1e-2, "logging_steps": 1,
+            "lr_scheduler_type": "constant", "max_length": 24,
+        }
+    )  # fmt: skip
+    result = train(recipe)
+    # Training built it partitioned (empty local tensors); the export, outside the engine, built it whole.
+    whole = AutoModelForCausalLM.from_pretrained(result.output_dir / "export").num_parameters()
+    assert built_numels == [0, whole]
+    records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [record["loss"] for record in records if record["split"] == "train"]
+    assert losses[-1] < losses[0] - 0.3
+
+
+@pytest.mark.integration
 def test_llm_sft_lora_learns_and_exports_merged(tmp_path, deepspeed_dir):
     from unimm.training.loop import train
 

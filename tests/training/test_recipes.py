@@ -11,7 +11,12 @@ from unimm.training.arguments import TrainingArguments, load_recipe
 from unimm.training.deepspeed_config import fill_deepspeed_config, load_deepspeed_config
 
 REPOSITORY = Path(__file__).resolve().parents[2]
-RECIPES = sorted(path for path in (REPOSITORY / "recipes").rglob("*.yaml") if "accelerate" not in path.parts)
+# Stage recipes; recipes/demo/llm_data.yaml configures the demo's data step (tests/training/test_demo_model.py).
+RECIPES = sorted(
+    path
+    for path in (REPOSITORY / "recipes").rglob("*.yaml")
+    if "accelerate" not in path.parts and path.name != "llm_data.yaml"
+)
 DEEPSPEED_CONFIGS = sorted((REPOSITORY / "recipes" / "deepspeed").glob("*.json"))
 
 

@@ -21,12 +21,25 @@ from unimm.commands.pipeline_arguments import (
     report_error,
     stack_rows,
 )
-from unimm.data.demo_datasets import FASHION_MNIST_CAPTION_NAMES, load_emoji, load_fashion_mnist
+from unimm.data.demo_datasets import (
+    FASHION_MNIST_CAPTION_NAMES,
+    fashion_mnist_caption,
+    load_emoji,
+    load_fashion_mnist,
+)
 
 logger = logging.getLogger(__name__)
 
 QUESTION = "What is this?"
-FASHION_PROMPT = "a photo of a {name}"
+# Well-known glyphs (of the training split: held-out emoji are scored by `unimm eval`, not shown here).
+EMOJI_PROMPTS = (
+    "an emoji of grinning face",
+    "an emoji of red heart",
+    "an emoji of pizza",
+    "an emoji of fire",
+    "an emoji of rocket",
+    "an emoji of sun",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,8 +95,9 @@ def run_pipeline_demo(args: argparse.Namespace) -> int:
     chat_path = args.output_dir / "demo_chat.png"
     stack_rows(chat_rows).save(chat_path)
     # 3. Generation: class names and emoji captions, all in one call.
-    prompts = [FASHION_PROMPT.format(name=name) for name in FASHION_MNIST_CAPTION_NAMES[: args.num_prompts]]
-    prompts += list(samples[1][1][: args.num_prompts])
+    labels = range(min(args.num_prompts, len(FASHION_MNIST_CAPTION_NAMES)))
+    prompts = [fashion_mnist_caption(label, template_index=0) for label in labels]  # "a photo of a ..."
+    prompts += list(EMOJI_PROMPTS[: args.num_prompts])
     output = pipeline.generate_images(
         prompts, num_images_per_prompt=args.num_images_per_prompt, seed=args.seed, decoder=args.decoder
     )

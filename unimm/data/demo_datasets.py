@@ -403,3 +403,50 @@ def load_emoji(
         for split in ("train", "test")
     }
     return datasets.DatasetDict(splits)
+
+
+DEMO_DATASETS = ("fashion_mnist", "emoji", "demo")
+
+
+def load_demo_mixture(
+    image_size: int = 32,
+    emoji_repeats: int = 8,
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+) -> datasets.DatasetDict:
+    """The demo model's data: Fashion-MNIST (RGB) and emoji in one ``DatasetDict``.
+
+    ``train`` is Fashion-MNIST's 60,000 images plus the emoji train split repeated ``emoji_repeats``
+    times (1,696 glyphs would otherwise be under 3% of a batch), shuffled; ``test`` is both test splits
+    shuffled together, so a prefix of it holds both sources. Columns: ``segments``, ``caption`` and
+    ``source`` ("fashion_mnist" or "emoji"); Fashion-MNIST's ``label`` is ``-1`` on emoji rows.
+    """
+    if emoji_repeats < 1:
+        raise ValueError(f"emoji_repeats must be >= 1, got {emoji_repeats}")
+    fashion = load_fashion_mnist(image_size, mode="RGB", cache_dir=cache_dir)
+    emoji = load_emoji(image_size, cache_dir=cache_dir)
+
+    def tagged(dataset: datasets.Dataset, source: str) -> datasets.Dataset:
+        labels = dataset["label"] if "label" in dataset.column_names else [-1] * len(dataset)
+        table = dataset.select_columns(["segments", "caption"])
+        table = table.add_column("label", [int(label) for label in labels])
+        return table.add_column("source", [source] * len(dataset))
+
+    splits = {}
+    for split, repeats in (("train", emoji_repeats), ("test", 1)):
+        parts = [tagged(fashion[split], "fashion_mnist")] + [tagged(emoji[split], "emoji")] * repeats
+        splits[split] = datasets.concatenate_datasets(parts).shuffle(seed=seed)
+    return datasets.DatasetDict(splits)
+
+
+def load_demo_dataset(
+    name: str, image_size: int = 32, cache_dir: str | Path | None = None
+) -> datasets.DatasetDict:
+    """One of :data:`DEMO_DATASETS` by name, images in RGB (what the training stages take)."""
+    if name == "fashion_mnist":
+        return load_fashion_mnist(image_size, mode="RGB", cache_dir=cache_dir)
+    if name == "emoji":
+        return load_emoji(image_size, cache_dir=cache_dir)
+    if name == "demo":
+        return load_demo_mixture(image_size, cache_dir=cache_dir)
+    raise ValueError(f"unknown demo dataset {name!r}; expected one of {DEMO_DATASETS}")

@@ -67,7 +67,8 @@ def model_fingerprint(model: nn.Module) -> str:
     """A short hash of the parameter names, shapes and trainability (not the values)."""
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
-        digest.update(f"{name}:{tuple(param.shape)}:{param.requires_grad};".encode())
+        shape = tuple(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partitioned parameter's full shape
+        digest.update(f"{name}:{shape}:{param.requires_grad};".encode())
     return digest.hexdigest()[:16]
 
 

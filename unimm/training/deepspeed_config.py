@@ -8,8 +8,10 @@ with the recipe is an error, so the two can never silently differ.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,26 @@ def fill_deepspeed_config(config: dict[str, Any], args: TrainingArguments, world
 
 def zero_stage(config: dict[str, Any]) -> int:
     return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+@contextlib.contextmanager
+def partitioned_model_init(config: dict[str, Any]) -> Iterator[None]:
+    """Under ZeRO-3, models that transformers builds here (``from_pretrained``, ``from_config``) are
+    partitioned as they are created (``deepspeed.zero.Init``), so no rank ever holds the whole model.
+
+    transformers does this while an ``HfDeepSpeedConfig`` is alive (its integration outside the Trainer);
+    the config lives only for this block, so models loaded later (e.g. for samples) are whole again."""
+    if zero_stage(config) != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep_alive = HfDeepSpeedConfig(config)  # noqa: F841 (transformers holds only a weak reference)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
 
 
 def _fill(config: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:

@@ -38,7 +38,12 @@ from unimm.training.checkpoint import (
     model_fingerprint,
     read_trainer_state,
 )
-from unimm.training.deepspeed_config import fill_deepspeed_config, load_deepspeed_config, zero_stage
+from unimm.training.deepspeed_config import (
+    fill_deepspeed_config,
+    load_deepspeed_config,
+    partitioned_model_init,
+    zero_stage,
+)
 from unimm.training.export import EXPORT_DIR, export_checkpoint
 from unimm.training.loader import build_loader, move_to_device, set_position
 from unimm.training.tracking import MetricsLogger
@@ -129,7 +134,8 @@ class TrainingLoop:
         )
         if main:
             (self.output_dir / RECIPE_FILE).write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
-        model = self.stage.build_model()
+        with partitioned_model_init(self.deepspeed_config):
+            model = self.stage.build_model()
         self.stage.validate(model, train_set)
         self.fingerprint = RunFingerprint(
             stage=args.stage,

@@ -35,6 +35,7 @@ from diffusers.utils import make_image_grid
 from torch import nn
 from tqdm.auto import tqdm
 
+from unimm.data.demo_datasets import DEMO_DATASETS, load_demo_dataset
 from unimm.detokenizer import DetokenizerPipeline, TokenDiffusionDecoder
 from unimm.detokenizer.pipeline_detokenizer import autoencoder_scale_and_shift
 from unimm.tokenizer import DualCodebookTokenizer
@@ -42,7 +43,7 @@ from unimm.training.stages.base import TrainingStage
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("fashion_mnist", "emoji")
+DATASETS = DEMO_DATASETS
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 
 
@@ -233,13 +234,8 @@ class DetokenizerStage(TrainingStage):
         )
 
     def _load_split_images(self) -> tuple[list[Any], list[Any]]:
-        from unimm.data.demo_datasets import load_emoji, load_fashion_mnist
-
         args = self.args
-        if args.dataset == "fashion_mnist":
-            splits = load_fashion_mnist(image_size=args.image_size, cache_dir=args.dataset_cache_dir)
-        else:
-            splits = load_emoji(image_size=args.image_size, cache_dir=args.dataset_cache_dir)
+        splits = load_demo_dataset(args.dataset, args.image_size, cache_dir=args.dataset_cache_dir)
         result = []
         for split, limit in (("train", args.max_train_samples), ("test", args.max_eval_samples)):
             dataset = splits[split]

@@ -76,7 +76,21 @@ class LlmArguments:
         },
     )
 
+    sample_prompts: list[str] = field(
+        default_factory=list,
+        metadata={"help": "text-to-image prompts drawn into a PNG grid every sample_steps (a UniMM model)"},
+    )
+    sample_tokenizer_path: str | None = field(
+        default=None, metadata={"help": "the visual tokenizer whose pixel decoder draws the sample grids"}
+    )
+    sample_images_per_prompt: int = 4
+    sample_guidance_scale: float = 3.0
+
     def __post_init__(self) -> None:
+        if self.sample_prompts and self.sample_tokenizer_path is None:
+            raise ValueError(
+                "sample_prompts need sample_tokenizer_path (the visual tokenizer that decodes them)"
+            )
         if (self.model_name_or_path is None) == (self.model_config is None):
             raise ValueError("set exactly one of model_name_or_path and model_config")
         if (self.train_dataset is None) == (self.random_tokens == 0):
@@ -138,6 +152,7 @@ class LlmStage(TrainingStage):
     def __init__(self, stage_args: LlmArguments) -> None:
         super().__init__(stage_args)
         self.set_pad_token_id(0)
+        self._sample_pipeline = None  # built on the first sample step, around the model being trained
 
     def set_pad_token_id(self, pad_token_id: int) -> None:
         if self.args.packing:
@@ -253,6 +268,45 @@ class LlmStage(TrainingStage):
         """Tokens processed: real tokens of padded rows; all positions of packed rows."""
         mask = batch.get("attention_mask")
         return int(mask.sum()) if mask is not None and mask.dim() == 2 else batch["input_ids"].numel()
+
+    # --------------------------------------------------------------------------------- samples
+    @torch.no_grad()
+    def write_samples(self, model: nn.Module, step: int, output_dir: Path) -> list[Path]:
+        """A PNG grid per sample step: one row per prompt, drawn by the model as the pipeline would
+        (guided, constrained to the default grid) and decoded by the tokenizer's pixel decoder."""
+        args = self.args
+        model = getattr(model, "module", model)
+        if not args.sample_prompts or not isinstance(model, UniMMForCausalLM):
+            return []
+        from diffusers.utils import make_image_grid
+
+        from unimm.llm import UniMMProcessor
+        from unimm.pipelines import UniMMPipeline
+        from unimm.tokenizer import DualCodebookTokenizer
+
+        if self._sample_pipeline is None:
+            visual_tokenizer = DualCodebookTokenizer.from_pretrained(args.sample_tokenizer_path).eval()
+            processor = UniMMProcessor.from_pretrained(args.model_name_or_path)
+            self._sample_pipeline = UniMMPipeline(model, processor, visual_tokenizer)
+            self._sample_pipeline.set_progress_bar_config(disable=True)
+        was_training = model.training
+        model.eval()
+        try:
+            images = self._sample_pipeline.generate_images(
+                args.sample_prompts,
+                num_images_per_prompt=args.sample_images_per_prompt,
+                guidance_scale=args.sample_guidance_scale,
+                seed=0,
+                decoder="pixel",
+            ).images
+        finally:
+            model.train(was_training)
+        path = Path(output_dir) / f"generations-{step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid = make_image_grid(images, rows=len(args.sample_prompts), cols=args.sample_images_per_prompt)
+        grid.save(path)
+        path.with_suffix(".txt").write_text("\n".join(args.sample_prompts) + "\n")  # the rows' prompts
+        return [path]
 
     # ---------------------------------------------------------------------------------- export
     def export(self, model: nn.Module, output_dir: Path) -> None:

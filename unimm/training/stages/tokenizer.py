@@ -7,6 +7,7 @@ transformers folder that a tokenizer recipe loads as ``teacher_name_or_path``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForImageClassification
 
+from unimm.data.demo_datasets import DEMO_DATASETS, load_demo_dataset
 from unimm.evaluation import metrics
 from unimm.tokenizer import DualCodebookConfig, DualCodebookImageProcessor, DualCodebookTokenizer
 
@@ -27,7 +29,7 @@ from .base import TrainingStage
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("fashion_mnist", "emoji", "synthetic")
+DATASETS = (*DEMO_DATASETS, "synthetic")
 
 
 @dataclass
@@ -35,7 +37,7 @@ class TokenizerStageArguments:
     """Recipe fields of the ``tokenizer`` stage (model size, data, loss switches)."""
 
     tokenizer_config: str = "demo"  # a named config of DualCodebookConfig.named(): tiny | demo | base
-    dataset: str = "fashion_mnist"  # fashion_mnist | emoji | synthetic
+    dataset: str = "fashion_mnist"  # fashion_mnist | emoji | demo (both) | synthetic
     image_size: int = 32
     teacher_name_or_path: str | None = None  # e.g. a folder written by pretrain_teacher_classifier
     # > 0: if `teacher_name_or_path` is a local folder that does not exist yet, first train the built-in
@@ -114,12 +116,7 @@ def load_image_datasets(
             SyntheticShapesDataset(args.num_synthetic_samples, args.image_size, num_channels, seed=0),
             SyntheticShapesDataset(args.num_synthetic_samples, args.image_size, num_channels, seed=1),
         )
-    from unimm.data import demo_datasets
-
-    if args.dataset == "fashion_mnist":
-        splits = demo_datasets.load_fashion_mnist(args.image_size, mode="RGB", cache_dir=args.cache_dir)
-    else:
-        splits = demo_datasets.load_emoji(args.image_size, cache_dir=args.cache_dir)
+    splits = load_demo_dataset(args.dataset, args.image_size, cache_dir=args.cache_dir)
     return (
         TokenizerImageDataset(_take(splits["train"], args.max_train_samples), processor),
         TokenizerImageDataset(_take(splits["test"], args.max_eval_samples), processor),
@@ -171,13 +168,19 @@ class TokenizerStage(TrainingStage):
             raise ValueError("pretrain_teacher_epochs needs a named config with a built-in teacher_config")
         if self.eval_dataset is None:
             self.build_datasets()
+        train_dataset, eval_dataset = self.train_dataset, self.eval_dataset
+        if self.args.dataset == "demo":  # only the Fashion-MNIST part has class labels
+            fashion_args = dataclasses.replace(self.args, dataset="fashion_mnist")
+            train_dataset, eval_dataset = load_image_datasets(
+                fashion_args, self.processor, self.config.num_channels
+            )
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if not distributed or torch.distributed.get_rank() == 0:
             pretrain_teacher_classifier(
                 self.builtin_teacher_config,
-                self.train_dataset,
-                self.eval_dataset,
-                num_labels=int(max(int(item["labels"]) for item in self.eval_dataset)) + 1,
+                train_dataset,
+                eval_dataset,
+                num_labels=int(max(int(item["labels"]) for item in eval_dataset)) + 1,
                 output_dir=output_dir,
                 epochs=self.args.pretrain_teacher_epochs,
                 log_path=output_dir / "log.jsonl",

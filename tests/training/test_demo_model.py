@@ -1,0 +1,149 @@
+"""The demo model's data step and assembly (unimm.training.demo_model) on a tiny tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+from transformers import HfArgumentParser
+
+from unimm.data.schema import drop_text
+from unimm.llm import UniMMForCausalLM, UniMMProcessor
+from unimm.llm.text_tokenizer import build_word_level_tokenizer
+from unimm.pipelines import UniMMPipeline
+from unimm.tokenizer import DualCodebookConfig, DualCodebookImageProcessor, DualCodebookTokenizer
+from unimm.training.demo_model import (
+    DemoLlmDataArguments,
+    SequenceBuilder,
+    assemble,
+    build_llm_data,
+    fashion_mnist_answer,
+    generation_sample,
+    understanding_sample,
+)
+from unimm.training.stages.llm import LlmArguments, LlmSftStage
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+TINY_BACKBONE = dict(
+    model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=128,
+)  # fmt: skip
+
+
+def test_recipe_parses() -> None:
+    (args,) = HfArgumentParser(DemoLlmDataArguments).parse_yaml_file(
+        str(REPOSITORY / "recipes/demo/llm_data.yaml")
+    )
+    assert args.backbone["model_type"] == "llama" and args.tokenizer_path.endswith("tokenizer/export")
+    with pytest.raises(ValueError, match="condition_dropout"):
+        DemoLlmDataArguments(
+            tokenizer_path="t", output_dir="o", backbone=TINY_BACKBONE, condition_dropout=1.0
+        )
+
+
+def test_answers() -> None:
+    assert [fashion_mnist_answer(label) for label in (0, 1, 9)] == [
+        "a t-shirt.",
+        "a pair of trousers.",
+        "an ankle boot.",
+    ]
+
+
+def test_sequence_builder_matches_the_processor() -> None:
+    """The fast path (processor once per text, image tokens spliced in) equals the processor itself."""
+    config = DualCodebookConfig.tiny()
+    tokenizer = build_word_level_tokenizer(["a photo of a sneaker", "What is this?", "a sneaker."])
+    llm = UniMMForCausalLM.from_text_model(
+        _tiny_text_model(len(tokenizer)),
+        codebook_size=config.codebook_size, max_grid_height=4, max_grid_width=4, default_grid_height=4,
+        default_grid_width=4,
+    )  # fmt: skip
+    processor = UniMMProcessor.from_config(
+        llm.config, tokenizer, DualCodebookImageProcessor.from_tokenizer_config(config)
+    )
+    builder = SequenceBuilder(processor, (4, 4))
+    generator = torch.Generator().manual_seed(0)
+    samples = {
+        ("generate", "a photo of a sneaker"): generation_sample("a photo of a sneaker"),
+        ("generate",): drop_text(generation_sample("a photo of a sneaker")),
+        ("answer", "What is this?"): understanding_sample("What is this?", "a sneaker."),
+    }
+    for key, sample in samples.items():
+        for _ in range(2):  # the second call reuses the cached template
+            codes = torch.randint(0, config.codebook_size, (4, 4), generator=generator)
+            with_ids = {
+                "segments": [
+                    {**segment, "image_token_ids": codes.flatten().tolist(), "image_grid": [4, 4]}
+                    if segment["type"] == "image"
+                    else segment
+                    for segment in sample["segments"]
+                ]
+            }
+            assert builder(sample, key, codes) == processor.tokenize_sample(with_ids)
+
+
+def _tiny_text_model(vocab_size: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = dict(TINY_BACKBONE)
+    config = AutoConfig.for_model(values.pop("model_type"), vocab_size=vocab_size, **values)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.integration
+def test_build_llm_data_and_assemble(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    vq_model = DualCodebookTokenizer(DualCodebookConfig.tiny()).eval()
+    vq_model.save_pretrained(tmp_path / "tokenizer")
+    DualCodebookImageProcessor.from_tokenizer_config(vq_model.config).save_pretrained(tmp_path / "tokenizer")
+    args = DemoLlmDataArguments(
+        tokenizer_path=str(tmp_path / "tokenizer"), output_dir=str(tmp_path / "data"), backbone=TINY_BACKBONE,
+        image_size=32, emoji_repeats=3, max_train_images=6, max_eval_images=4,
+        max_grid=4, encode_batch_size=4,
+    )  # fmt: skip
+    build_llm_data(args)
+    train = datasets.load_from_disk(str(tmp_path / "data/train"))
+    evaluation = datasets.load_from_disk(str(tmp_path / "data/eval"))
+    assert len(train) == 2 * (6 + 3 * 6) and len(evaluation) == 2 * (4 + 4)  # two directions per image
+    llm = UniMMForCausalLM.from_pretrained(tmp_path / "data/init")
+    processor = UniMMProcessor.from_pretrained(tmp_path / "data/init")
+    for row in train:
+        assert max(row["input_ids"]) < llm.config.vocab_size
+        assert processor.tokenizer.unk_token_id not in row["input_ids"]
+        texts, images = processor.batch_decode([row["input_ids"]], skip_special_tokens=False)
+        assert len(images[0]) == 1 and tuple(images[0][0].shape) == (4, 4)
+        assert texts[0].startswith("<|user|>") and texts[0].endswith("<|end|>")
+    # The code rows start from the tokenizer's codebook, so look-alike codes start close.
+    assert not torch.allclose(llm.get_input_embeddings().weight[-1], llm.get_input_embeddings().weight[-2])
+
+    # The LLM stage draws its sample grid with this model, processor and tokenizer.
+    stage = LlmSftStage(
+        LlmArguments(
+            model_name_or_path=str(tmp_path / "data/init"), train_dataset=str(tmp_path / "data/train"),
+            sample_prompts=["a photo of a bag", "an emoji of red heart"], sample_tokenizer_path=str(tmp_path / "tokenizer"),
+            sample_images_per_prompt=3,
+        )
+    )  # fmt: skip
+    (grid_path,) = stage.write_samples(llm, step=5, output_dir=tmp_path / "samples")
+    assert Image.open(grid_path).size == (3 * 16, 2 * 16) and llm.training is False
+    assert grid_path.with_suffix(".txt").read_text().splitlines() == [
+        "a photo of a bag",
+        "an emoji of red heart",
+    ]
+
+    assemble(tmp_path / "demo", tmp_path / "tokenizer", tmp_path / "data/init", tmp_path / "data/init", None)
+    pipeline = UniMMPipeline.from_pretrained(tmp_path / "demo")
+    assert pipeline.llm.dtype == torch.bfloat16 and pipeline.detokenizer is None
+    answer = pipeline.chat("What is this?", images=_any_image(vq_model.config.image_size), max_new_tokens=4)
+    assert len(answer.texts) == 1
+    images = pipeline.generate_images(["an emoji of grinning face"], decoder="pixel", seed=0).images
+    assert images[0].size == (vq_model.config.image_size,) * 2
+    assert "Fashion-MNIST" in (tmp_path / "demo/README.md").read_text()
+
+
+def _any_image(size: int) -> Image.Image:
+    return Image.new("RGB", (size, size), "white")

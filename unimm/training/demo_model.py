@@ -1,0 +1,391 @@
+"""The embedded demo model: all three components trained on Fashion-MNIST + emoji, assembled into one folder.
+
+    python -m unimm.training.demo_model                  # or `make demo-model`; resumes where it stopped
+    python -m unimm.training.demo_model --steps llm      # run (or redo) one step
+
+Steps, each skipped when its output exists (``--force`` redoes the named steps):
+
+1. ``tokenizer``    ``unimm train recipes/demo/tokenizer.yaml`` (teacher classifier first, if missing).
+2. ``llm_data``     the LLM's initial weights (a small Llama + image vocabulary, code rows from the codebook),
+                    its word-level text tokenizer, and chat sequences for both directions, from
+                    ``recipes/demo/llm_data.yaml``: "caption → image" (text dropped 10% of the time, for
+                    guidance) and "image + question → answer".
+3. ``detokenizer``  and ``llm`` side by side, one core each: ``recipes/demo/detokenizer.yaml``,
+                    ``recipes/demo/llm.yaml``.
+4. ``assemble``     ``checkpoints/demo`` (the Hub layout ``UniMMPipeline.from_pretrained`` reads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser
+
+from unimm.data.demo_datasets import FASHION_MNIST_CAPTION_NAMES, load_emoji, load_fashion_mnist
+from unimm.data.schema import IMAGE, TEXT, drop_text
+from unimm.llm import UniMMForCausalLM, UniMMProcessor
+from unimm.llm.processing_unimm import IGNORE_INDEX
+from unimm.llm.text_tokenizer import build_word_level_tokenizer
+from unimm.tokenizer import DualCodebookImageProcessor, DualCodebookTokenizer
+
+logger = logging.getLogger(__name__)
+
+RECIPES = Path("recipes/demo")
+STEPS = ("tokenizer", "llm_data", "detokenizer", "llm", "assemble")
+DEFAULT_QUESTIONS = (
+    "What is this?",
+    "What is in the picture?",
+    "What do you see?",
+    "What is shown in this image?",
+    "Describe the image.",
+    "Name the object in this picture.",
+)
+
+
+@dataclass
+class DemoLlmDataArguments:
+    """``recipes/demo/llm_data.yaml``: the initial LLM and its training sequences."""
+
+    tokenizer_path: str = field(metadata={"help": "the trained visual tokenizer (exported folder)"})
+    output_dir: str = field(metadata={"help": "writes init/ (model + processor), train/ and eval/ tables"})
+    backbone: dict[str, Any] = field(metadata={"help": "the text LM's config ({model_type: llama, ...})"})
+    image_size: int = 32
+    emoji_repeats: int = field(default=8, metadata={"help": "passes over the emoji per Fashion-MNIST pass"})
+    condition_dropout: float = field(default=0.1, metadata={"help": "share of generation rows with no text"})
+    questions: list[str] = field(default_factory=lambda: list(DEFAULT_QUESTIONS))
+    max_grid: int = field(
+        default=16, metadata={"help": "largest grid (codes per side) the size tokens write"}
+    )
+    text_vocab_multiple: int = field(default=64, metadata={"help": "round the text vocabulary up to this"})
+    max_train_images: int | None = field(default=None, metadata={"help": "per source (smoke runs)"})
+    max_eval_images: int | None = 1000
+    encode_batch_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.condition_dropout < 1.0:
+            raise ValueError(f"condition_dropout must be in [0, 1), got {self.condition_dropout}")
+        if not self.questions:
+            raise ValueError("questions must not be empty")
+
+
+def fashion_mnist_answer(label: int) -> str:
+    name = FASHION_MNIST_CAPTION_NAMES[label]
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}."
+
+
+@torch.no_grad()
+def encode_images(
+    vq_model: DualCodebookTokenizer,
+    image_processor: DualCodebookImageProcessor,
+    images: Sequence,
+    batch_size: int,
+) -> torch.Tensor:
+    """``(N, h, w)`` code grids of PIL images, in batches."""
+    grids = []
+    for start in tqdm(range(0, len(images), batch_size), desc="encode images", leave=False):
+        pixel_values = image_processor(
+            list(images[start : start + batch_size]), return_tensors="pt"
+        ).pixel_values
+        grids.append(vq_model.encode(pixel_values))
+    return torch.cat(grids)
+
+
+class SequenceBuilder:
+    """Chat samples → ``{"input_ids", "labels"}`` through :class:`UniMMProcessor`, fast.
+
+    The texts repeat (50 Fashion-MNIST captions, a few questions), the grid is fixed: the processor runs
+    once per distinct text with a placeholder grid, and each image's tokens are put in its place."""
+
+    def __init__(self, processor: UniMMProcessor, grid: tuple[int, int]) -> None:
+        self.processor, self.grid = processor, grid
+        self.vocabulary = processor.vocabulary
+        self.image_length = len(self.vocabulary.image_to_token_ids(torch.zeros(grid, dtype=torch.long)))
+        self.templates: dict[tuple, tuple[list[int], list[int], int]] = {}
+
+    def __call__(self, sample: dict, key: tuple, codes: torch.Tensor) -> dict[str, list[int]]:
+        if key not in self.templates:
+            placeholder = {
+                "segments": [
+                    {
+                        **segment,
+                        "image_token_ids": [0] * (self.grid[0] * self.grid[1]),
+                        "image_grid": list(self.grid),
+                    }
+                    if segment["type"] == IMAGE
+                    else segment
+                    for segment in sample["segments"]
+                ]
+            }
+            tokens = self.processor.tokenize_sample(placeholder)
+            start = tokens["input_ids"].index(self.vocabulary.boi_token_id)
+            self.templates[key] = (tokens["input_ids"], tokens["labels"], start)
+        input_ids, labels, start = self.templates[key]
+        image_ids = self.vocabulary.image_to_token_ids(codes).tolist()
+        end = start + self.image_length
+        trained = labels[start] != IGNORE_INDEX
+        return {
+            "input_ids": input_ids[:start] + image_ids + input_ids[end:],
+            "labels": labels[:start]
+            + (image_ids if trained else [IGNORE_INDEX] * self.image_length)
+            + labels[end:],
+        }
+
+
+def generation_sample(prompt: str) -> dict:
+    return {
+        "segments": [{"type": TEXT, "role": "user", "text": prompt}, {"type": IMAGE, "role": "assistant"}]
+    }
+
+
+def understanding_sample(question: str, answer: str) -> dict:
+    return {
+        "segments": [
+            {"type": IMAGE, "role": "user"},
+            {"type": TEXT, "role": "user", "text": question},
+            {"type": TEXT, "role": "assistant", "text": answer},
+        ]
+    }
+
+
+def build_llm_data(args: DemoLlmDataArguments) -> None:
+    """Write ``init/`` (UniMMForCausalLM + processor) and the ``train``/``eval`` token tables."""
+    output_dir = Path(args.output_dir)
+    rng = random.Random(args.seed)
+    torch.manual_seed(args.seed)
+    # 1. The frozen visual tokenizer and every image's codes.
+    vq_model = DualCodebookTokenizer.from_pretrained(args.tokenizer_path).eval()
+    image_processor = DualCodebookImageProcessor.from_pretrained(args.tokenizer_path)
+    fashion = load_fashion_mnist(args.image_size, mode="RGB")
+    emoji = load_emoji(args.image_size)
+    splits: dict[
+        str, list[tuple[torch.Tensor, str, str, int]]
+    ] = {}  # split -> (codes, caption, answer, repeats)
+    for split, limit in (("train", args.max_train_images), ("test", args.max_eval_images)):
+        rows = []
+        for dataset, repeats in (
+            (fashion[split], 1),
+            (emoji[split], args.emoji_repeats if split == "train" else 1),
+        ):
+            if limit is not None:
+                dataset = dataset.select(range(min(limit, len(dataset))))
+            images = [segments[0]["image"] for segments in dataset["segments"]]
+            codes = encode_images(vq_model, image_processor, images, args.encode_batch_size)  # (N, h, w)
+            labels = dataset["label"] if "label" in dataset.column_names else [None] * len(dataset)
+            for grid, caption, label in zip(codes, dataset["caption"], labels):
+                answer = fashion_mnist_answer(label) if label is not None else caption + "."
+                rows.append((grid, caption, answer, repeats))
+        splits[split] = rows
+        logger.info("%s: %d images encoded", split, len(rows))
+    grid = tuple(splits["train"][0][0].shape)
+    # 2. Text tokenizer from every text the model will see, then the model and its processor.
+    corpus = [
+        *args.questions,
+        *(text for rows in splits.values() for _, caption, answer, _ in rows for text in (caption, answer)),
+    ]
+    text_tokenizer = build_word_level_tokenizer(corpus)
+    text_vocab_size = -(-len(text_tokenizer) // args.text_vocab_multiple) * args.text_vocab_multiple
+    backbone = dict(args.backbone)
+    text_config = AutoConfig.for_model(
+        backbone.pop("model_type"),
+        vocab_size=text_vocab_size,
+        pad_token_id=text_tokenizer.pad_token_id,
+        bos_token_id=text_tokenizer.bos_token_id,
+        eos_token_id=text_tokenizer.eos_token_id,
+        **backbone,
+    )
+    llm = UniMMForCausalLM.from_text_model(
+        AutoModelForCausalLM.from_config(text_config),
+        codebook_size=vq_model.config.codebook_size,
+        max_grid_height=args.max_grid,
+        max_grid_width=args.max_grid,
+        default_grid_height=grid[0],
+        default_grid_width=grid[1],
+        codebook_vectors=vq_model.get_codebook_vectors(),
+        seed=args.seed,
+    )
+    processor = UniMMProcessor.from_config(llm.config, text_tokenizer, image_processor)
+    init_dir = output_dir / "init"
+    llm.save_pretrained(init_dir)
+    processor.save_pretrained(init_dir)
+    logger.info(
+        "init model: %.2fM parameters, text vocabulary %d (%d words)",
+        llm.num_parameters() / 1e6,
+        text_vocab_size,
+        len(text_tokenizer),
+    )
+    # 3. Both directions per image: caption → image (sometimes without text), image + question → answer.
+    builder = SequenceBuilder(processor, grid)
+    for split, rows in splits.items():
+        table: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+        for codes, caption, answer, repeats in tqdm(rows, desc=f"{split} sequences", leave=False):
+            for _ in range(repeats):
+                dropped = split == "train" and rng.random() < args.condition_dropout
+                sample = generation_sample(caption)
+                sample, key = (
+                    (drop_text(sample), ("generate",)) if dropped else (sample, ("generate", caption))
+                )
+                question = rng.choice(args.questions)
+                for row in (
+                    builder(sample, key, codes),
+                    builder(understanding_sample(question, answer), ("answer", question, answer), codes),
+                ):
+                    table["input_ids"].append(row["input_ids"])
+                    table["labels"].append(row["labels"])
+        unknown = sum(ids.count(text_tokenizer.unk_token_id) for ids in table["input_ids"])
+        if unknown:
+            raise RuntimeError(
+                f"{split}: {unknown} unknown text tokens: the text tokenizer misses words of the data"
+            )
+        folder = output_dir / ("train" if split == "train" else "eval")
+        datasets.Dataset.from_dict(table).shuffle(seed=args.seed).flatten_indices().save_to_disk(str(folder))
+        logger.info(
+            "%s: %d sequences, longest %d tokens -> %s",
+            split,
+            len(table["input_ids"]),
+            max(map(len, table["input_ids"])),
+            folder,
+        )
+
+
+def assemble(
+    output: Path, tokenizer_dir: Path, llm_init_dir: Path, llm_dir: Path, detokenizer_dir: Path | None
+) -> None:
+    """The pipeline folder from the trained parts; the LM stored in bf16 to keep the folder small."""
+    from unimm.detokenizer import DetokenizerPipeline
+    from unimm.pipelines import UniMMPipeline
+
+    visual_tokenizer = DualCodebookTokenizer.from_pretrained(tokenizer_dir).eval()
+    llm = UniMMForCausalLM.from_pretrained(llm_dir, dtype=torch.bfloat16).eval()
+    processor = UniMMProcessor.from_pretrained(llm_init_dir)
+    detokenizer = DetokenizerPipeline.from_pretrained(detokenizer_dir) if detokenizer_dir else None
+    pipeline = UniMMPipeline(
+        llm=llm, processor=processor, visual_tokenizer=visual_tokenizer, detokenizer=detokenizer
+    )
+    pipeline.save_pretrained(
+        output,
+        training_data=[
+            "Fashion-MNIST (60,000 train images; Debian dataset-fashion-mnist) with templated captions",
+            "Noto Color Emoji (1,696 train glyphs; Debian fonts-noto-color-emoji) captioned with their names",
+        ],
+    )
+
+
+def run(command: Sequence[str], log_path: Path, threads: int | None = None) -> subprocess.Popen:
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    logger.info("running %s (log: %s)", " ".join(command), log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(list(command), stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
+
+
+def wait(processes: dict[str, subprocess.Popen]) -> None:
+    failed = [name for name, process in processes.items() if process.wait() != 0]
+    if failed:
+        raise RuntimeError(f"step(s) {failed} failed: see their logs under outputs/demo/")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--steps", nargs="+", choices=STEPS, default=list(STEPS), help="steps to run (default: all)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="redo the named steps even if their output exists"
+    )
+    parser.add_argument("--work-dir", default="outputs/demo", help="training outputs (default: outputs/demo)")
+    parser.add_argument(
+        "--output", default="checkpoints/demo", help="the assembled checkpoint (default: checkpoints/demo)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    work = Path(args.work_dir)
+    train = [sys.executable, "-m", "unimm.cli", "train"]
+    outputs = {
+        "tokenizer": work / "tokenizer" / "export",
+        "llm_data": work / "llm-data" / "eval",
+        "detokenizer": work / "detokenizer" / "export",
+        "llm": work / "llm" / "export",
+        "assemble": Path(args.output) / "model_index.json",
+    }
+
+    def todo(step: str) -> bool:
+        if step not in args.steps:
+            return False
+        if outputs[step].exists() and not args.force:
+            logger.info("step %s: done already (%s)", step, outputs[step])
+            return False
+        return True
+
+    started = time.time()
+    timings: dict[str, float] = {}
+
+    def timed(step: str, action: Callable[[], None]) -> None:
+        begin = time.time()
+        action()
+        timings[step] = time.time() - begin
+        logger.info("step %s: %.1f min", step, timings[step] / 60)
+
+    if todo("tokenizer"):
+        timed(
+            "tokenizer",
+            lambda: wait(
+                {"tokenizer": run([*train, str(RECIPES / "tokenizer.yaml")], work / "tokenizer.log")}
+            ),
+        )
+    if todo("llm_data"):
+        (data_args,) = HfArgumentParser(DemoLlmDataArguments).parse_yaml_file(str(RECIPES / "llm_data.yaml"))
+        timed("llm_data", lambda: build_llm_data(data_args))
+    parallel = {step: RECIPES / f"{step}.yaml" for step in ("detokenizer", "llm") if todo(step)}
+    if parallel:
+        threads = 1 if len(parallel) > 1 else None  # one core each when both run
+        timed(
+            "+".join(parallel),
+            lambda: wait(
+                {
+                    step: run([*train, str(recipe)], work / f"{step}.log", threads)
+                    for step, recipe in parallel.items()
+                }
+            ),
+        )
+    if todo("assemble"):
+        if Path(args.output).exists():
+            shutil.rmtree(args.output)
+        detokenizer = outputs["detokenizer"] if outputs["detokenizer"].exists() else None
+        timed(
+            "assemble",
+            lambda: assemble(
+                Path(args.output),
+                outputs["tokenizer"],
+                work / "llm-data" / "init",
+                outputs["llm"],
+                detokenizer,
+            ),
+        )
+    logger.info(
+        "demo model: %.1f min in all (%s)",
+        (time.time() - started) / 60,
+        ", ".join(f"{step} {seconds / 60:.1f} min" for step, seconds in timings.items()),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
