@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Install the Debian packages that carry the offline demo data, when they are missing.
+# Install the Debian packages that carry the offline demo data, and the browser of the web page's test
+# (tests/serving drives Debian's chromium with Playwright: no browser download), when they are missing.
 set -euo pipefail
 
 packages=()
 [[ -d /usr/share/datasets/fashion-mnist ]] || packages+=(dataset-fashion-mnist)
 [[ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ]] || packages+=(fonts-noto-color-emoji)
+[[ -x /usr/bin/chromium ]] || packages+=(chromium)
 [[ ${#packages[@]} -eq 0 ]] && exit 0
 
 if [[ $(id -u) -eq 0 ]]; then
@@ -12,7 +14,7 @@ if [[ $(id -u) -eq 0 ]]; then
 elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
     sudo=(sudo)
 else
-    echo "error: the demo data needs the Debian packages: ${packages[*]}" >&2
+    echo "error: the demo data and the browser test need the Debian packages: ${packages[*]}" >&2
     echo "       install them as root: apt-get install -y ${packages[*]}" >&2
     exit 1
 fi

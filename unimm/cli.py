@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("unimm.commands.train", "train a stage from a recipe YAML (DeepSpeed; resumes automatically)"),
     "export": ("unimm.commands.export", "export a training checkpoint to the Hub layout (safetensors)"),
     "plot": ("unimm.commands.plot", "draw a run's metrics.jsonl as a PNG chart"),
+    "eval": ("unimm.commands.eval", "quality report of a checkpoint (Markdown + PNG grids)"),
+    "serve": ("unimm.commands.serve", "serve a checkpoint: OpenAI-compatible HTTP API and a chat page"),
 }
 
 

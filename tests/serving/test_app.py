@@ -1,0 +1,236 @@
+"""Every endpoint in-process: the OpenAI shapes of answers, streams and errors."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import PIL.Image
+import pytest
+
+
+def user(content) -> list[dict]:
+    return [{"role": "user", "content": content}]
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def sse_payloads(text: str) -> list:
+    """The ``data:`` payloads of a server-sent event stream, JSON-decoded (``[DONE]`` kept as a string)."""
+    payloads = []
+    for event in text.strip().split("\n\n"):
+        assert event.startswith("data: "), event
+        data = event.removeprefix("data: ")
+        payloads.append(data if data == "[DONE]" else json.loads(data))
+    return payloads
+
+
+def assert_openai_error(response, status: int, param: str | None = None, code: str | None = None) -> str:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and "Traceback" not in error["message"]
+    if param is not None:
+        assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+    return error["message"]
+
+
+def test_health_models_and_page(client):
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["model"] == "tiny" and health["queued"] == 0
+    assert client.get("/v1/models").json() == {
+        "object": "list",
+        "data": [
+            {"id": "tiny", "object": "model", "created": pytest.approx(0, abs=1e10), "owned_by": "unimm"}
+        ],
+    }
+    assert client.get("/v1/models/tiny").json()["id"] == "tiny"
+    assert_openai_error(client.get("/v1/models/gpt-4"), 404, "model", "model_not_found")
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="guidance"' in page.text and 'id="image-input"' in page.text
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert client.get(asset).status_code == 200
+    assert "http" not in page.text.replace("http-equiv", "")  # no external assets
+
+
+def test_chat_about_an_image(client, png_data_url):
+    body = {
+        "model": "tiny",
+        "messages": [
+            {"role": "system", "content": "you answer"},
+            {
+                "role": "user",
+                "content": [image_part(png_data_url), {"type": "text", "text": "what is this ?"}],
+            },
+        ],
+        "max_tokens": 5,
+    }
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    completion = response.json()
+    assert completion["object"] == "chat.completion" and completion["model"] == "tiny"
+    assert completion["id"].startswith("chatcmpl-")
+    (choice,) = completion["choices"]
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = completion["usage"]
+    assert usage["completion_tokens"] <= 5
+    # The image's code grid is part of the prompt: more tokens than the text alone.
+    text_only = client.post(
+        "/v1/chat/completions", json={**body, "messages": [body["messages"][0], *user("what is this ?")]}
+    ).json()
+    assert usage["prompt_tokens"] > text_only["usage"]["prompt_tokens"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_chat_answer_equals_the_pipelines_greedy_answer(client, tiny_pipeline):
+    answer = client.post("/v1/chat/completions", json={"messages": user("what is this ?"), "max_tokens": 12})
+    expected = tiny_pipeline.chat("what is this ?", max_new_tokens=12).text
+    assert answer.json()["choices"][0]["message"]["content"] == expected
+
+
+def test_streamed_chat_is_server_sent_events_of_the_same_answer(client):
+    body = {"messages": user("what is this ?"), "max_tokens": 8}
+    whole = client.post("/v1/chat/completions", json=body).json()
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={**body, "stream": True, "stream_options": {"include_usage": True}},
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        payloads = sse_payloads(response.read().decode())
+    assert payloads[-1] == "[DONE]"
+    chunks = payloads[:-1]
+    assert all(
+        chunk["object"] == "chat.completion.chunk" and chunk["id"] == chunks[0]["id"] for chunk in chunks
+    )
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    pieces = [chunk["choices"][0]["delta"].get("content", "") for chunk in chunks if chunk["choices"]]
+    assert len([piece for piece in pieces if piece]) > 1  # streamed in pieces, not in one
+    assert "".join(pieces).strip() == whole["choices"][0]["message"]["content"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
+def test_image_generation(client):
+    response = client.post(
+        "/v1/images/generations",
+        json={"model": "tiny", "prompt": "a cat", "n": 2, "size": "24x16", "response_format": "b64_json"},
+    )
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert len(result["data"]) == 2 and result["size"] == "24x16" and result["output_format"] == "png"
+    for item in result["data"]:
+        image = PIL.Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+        assert image.format == "PNG" and image.size == (24, 16)
+    jpeg = client.post("/v1/images/generations", json={"prompt": "a cat", "output_format": "jpeg"}).json()
+    assert PIL.Image.open(io.BytesIO(base64.b64decode(jpeg["data"][0]["b64_json"]))).format == "JPEG"
+
+
+def test_a_seed_gives_the_pipelines_images(client, tiny_pipeline):
+    body = {"prompt": "a red cat", "n": 2, "guidance_scale": 2.5, "seed": 11}
+    first = client.post("/v1/images/generations", json=body).json()["data"]
+    again = client.post("/v1/images/generations", json=body).json()["data"]
+    assert [item["b64_json"] for item in first] == [item["b64_json"] for item in again]
+    expected = tiny_pipeline.generate_images(
+        "a red cat", num_images_per_prompt=2, guidance_scale=2.5, seed=11, num_inference_steps=2
+    ).images
+    for item, image in zip(first, expected):
+        served = PIL.Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+        assert served.tobytes() == image.convert("RGB").tobytes()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "code"),
+    [
+        ("{not json", 400, None, "invalid_json"),
+        ({"messages": []}, 400, "messages", None),
+        ({"messages": "hello"}, 400, "messages", None),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", None),
+        ({"messages": user([{"type": "video"}])}, 400, "messages[0].content[0]", None),
+        ({"messages": user([{"type": "text"}])}, 400, "messages[0].content[0].text", None),
+        ({"messages": user("hi"), "temperature": "hot"}, 400, "temperature", None),
+        ({"model": "gpt-4o", "messages": user("hi")}, 404, "model", "model_not_found"),
+        ({"messages": user("hi"), "n": 2}, 400, "n", None),
+        ({"messages": user("hi"), "max_tokens": 100000}, 400, "max_tokens", None),
+        ({"messages": user("what " * 100)}, 400, "messages", "string_above_max_length"),
+        ({"messages": user("what is " * 40), "max_tokens": 200}, 400, None, None),  # over the context
+    ],
+)
+def test_bad_chat_requests_get_openai_errors(client, body, status, param, code):
+    content = body if isinstance(body, str) else json.dumps(body)
+    response = client.post(
+        "/v1/chat/completions", content=content, headers={"Content-Type": "application/json"}
+    )
+    assert_openai_error(response, status, param, code)
+
+
+def test_bad_images_in_chat_get_openai_errors(client):
+    def ask(url: str):
+        return client.post("/v1/chat/completions", json={"messages": user([image_part(url)])})
+
+    param = "messages[0].content[0].image_url"
+    assert_openai_error(ask("https://example.com/cat.png"), 400, param, "invalid_image_url")
+    assert_openai_error(ask("data:image/png,rawbytes"), 400, param, "invalid_image_url")
+    assert_openai_error(ask("data:image/png;base64,%%%"), 400, param, "invalid_image")
+    undecodable = "data:image/png;base64," + base64.b64encode(b"this is not a png").decode()
+    assert "cannot decode the image" in assert_openai_error(ask(undecodable), 400, param, "invalid_image")
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (300, 300)).save(buffer, format="PNG")  # 90,000 pixels > the 65,536 allowed
+    too_many_pixels = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    assert_openai_error(ask(too_many_pixels), 400, param, "image_too_large")
+    too_many_bytes = "data:image/png;base64," + "A" * 100_000  # > 64 KiB once decoded
+    assert_openai_error(ask(too_many_bytes), 400, param, "image_too_large")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"prompt": "a cat", "n": 5}, 400, "n"),  # over max_images_per_request=4
+        ({"prompt": "a cat", "n": 0}, 400, "n"),
+        ({"prompt": ""}, 400, "prompt"),
+        ({"prompt": "a cat " * 50}, 400, "prompt"),
+        ({"prompt": "a cat", "size": "17x16"}, 400, "size"),
+        ({"prompt": "a cat", "size": "1024x1024"}, 400, "size"),
+        ({"prompt": "a cat", "size": "large"}, 400, "size"),
+        ({"prompt": "a cat", "response_format": "url"}, 400, "response_format"),
+        ({"prompt": "a cat", "guidance_scale": 0.5}, 400, "guidance_scale"),
+        ({"prompt": "a cat", "seed": -1}, 400, "seed"),
+        ({"prompt": "a cat", "model": "dall-e-3"}, 404, "model"),
+        ({"n": 1}, 400, "prompt"),
+    ],
+)
+def test_bad_image_requests_get_openai_errors(client, body, status, param):
+    assert_openai_error(client.post("/v1/images/generations", json=body), status, param)
+
+
+def test_unknown_routes_methods_and_huge_bodies_get_openai_errors(client):
+    assert_openai_error(client.get("/v1/nothing"), 404)
+    assert_openai_error(client.get("/v1/chat/completions"), 405)
+    huge = json.dumps({"prompt": "x" * (client.app.state.served.config.max_request_bytes + 10)})
+    response = client.post(
+        "/v1/images/generations", content=huge, headers={"Content-Type": "application/json"}
+    )
+    assert_openai_error(response, 413)
+
+
+def test_an_unexpected_failure_is_a_500_in_the_openai_shape_without_traceback(make_app, monkeypatch):
+    from starlette.testclient import TestClient
+
+    from unimm.serving.engine import ServingEngine
+
+    def broken(self, jobs):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(ServingEngine, "generate_images", broken)
+    with TestClient(make_app(), raise_server_exceptions=False) as test_client:
+        response = test_client.post("/v1/images/generations", json={"prompt": "a cat"})
+        message = assert_openai_error(response, 500)
+    assert "secret" not in message and response.json()["error"]["type"] == "server_error"
