@@ -127,6 +127,30 @@ def test_chat_stream_batch_and_images(tiny_pipeline, image_file):
         tiny_pipeline.chat(placeholder, images=[image_file, image_file])
 
 
+@pytest.mark.parametrize("decoder", ["pixel", "diffusion"])
+def test_per_prompt_seeds_give_each_prompt_the_images_it_gets_alone(tiny_pipeline, decoder):
+    prompts = [*PROMPTS, "a red bag"]
+    options = dict(num_images_per_prompt=2, decoder=decoder, num_inference_steps=2)
+    batched = tiny_pipeline.generate_images(prompts, seed=[3, None, 4], **options)
+    for index, seed in [(0, 3), (2, 4)]:
+        alone = tiny_pipeline.generate_images(prompts[index], seed=[seed], **options)
+        rows = slice(2 * index, 2 * index + 2)
+        assert torch.equal(alone.image_token_ids, batched.image_token_ids[rows])
+        assert _same_images(alone.images, batched.images[rows])
+    assert not torch.equal(batched.image_token_ids[0], batched.image_token_ids[1])  # the copies differ
+    with pytest.raises(ValueError, match="`seed` has 1 entries but there are 3 prompts"):
+        tiny_pipeline.generate_images(prompts, seed=[3], **options)
+
+
+def test_chat_with_per_conversation_seeds_answers_as_alone_streamed_or_not(tiny_pipeline):
+    sampled = dict(text_sampling=ModalitySampling(do_sample=True), max_new_tokens=10)
+    batch = tiny_pipeline.chat(["what is this ?", "show me"], seed=[1, 2], **sampled)
+    alone = tiny_pipeline.chat("show me", seed=[2], **sampled)
+    streamed = "".join(tiny_pipeline.chat("show me", seed=[2], stream=True, **sampled))
+    assert batch.texts[1] == alone.text == streamed.strip()
+    assert batch.texts[0] == tiny_pipeline.chat("what is this ?", seed=[1], **sampled).text
+
+
 def test_generate_text_image_and_interleaved_outputs(tiny_pipeline):
     image_only = tiny_pipeline.generate(
         ["draw a cat", "show me a bag"], output="image", seed=0, decoder="pixel"

@@ -117,6 +117,18 @@ def wait_until():
     return _wait_until
 
 
+def engine_rows(input_ids: Any, kwargs: dict) -> int:
+    """The rows of an engine call: its prompts times their ``num_images_per_prompt``."""
+    repeats = kwargs.get("num_images_per_prompt", 1)
+    return sum(repeats) if isinstance(repeats, (list, tuple)) else len(input_ids) * repeats
+
+
+@pytest.fixture(scope="session")
+def count_engine_rows():
+    """``count_engine_rows(input_ids, kwargs)``: the rows of an engine call."""
+    return engine_rows
+
+
 class EngineGate:
     """Wraps ``pipeline.llm.generate_multimodal``: records the rows of every call and holds each call until
     ``release`` is set."""
@@ -127,7 +139,7 @@ class EngineGate:
         self.release = threading.Event()
 
     def __call__(self, input_ids: Any, *args: Any, **kwargs: Any) -> Any:
-        self.rows.append(len(input_ids))
+        self.rows.append(engine_rows(input_ids, kwargs))
         self.release.wait(timeout=30)
         return self.original(input_ids, *args, **kwargs)
 

@@ -140,7 +140,7 @@ def test_a_seed_gives_the_pipelines_images(client, tiny_pipeline):
     again = client.post("/v1/images/generations", json=body).json()["data"]
     assert [item["b64_json"] for item in first] == [item["b64_json"] for item in again]
     expected = tiny_pipeline.generate_images(
-        "a red cat", num_images_per_prompt=2, guidance_scale=2.5, seed=11, num_inference_steps=2
+        "a red cat", num_images_per_prompt=2, guidance_scale=2.5, seed=[11], num_inference_steps=2
     ).images
     for item, image in zip(first, expected):
         served = PIL.Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))

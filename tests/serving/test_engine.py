@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from unimm.llm import ModalitySampling
 from unimm.serving.engine import ChatJob, ImageJob, ServingEngine, StreamCancelled
 
 
@@ -13,13 +14,13 @@ def engine(tiny_pipeline):
 
 
 @pytest.fixture
-def engine_calls(tiny_pipeline, monkeypatch):
+def engine_calls(tiny_pipeline, monkeypatch, count_engine_rows):
     """The number of rows of every engine call."""
     calls = []
     original = tiny_pipeline.llm.generate_multimodal
 
     def counting(input_ids, *args, **kwargs):
-        calls.append(len(input_ids))
+        calls.append(count_engine_rows(input_ids, kwargs))
         return original(input_ids, *args, **kwargs)
 
     monkeypatch.setattr(tiny_pipeline.llm, "generate_multimodal", counting)
@@ -42,10 +43,44 @@ def test_image_requests_with_different_n_sizes_and_guidance_share_one_engine_cal
     assert [images[0].size for images in results] == [(16, 16), (24, 16), (16, 8)]
 
 
+def pixels(images) -> list[bytes]:
+    return [image.tobytes() for image in images]
+
+
 def test_a_seeded_job_gives_generate_images_output(engine, tiny_pipeline):
     (images,) = engine.run([ImageJob("a cat", n=3, grid=(4, 4), guidance_scale=2.0, seed=5)])
-    expected = tiny_pipeline.generate_images("a cat", 3, guidance_scale=2.0, seed=5, decoder="pixel").images
-    assert [image.tobytes() for image in images] == [image.tobytes() for image in expected]
+    expected = tiny_pipeline.generate_images("a cat", 3, guidance_scale=2.0, seed=[5], decoder="pixel").images
+    assert pixels(images) == pixels(expected)
+
+
+@pytest.mark.parametrize("decoder", ["pixel", "diffusion"])
+def test_a_seeded_job_batched_with_others_gives_the_images_it_gets_alone(
+    tiny_pipeline, engine_calls, decoder
+):
+    engine = ServingEngine(tiny_pipeline, decoder=decoder, num_inference_steps=2)
+    seeded = [ImageJob("a cat", n=2, grid=(4, 4), guidance_scale=2.0, seed=5),
+              ImageJob("a red bag", n=1, grid=(2, 4), guidance_scale=1.0, seed=9)]  # fmt: skip
+    others = [ImageJob("a dog", n=2, grid=(4, 4)), ImageJob("a shoe", n=1, grid=(2, 4), seed=1)]
+    batched = engine.run([others[0], seeded[0], others[1], seeded[1]])
+    alone = [engine.run([job])[0] for job in seeded]
+    assert engine_calls == [6, 2, 1]
+    assert pixels(batched[1]) == pixels(alone[0]) and pixels(batched[3]) == pixels(alone[1])
+    assert pixels(batched[1][:1]) != pixels(batched[1][1:])  # a job's images still differ
+
+
+def test_seeded_chats_batch_and_answer_as_alone(engine, engine_calls, tiny_pipeline):
+    def job(text: str, seed: int | None) -> ChatJob:
+        return ChatJob(conversation(text), 10, temperature=0.9, top_p=0.95, seed=seed)
+
+    batched = engine.run([job("what is this ?", 1), job("a", None), job("show me", 2)])
+    assert engine_calls == [3]
+    sampling = ModalitySampling(do_sample=True, temperature=0.9, top_p=0.95)
+    for answer, (text, seed) in zip([batched[0], batched[2]], [("what is this ?", 1), ("show me", 2)]):
+        assert answer.text == engine.run([job(text, seed)])[0].text
+        assert (
+            answer.text
+            == tiny_pipeline.chat(text, max_new_tokens=10, text_sampling=sampling, seed=[seed]).text
+        )
 
 
 def test_chat_answers_in_one_call_each_cut_at_its_own_max_tokens(engine, engine_calls, tiny_pipeline):
@@ -79,12 +114,61 @@ def test_a_streamed_answer_arrives_in_pieces_and_stops_when_cancelled(engine, ti
     assert isinstance(outcome, StreamCancelled)
 
 
+def test_streamed_answers_batch_with_each_other_and_with_plain_ones(engine, engine_calls, tiny_pipeline):
+    pieces: dict[str, list[str]] = {"first": [], "second": []}
+    jobs = [
+        ChatJob(conversation("what is this ?"), 12, on_text=pieces["first"].append),
+        ChatJob(conversation("a"), 40),
+        ChatJob(conversation("show me"), 5, on_text=pieces["second"].append),
+    ]
+    first, plain, second = engine.run(jobs)
+    assert engine_calls == [3]
+    assert len(pieces["first"]) > 1 and "".join(pieces["first"]).strip() == first.text
+    assert "".join(pieces["second"]).strip() == second.text
+    assert first.text == tiny_pipeline.chat("what is this ?", max_new_tokens=12).text
+    assert second.text == tiny_pipeline.chat("show me", max_new_tokens=5).text
+    assert plain.text == tiny_pipeline.chat("a", max_new_tokens=40).text
+
+
+def test_a_cancelled_stream_in_a_batch_stops_only_when_every_client_has_gone(engine):
+    kept: list[str] = []
+    gone = ChatJob(conversation("what is this ?"), 12)
+    gone.on_text = lambda piece: gone.cancelled.set()  # leaves after one piece
+    answer = engine.run([gone, ChatJob(conversation("show me"), 12, on_text=kept.append)])[1]
+    assert answer.completion_tokens == 12 and "".join(kept).strip() == answer.text  # the other goes on
+
+    both = [ChatJob(conversation(text), 12) for text in ("what is this ?", "show me")]
+    for job in both:
+        job.on_text = lambda piece, job=job: job.cancelled.set()
+    outcomes = engine.run(both)
+    assert all(isinstance(outcome, StreamCancelled) for outcome in outcomes)
+
+
+def test_a_failed_batch_does_not_stream_an_answer_twice(engine, tiny_pipeline, monkeypatch):
+    pieces: list[str] = []
+    original = tiny_pipeline.llm.generate_multimodal
+
+    def failing_after_streaming(input_ids, *args, **kwargs):
+        output = original(input_ids, *args, **kwargs)
+        if len(input_ids) > 1:
+            raise RuntimeError("the batch failed")
+        return output
+
+    monkeypatch.setattr(tiny_pipeline.llm, "generate_multimodal", failing_after_streaming)
+    streamed, plain = engine.run(
+        [ChatJob(conversation("what is this ?"), 6, on_text=pieces.append), ChatJob(conversation("a"), 6)]
+    )
+    assert isinstance(streamed, RuntimeError) and pieces  # its text went out once, then the error
+    assert plain.completion_tokens == 6  # retried alone
+
+
 def test_batch_keys(engine):
     chat = conversation("hi")
     assert ChatJob(chat, 4).batch_key == ChatJob(chat, 9, seed=3).batch_key  # greedy ignores seeds
     assert ChatJob(chat, 4, temperature=0.7).batch_key == ChatJob(chat, 4, temperature=0.7).batch_key
     assert ChatJob(chat, 4, temperature=0.7).batch_key != ChatJob(chat, 4, temperature=0.9).batch_key
-    assert ChatJob(chat, 4, temperature=0.7, seed=1).batch_key is None
-    assert ChatJob(chat, 4, on_text=print).batch_key is None
+    # Seeds and streamers are per request: neither keeps a job out of a batch.
+    assert ChatJob(chat, 4, temperature=0.7, seed=1).batch_key == ChatJob(chat, 4, temperature=0.7).batch_key
+    assert ChatJob(chat, 4, on_text=print).batch_key == ChatJob(chat, 4).batch_key
     assert ImageJob("a", 1, (4, 4)).batch_key == ImageJob("b", 3, (2, 2), guidance_scale=7.0).batch_key
-    assert ImageJob("a", 1, (4, 4), seed=0).batch_key is None
+    assert ImageJob("a", 1, (4, 4), seed=0).batch_key == ImageJob("a", 1, (4, 4)).batch_key

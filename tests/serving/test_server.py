@@ -109,6 +109,53 @@ def test_concurrent_requests_are_decoded_in_one_batch_while_health_answers(
     assert health()["batches"] == batches_before + 2
 
 
+def test_seeded_image_requests_and_streamed_chats_batch_with_others(
+    server, openai_client, engine_gate, http, wait_until
+):
+    """Held behind a running request, a seeded and an unseeded image request share the next engine call,
+    and two streamed chats the one after; each answers as it does alone."""
+    url = f"{server.url}/v1/images/generations"
+    seeded = {"prompt": "a dog", "n": 2, "size": "16x16", "seed": 7}
+    results: dict[str, object] = {}
+
+    def post(name: str, body: dict) -> None:
+        results[name] = http("POST", url, body)
+
+    def stream(name: str, text: str) -> None:
+        chunks = openai_client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": text}], max_tokens=8, stream=True
+        )
+        results[name] = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+
+    first = threading.Thread(target=post, args=("first", {"prompt": "a cat"}))
+    first.start()
+    wait_until(lambda: engine_gate.rows == [1], what="the first request to reach the engine")
+    threads = [
+        threading.Thread(target=post, args=("seeded", seeded)),
+        threading.Thread(target=post, args=("plain", {"prompt": "a bag", "size": "16x16"})),
+        threading.Thread(target=stream, args=("what", "what is this ?")),
+        threading.Thread(target=stream, args=("show", "show me")),
+    ]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: http("GET", f"{server.url}/health")[1]["queued"] == 4, what="four queued requests")
+    engine_gate.release.set()
+    for thread in (first, *threads):
+        thread.join(timeout=60)
+    # The images in one call, the two streams in another (in the order they arrived).
+    assert engine_gate.rows[0] == 1 and sorted(engine_gate.rows[1:]) == [2, 3]
+    assert results["seeded"][0] == results["plain"][0] == 200
+    alone = http("POST", url, seeded)[1]
+    assert [item["b64_json"] for item in results["seeded"][1]["data"]] == [
+        item["b64_json"] for item in alone["data"]
+    ]
+    for name, text in (("what", "what is this ?"), ("show", "show me")):
+        answer = openai_client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": text}], max_tokens=8
+        )
+        assert results[name].strip() == answer.choices[0].message.content
+
+
 def test_a_full_queue_answers_429_in_the_openai_shape(make_app, engine_gate, http, wait_until):
     with BackgroundServer(make_app(max_queue_size=1, batch_wait_ms=0.0)) as small:
         url = f"{small.url}/v1/images/generations"

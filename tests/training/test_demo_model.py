@@ -138,6 +138,8 @@ def test_build_llm_data_and_assemble(tmp_path: Path) -> None:
     assemble(tmp_path / "demo", tmp_path / "tokenizer", tmp_path / "data/init", tmp_path / "data/init", None)
     pipeline = UniMMPipeline.from_pretrained(tmp_path / "demo")
     assert pipeline.llm.dtype == torch.bfloat16 and pipeline.detokenizer is None
+    end_of_turn = pipeline.processor.tokenizer.convert_tokens_to_ids("<|end|>")
+    assert end_of_turn in pipeline.llm.generation_config.eos_token_id  # answers stop at the turn's end
     answer = pipeline.chat("What is this?", images=_any_image(vq_model.config.image_size), max_new_tokens=4)
     assert len(answer.texts) == 1
     images = pipeline.generate_images(["an emoji of grinning face"], decoder="pixel", seed=0).images

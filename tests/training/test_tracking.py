@@ -31,3 +31,20 @@ def test_truncate_after_drops_later_records(tmp_path):
         logger.log({"step": step, "loss": 1.0})
     logger.truncate_after(3)
     assert [record["step"] for record in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_tensorboard_receives_the_same_scalars(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    logger = MetricsLogger(tmp_path, report_to=["tensorboard"])
+    for step, loss in ((1, 2.5), (2, 1.75)):
+        logger.log({"step": step, "split": "train", "loss": loss, "epoch": 0})
+    logger.log({"step": 2, "split": "eval", "loss": 2.0})
+    logger.close()
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == [
+        "eval/loss",
+        "train/loss",
+    ]  # epoch is bookkeeping, not a metric
+    assert [(event.step, event.value) for event in events.Scalars("train/loss")] == [(1, 2.5), (2, 1.75)]
+    assert [record["loss"] for record in read_metrics(tmp_path / "metrics.jsonl")] == [2.5, 1.75, 2.0]

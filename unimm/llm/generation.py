@@ -7,7 +7,9 @@ layers write into preallocated buffers, see ``kv_cache.py``):
 1. validate the requests and left-pad all rows into one batch (unconditional rows after conditional ones);
 2. prefill the cache with the prompts;
 3. per step: logits (image slice only while every row is in an image), classifier-free guidance on
-   rows inside images, the constraint state machine's mask and forced tokens, per-modality sampling;
+   rows inside images, the constraint state machine's mask and forced tokens, per-modality sampling
+   (noise from one generator for the batch, or from each request's own, see ``RequestNoise``), text
+   tokens to the streamers;
 4. feed the chosen tokens back; an unconditional row sees only image tokens (its context is the prompt
    with the text dropped, the rule training uses), the generated text is masked out of its attention.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
@@ -24,7 +27,7 @@ from transformers.utils import ModelOutput
 
 from .constraints import CLASS_CODES, DONE, IMAGE, ConstraintState, build_mask_table
 from .kv_cache import preallocated_cache
-from .sampling import ModalitySampling, RowSampler
+from .sampling import ModalitySampling, RequestNoise, RowSampler
 
 MODES = ("text", "image", "interleaved")
 CACHE_IMPLEMENTATIONS = ("preallocated", "dynamic", "static")
@@ -37,7 +40,7 @@ class UniMMGenerationOutput(ModelOutput):
 
     Attributes:
         sequences: ``(N, L)`` generated token ids (prompt excluded), right-padded with ``pad_token_id``;
-            ``N`` is the number of requests times ``num_images_per_prompt``, request-major.
+            ``N`` is the total of ``num_images_per_prompt`` over the requests, request-major.
         sequence_lengths: ``(N,)`` number of generated tokens per row.
         image_token_ids: per row, the ``(h, w)`` codebook-index grid of every complete generated image.
     """
@@ -56,6 +59,60 @@ def _per_request(value, count: int, argument: str, is_single=None) -> list:
     if len(value) != count:
         raise ValueError(f"`{argument}` has {len(value)} entries but there are {count} prompts.")
     return list(value)
+
+
+def _positive_ints(value, count: int, argument: str) -> list[int]:
+    values = _per_request(value, count, argument)
+    for index, item in enumerate(values):
+        if not isinstance(item, Integral) or isinstance(item, bool) or item < 1:
+            name = f"{argument}[{index}]" if isinstance(value, (list, tuple)) else argument
+            raise ValueError(f"`{name}` must be a positive int, got {item!r}.")
+    return [int(item) for item in values]
+
+
+def _is_seed(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _request_noise(
+    seed, generator: torch.Generator | None, repeats: list[int], vocab_size: int, device: torch.device
+) -> tuple[torch.Generator | None, RequestNoise | None]:
+    """One generator for the whole batch (``seed`` an int or None, or ``generator``), or, for a list of
+    per-request seeds, a :class:`RequestNoise` with a generator per seeded request."""
+    if seed is None or _is_seed(seed):
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=device).manual_seed(int(seed))
+        return generator, None
+    if not isinstance(seed, (list, tuple)):
+        raise ValueError(f"`seed` must be an int, None or a list of ints/None per prompt, got {seed!r}.")
+    if generator is not None:
+        raise ValueError("pass either `generator` or a list of per-request `seed`s, not both.")
+    if len(seed) != len(repeats):
+        raise ValueError(f"`seed` has {len(seed)} entries but there are {len(repeats)} prompts.")
+    generators = []
+    for index, value in enumerate(seed):
+        if value is not None and not _is_seed(value):
+            raise ValueError(f"`seed[{index}]` must be an int or None, got {value!r}.")
+        generators.append(None if value is None else torch.Generator(device=device).manual_seed(int(value)))
+    return None, RequestNoise(generators, repeats, vocab_size, device)
+
+
+def _streamers(streamer, count: int, repeats: list[int]) -> list[tuple[int, BaseStreamer]]:
+    """``(row, streamer)`` pairs: a single streamer takes a call of one row, a list one per request."""
+    if streamer is None:
+        return []
+    if not isinstance(streamer, (list, tuple)):
+        if sum(repeats) != 1:
+            raise ValueError(
+                f"a single `streamer` takes one row; this call has {sum(repeats)} rows: pass a list of "
+                "streamers, one per request (None for the requests not streamed)."
+            )
+        return [(0, streamer)]
+    if len(streamer) != count:
+        raise ValueError(f"`streamer` has {len(streamer)} entries but there are {count} prompts.")
+    if any(repeat != 1 for repeat in repeats):
+        raise ValueError("a list of `streamer`s needs num_images_per_prompt=1: a streamer takes one row.")
+    return [(row, item) for row, item in enumerate(streamer) if item is not None]
 
 
 def _is_grid(value) -> bool:
@@ -125,13 +182,13 @@ class UniMMGenerationMixin:
         unconditional_attention_mask: torch.Tensor | None = None,
         text_sampling: ModalitySampling | None = None,
         image_sampling: ModalitySampling | None = None,
-        max_new_tokens: int = 256,
-        num_images_per_prompt: int = 1,
+        max_new_tokens: int | Sequence[int] = 256,
+        num_images_per_prompt: int | Sequence[int] = 1,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
-        seed: int | None = None,
-        streamer: BaseStreamer | None = None,
+        seed: int | Sequence[int | None] | None = None,
+        streamer: BaseStreamer | Sequence[BaseStreamer | None] | None = None,
         cache_implementation: str = "preallocated",
     ) -> UniMMGenerationOutput:
         """Generate text, images or interleaved output for a batch of (possibly mixed) requests.
@@ -150,13 +207,22 @@ class UniMMGenerationMixin:
                 ``None`` entries allowed for the others.
             text_sampling, image_sampling: sampling of text tokens (default greedy) and of image codes
                 (default: sampling at temperature 1).
-            max_new_tokens: budget of text and interleaved requests; an image request writes exactly its
-                image.
-            num_images_per_prompt: rows per request (request-major in the output).
+            max_new_tokens: budget of text and interleaved requests, per request or for all; an image
+                request writes exactly its image.
+            num_images_per_prompt: rows per request, per request or for all (request-major in the output).
             eos_token_id, pad_token_id: default to the generation config / text config.
-            generator, seed: randomness of sampling (``seed`` makes a fresh generator). Greedy decoding
-                is batch-invariant; sampled tokens depend on the batch composition.
-            streamer: a transformers streamer (batch of one row), fed the prompt, then text tokens.
+            generator, seed: randomness of sampling. An int ``seed`` (or ``generator``) is one generator
+                for the whole batch: a request's sampled tokens then depend on the other requests.
+                A list of seeds, one per request, gives each seeded request its own generator, from which
+                all its rows draw: the request then samples the same tokens in any batch as alone with
+                ``seed=[s]`` (as far as the model's logits are batch-invariant; greedy decoding always
+                is). Its stream differs from the int seed's. ``None`` entries draw from torch's default
+                generator (``torch.manual_seed`` makes them reproducible). Each seeded request draws
+                ``rows x vocab_size`` uniform numbers per step.
+            streamer: a transformers streamer for a call of one row, or a list with one streamer (or
+                ``None``) per request, with ``num_images_per_prompt=1``. Each is fed its request's
+                prompt ``(1, T)``, then its text tokens ``(1,)`` as they are chosen (image tokens are
+                skipped), and ``end()`` when its row is done.
             cache_implementation: ``"preallocated"`` (a ``DynamicCache`` whose layers write in place into
                 buffers reserved for the longest row, see ``unimm.llm.kv_cache``), ``"dynamic"``
                 (transformers' ``DynamicCache``, concatenates per step) or ``"static"`` (``StaticCache``).
@@ -177,16 +243,12 @@ class UniMMGenerationMixin:
         image_sampling = image_sampling or ModalitySampling(do_sample=True)
         text_sampling.validate("text_sampling")
         image_sampling.validate("image_sampling")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(
-                f"`num_images_per_prompt` must be a positive int, got {num_images_per_prompt!r}."
-            )
+        repeats = _positive_ints(num_images_per_prompt, count, "num_images_per_prompt")
         if cache_implementation not in CACHE_IMPLEMENTATIONS:
             raise ValueError(
                 f"`cache_implementation`={cache_implementation!r} is not one of {CACHE_IMPLEMENTATIONS}."
             )
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}.")
+        max_new_tokens = _positive_ints(max_new_tokens, count, "max_new_tokens")
         unconditional = (
             _as_id_lists(unconditional_input_ids, unconditional_attention_mask, "unconditional_input_ids")
             if isinstance(unconditional_input_ids, torch.Tensor)
@@ -202,12 +264,11 @@ class UniMMGenerationMixin:
         )
 
         # Expand requests into rows: conditional rows first, then the unconditional rows of guided requests.
-        repeat = num_images_per_prompt
-        rows = [i for i in range(count) for _ in range(repeat)]
+        rows = [i for i in range(count) for _ in range(repeats[i])]
         num_rows = len(rows)
         guided_rows = [r for r, i in enumerate(rows) if scales[i] > 1.0]
-        if streamer is not None and num_rows != 1:
-            raise ValueError(f"`streamer` supports a single row; this call has {num_rows} rows.")
+        streams = _streamers(streamer, count, repeats)
+        generator, request_noise = _request_noise(seed, generator, repeats, vocabulary.vocab_size, device)
 
         eos = self._resolve_eos(eos_token_id)
         pad = self._resolve_pad(pad_token_id, eos)
@@ -228,10 +289,8 @@ class UniMMGenerationMixin:
         guided_index = row_tensor(guided_rows)
         logits_dtype = self.get_output_embeddings().weight.dtype
         guidance = row_tensor([scales[rows[r]] for r in guided_rows], logits_dtype).unsqueeze(-1)  # (U, 1)
-        if generator is None and seed is not None:
-            generator = torch.Generator(device=device).manual_seed(seed)
-        if streamer is not None:
-            streamer.put(torch.tensor([prompts[0]]))
+        for row, row_streamer in streams:  # a streamed request has one row: rows and requests coincide
+            row_streamer.put(torch.tensor([prompts[row]]))
         generated, lengths = self._decode_loop(
             sequences,
             num_rows,
@@ -241,11 +300,10 @@ class UniMMGenerationMixin:
             text_sampling,
             image_sampling,
             generator,
-            streamer,
+            request_noise,
+            streams,
             cache_implementation,
         )
-        if streamer is not None:
-            streamer.end()
         return self._collect_outputs(generated, lengths)
 
     def _validate_requests(
@@ -255,7 +313,7 @@ class UniMMGenerationMixin:
         grids: list,
         scales: list[float],
         unconditional: list,
-        max_new_tokens: int,
+        max_new_tokens: list[int],
     ) -> tuple[list[tuple[int, int]], list[int]]:
         """Check every request; returns the requested grids ((0, 0) = the model chooses) and token budgets.
         Unconditional prompts of guided requests are normalised to id lists in place."""
@@ -285,7 +343,9 @@ class UniMMGenerationMixin:
                     )
                 vocabulary.check_grid(*grid, argument=f"image_grid[{index}]")
             requested.append(tuple(grid) if grid is not None else (0, 0))
-            budget = vocabulary.image_sequence_length(*grid) if modes[index] == "image" else max_new_tokens
+            budget = (
+                vocabulary.image_sequence_length(*grid) if modes[index] == "image" else max_new_tokens[index]
+            )
             self._check_context(len(prompts[index]), budget, f"input_ids[{index}]")
             budgets.append(budget)
         return requested, budgets
@@ -318,7 +378,8 @@ class UniMMGenerationMixin:
         text_sampling: ModalitySampling,
         image_sampling: ModalitySampling,
         generator: torch.Generator | None,
-        streamer: BaseStreamer | None,
+        request_noise: RequestNoise | None,
+        streams: list[tuple[int, BaseStreamer]],
         cache_implementation: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         vocabulary = self.vocabulary
@@ -347,6 +408,7 @@ class UniMMGenerationMixin:
         schedule = state.schedule() if state.is_deterministic else None
         end = image_start if text_only else vocabulary.vocab_size
         all_in_image = False
+        open_streams = dict(streams)  # row -> streamer, until the row is done
         for step in range(max_steps):
             if schedule is None:
                 mask_class, forced = state.plan()
@@ -361,7 +423,8 @@ class UniMMGenerationMixin:
             conditional = self._guide(logits, num_rows, guided_index, guidance, in_image)
             if not text_only:
                 conditional = conditional + mask_table[mask_class, start:end]
-            next_tokens = sampler(conditional, mask_class == CLASS_CODES, generator) + start
+            uniform = request_noise(start, end) if request_noise is not None and sampler.any_sample else None
+            next_tokens = sampler(conditional, mask_class == CLASS_CODES, generator, uniform) + start
             next_tokens = torch.where(forced >= 0, forced, next_tokens)
             lengths += unfinished
             output[:, step] = next_tokens
@@ -378,8 +441,10 @@ class UniMMGenerationMixin:
             else:
                 part_of_image = schedule.part_of_image[step]
                 any_unfinished, any_outside_image = step + 1 < max_steps, False
-            if streamer is not None and not bool(part_of_image[0]) and int(next_tokens[0]) < image_start:
-                streamer.put(next_tokens[:1].cpu())
+            if open_streams:
+                text = unfinished & ~part_of_image & (next_tokens < image_start)
+                done = None if schedule is not None else ~still_running
+                self._stream_step(open_streams, next_tokens, text, done)
             if not any_unfinished:
                 break
             all_in_image = not any_outside_image
@@ -405,7 +470,28 @@ class UniMMGenerationMixin:
                 cache_position=cache_positions[column : column + 1],
                 use_cache=True,
             ).last_hidden_state[:, -1]  # (R, D)
+        for row_streamer in open_streams.values():
+            row_streamer.end()
         return output[:, : int(lengths.max())], lengths
+
+    @staticmethod
+    def _stream_step(
+        open_streams: dict[int, BaseStreamer],
+        next_tokens: torch.Tensor,
+        text: torch.Tensor,
+        done: torch.Tensor | None,
+    ) -> None:
+        """Feed each open streamer its row's token if it is text; end (and close) the rows now done."""
+        rows = list(open_streams)
+        if done is None:  # a precomputed schedule: rows end with the loop
+            done = torch.zeros_like(text)
+        index = torch.tensor(rows, device=next_tokens.device)
+        columns = torch.stack([next_tokens[index], text[index].long(), done[index].long()], dim=-1)
+        for row, (token, is_text, is_done) in zip(rows, columns.tolist()):  # one host sync
+            if is_text:
+                open_streams[row].put(torch.tensor([token]))
+            if is_done:
+                open_streams.pop(row).end()
 
     def _prefill_prompts(
         self, sequences: list[list[int]], max_steps: int, cache_implementation: str

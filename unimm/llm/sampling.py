@@ -50,9 +50,16 @@ class RowSampler:
         self.any_top_p = any(float(p) < 1.0 for p in self.top_p.tolist())
 
     def __call__(
-        self, logits: torch.Tensor, is_image: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        logits: torch.Tensor,
+        is_image: torch.Tensor,
+        generator: torch.Generator | None = None,
+        uniform: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``logits`` ``(R, V)`` (already masked) and ``is_image`` ``(R,)`` bool -> next tokens ``(R,)``."""
+        """``logits`` ``(R, V)`` (already masked) and ``is_image`` ``(R,)`` bool -> next tokens ``(R,)``.
+
+        The sampling noise is ``uniform`` ``(R, V)`` (numbers in [0, 1), e.g. from :class:`RequestNoise`)
+        when given, else drawn from ``generator``."""
         if not self.any_sample:
             return logits.argmax(dim=-1)
         greedy = None if self.always_sample else logits.argmax(dim=-1)
@@ -74,6 +81,38 @@ class RowSampler:
         probs = scores.float().softmax(dim=-1)
         # Exponential race: argmax(p / E) with E = -log(U) ~ Exp(1) draws from p like torch.multinomial, in
         # a few elementwise passes instead of a per-row cumulative search (about 4x faster on CPU).
-        noise = torch.rand(probs.shape, generator=generator, device=probs.device).log_().neg_()
+        if uniform is None:
+            noise = torch.rand(probs.shape, generator=generator, device=probs.device).log_().neg_()
+        else:
+            noise = uniform.log().neg_()
         sampled = (probs / noise).argmax(dim=-1)
         return sampled if self.always_sample else torch.where(do_sample, sampled, greedy)
+
+
+class RequestNoise:
+    """Sampling noise where each request's rows draw from that request's own generator.
+
+    Every step, every request draws ``(rows, vocab_size)`` numbers, over the whole vocabulary whatever
+    slice of it the batch computes logits for, and the slice is then cut out of them: a row's noise
+    depends on its request's generator and the step only, never on the other requests of the batch.
+    A ``None`` generator draws from torch's default generator of the device."""
+
+    def __init__(
+        self,
+        generators: list[torch.Generator | None],
+        rows_per_request: list[int],
+        vocab_size: int,
+        device: torch.device,
+    ):
+        self.draws = list(zip(generators, rows_per_request))
+        self.vocab_size = vocab_size
+        self.device = device
+
+    def __call__(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Uniform noise ``(R, end - start)`` for the columns ``[start, end)`` of this step's logits."""
+        # One fresh tensor per request (not slices of a shared buffer): the same call alone or batched.
+        uniform = [
+            torch.rand((rows, self.vocab_size), generator=generator, device=self.device)
+            for generator, rows in self.draws
+        ]
+        return (uniform[0] if len(uniform) == 1 else torch.cat(uniform))[:, start:end]

@@ -48,6 +48,7 @@ PROMPT_FORMATS = ("chat", "caption")
 DOWNLOAD_OPTIONS = ("cache_dir", "revision", "token", "local_files_only", "force_download")
 
 ImageInput = PIL.Image.Image | str | os.PathLike | bytes
+Seed = int | Sequence[int | None] | None
 
 
 @dataclass
@@ -209,7 +210,7 @@ class UniMMPipeline(DiffusionPipeline):
         stream: bool = False,
         max_new_tokens: int = 128,
         text_sampling: ModalitySampling | None = None,
-        seed: int | None = None,
+        seed: Seed = None,
     ) -> UniMMChatOutput | Iterator[str]:
         """Answer in text.
 
@@ -220,6 +221,9 @@ class UniMMPipeline(DiffusionPipeline):
                 last user turn's text); for a batch, one entry (an image, a list, or None) per conversation.
             stream: return an iterator of text pieces as they are generated (one conversation).
             text_sampling: greedy by default.
+            seed: of sampling: an int for the whole batch, or a list with one seed (or ``None``) per
+                conversation, each of which then answers as it would alone with ``seed=[s]`` (see
+                ``UniMMForCausalLM.generate_multimodal``).
         """
         # 1. Conversations with their images opened.
         conversations = conversations_with_images(messages, images)
@@ -272,7 +276,7 @@ class UniMMPipeline(DiffusionPipeline):
         guidance_scale: float = 3.0,
         height: int | None = None,
         width: int | None = None,
-        seed: int | None = None,
+        seed: Seed = None,
         decoder: str = "diffusion",
         num_inference_steps: int = 20,
         decoder_guidance_scale: float = 2.0,
@@ -285,6 +289,10 @@ class UniMMPipeline(DiffusionPipeline):
             guidance_scale: classifier-free guidance of the language model (1 disables it).
             height, width: image size in pixels, multiples of the tokenizer's downsampling factor
                 (default: the model's default grid).
+            seed: an int seeds the whole call. A list holds one seed (or ``None``) per prompt: a prompt's
+                images then come out the same whatever the other prompts of the call (both the image codes
+                and the diffusion decoder's noise are drawn from the prompt's own generators); ``None``
+                entries draw from torch's default generator.
             decoder: ``"diffusion"`` (the detokenizer) or ``"pixel"`` (the tokenizer's fast decoder).
             num_inference_steps, decoder_guidance_scale: of the diffusion decoder.
             image_sampling: sampling of image codes (default: temperature 1, no top-k/top-p).
@@ -310,8 +318,10 @@ class UniMMPipeline(DiffusionPipeline):
         )
         image_token_ids = torch.stack([row_images[0] for row_images in output.image_token_ids])  # (N, h, w)
         # 4. One batched decode.
+        generators = self._seeded_generators(seed, [num_images_per_prompt] * len(prompts))
+        decoder_seed = seed if generators is None else None  # an int, or the generators say it all
         images = self.decode_images(
-            image_token_ids, decoder, num_inference_steps, decoder_guidance_scale, seed
+            image_token_ids, decoder, num_inference_steps, decoder_guidance_scale, decoder_seed, generators
         )
         return UniMMImageOutput(images=images, image_token_ids=image_token_ids)
 
@@ -358,7 +368,7 @@ class UniMMPipeline(DiffusionPipeline):
         guidance_scale: float = 3.0,
         height: int | None = None,
         width: int | None = None,
-        seed: int | None = None,
+        seed: Seed = None,
         decoder: str = "diffusion",
         num_inference_steps: int = 20,
         decoder_guidance_scale: float = 2.0,
@@ -368,8 +378,9 @@ class UniMMPipeline(DiffusionPipeline):
         """Answer conversations with text, one image, or text and images interleaved as the model decides.
 
         ``output`` is ``"text"``, ``"image"`` or ``"interleaved"``; ``height``/``width`` fix the size of every
-        image (otherwise the model writes the size tokens in interleaved output). Other arguments as in
-        :meth:`chat` and :meth:`generate_images`."""
+        image (otherwise the model writes the size tokens in interleaved output). ``seed`` may be a list
+        with one seed per conversation, as in :meth:`generate_images`. Other arguments as in :meth:`chat`
+        and :meth:`generate_images`."""
         # 1. Check inputs; conversations with their images.
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
@@ -401,7 +412,10 @@ class UniMMPipeline(DiffusionPipeline):
             for ids, length in zip(generated.sequences.tolist(), generated.sequence_lengths.tolist())
         ]
         grids = [grid_ids for _, row_grids in rows for grid_ids in row_grids]
-        decoded = iter(self._decode_grids(grids, decoder, num_inference_steps, decoder_guidance_scale, seed))
+        generators = self._seeded_generators(seed, [len(row_grids) for _, row_grids in rows])
+        decoded = iter(
+            self._decode_grids(grids, decoder, num_inference_steps, decoder_guidance_scale, seed, generators)
+        )
         segments = []
         for text_pieces, row_grids in rows:
             row: list[str | PIL.Image.Image] = []
@@ -423,14 +437,19 @@ class UniMMPipeline(DiffusionPipeline):
         num_inference_steps: int = 20,
         guidance_scale: float = 2.0,
         seed: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> list[PIL.Image.Image]:
-        """Code grids ``(B, h, w)`` to images with the diffusion decoder or the tokenizer's pixel decoder."""
+        """Code grids ``(B, h, w)`` to images with the diffusion decoder or the tokenizer's pixel decoder.
+
+        The diffusion decoder's noise comes from ``generator`` (one, or one per image as in diffusers) when
+        given, else from a generator seeded with ``seed``."""
         _check_decoder(decoder, self.detokenizer)
         if decoder == "pixel":
             pixel_values = self.visual_tokenizer.decode(image_token_ids.to(self.visual_tokenizer.device))
             return self.processor.image_processor.postprocess(pixel_values)
         # A CPU generator draws the same initial noise on every device.
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        if generator is None and seed is not None:
+            generator = torch.Generator().manual_seed(seed)
         return self.detokenizer(
             image_token_ids,
             num_inference_steps=num_inference_steps,
@@ -445,18 +464,36 @@ class UniMMPipeline(DiffusionPipeline):
         decoder: str,
         num_inference_steps: int,
         guidance_scale: float,
-        seed: int | None,
+        seed: Seed,
+        generators: list[torch.Generator] | None = None,
     ) -> list[PIL.Image.Image]:
-        """Decode grids of possibly different sizes: one batch per size, results in the input order."""
+        """Decode grids of possibly different sizes: one batch per size, results in the input order.
+        ``generators``: the diffusion decoder's generator of each grid (else ``seed``, an int, is used)."""
         images: list[PIL.Image.Image | None] = [None] * len(grids)
+        seed = None if generators is not None else seed
         for shape in dict.fromkeys(tuple(grid.shape) for grid in grids):
             indices = [index for index, grid in enumerate(grids) if tuple(grid.shape) == shape]
             batch = torch.stack([grids[index] for index in indices])  # (b, h, w)
-            for index, image in zip(
-                indices, self.decode_images(batch, decoder, num_inference_steps, guidance_scale, seed)
-            ):
+            generator = None if generators is None else [generators[index] for index in indices]
+            decoded = self.decode_images(batch, decoder, num_inference_steps, guidance_scale, seed, generator)
+            for index, image in zip(indices, decoded):
                 images[index] = image
         return images
+
+    @staticmethod
+    def _seeded_generators(seed: Seed, counts: Sequence[int]) -> list[torch.Generator] | None:
+        """The diffusion decoder's generators for a list of per-request seeds (``None`` for an int or no
+        seed): one CPU generator per request, shared by its ``counts[i]`` images in order, so that a
+        request's noise does not depend on the others. An unseeded request's generator is seeded from
+        torch's default generator."""
+        if not isinstance(seed, (list, tuple)):
+            return None
+        generators = []
+        for request_seed, count in zip(seed, counts, strict=True):
+            if request_seed is None:
+                request_seed = int(torch.randint(2**62, ()))
+            generators += [torch.Generator().manual_seed(int(request_seed))] * count
+        return generators
 
     @torch.no_grad()
     def reconstruct(

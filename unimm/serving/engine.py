@@ -1,15 +1,16 @@
-"""What the server asks of the model: a batch of chat answers, a batch of image requests, or one streamed
-answer, each as one call of the generation engine (``UniMMForCausalLM.generate_multimodal``).
+"""What the server asks of the model: a batch of chat answers (some of them streamed) or a batch of image
+requests, each as one call of the generation engine (``UniMMForCausalLM.generate_multimodal``).
 
-Runs in the batcher's worker thread. A batch of image requests may mix prompts, ``n``, sizes and guidance
-scales: the engine takes them per row. Chat requests share one sampling setting per batch (the batcher
-groups them by it); each answer is cut at its own ``max_tokens`` (greedy decoding is batch-invariant, so
-that equals decoding with its own budget).
+Runs in the batcher's worker thread. A batch of image requests may mix prompts, ``n``, sizes, guidance
+scales and seeds: the engine takes them per request. Chat requests share one sampling setting per batch
+(the batcher groups them by it); each has its own ``max_tokens``, seed and, when streamed, its own
+streamer.
 
-Seeds: the engine draws the noise of a whole batch from one generator, so a row's sample depends on the
-batch it lands in. A request with a ``seed`` is therefore decoded in a batch of its own, and gives the
-same images as ``UniMMPipeline.generate_images(prompt, n, ..., seed=seed)``; requests without one batch
-freely.
+Seeds: a request with a ``seed`` draws all its randomness from its own generators (the engine's
+per-request seeds; the diffusion decoder's noise too), so it gives the same answer or images whatever batch
+it lands in: those of ``UniMMPipeline.generate_images(prompt, n, ..., seed=[seed])`` (a list: an int seed
+there is one generator for the whole call, another stream) or ``UniMMPipeline.chat(..., seed=[seed])``.
+Requests without one draw from torch's default generator.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class ChatJob:
     # Streaming: called with each piece of text as it is generated (in the worker thread).
     on_text: Callable[[str], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Set once text went to on_text: the job is not run again after a failed batch (no repeated text).
+    streamed: bool = field(default=False, init=False, repr=False)
 
     @property
     def rows(self) -> int:
@@ -48,12 +51,10 @@ class ChatJob:
 
     @property
     def batch_key(self) -> Hashable | None:
-        """Jobs with equal keys may share an engine call; ``None``: always alone."""
-        if self.on_text is not None:
-            return None  # the engine streams a batch of one row
+        """Jobs with equal keys may share an engine call (seeds and streaming are per request)."""
         if self.temperature == 0:
             return ("chat", "greedy")
-        return None if self.seed is not None else ("chat", self.temperature, self.top_p)
+        return ("chat", self.temperature, self.top_p)
 
     @property
     def sampling(self) -> ModalitySampling:
@@ -86,7 +87,7 @@ class ImageJob:
 
     @property
     def batch_key(self) -> Hashable | None:
-        return ("image",) if self.seed is None else None
+        return ("image",)
 
 
 class StreamCancelled(Exception):
@@ -95,23 +96,33 @@ class StreamCancelled(Exception):
 
 class _CallbackStreamer(TextStreamer):
     """Word-by-word text of a streamed answer, handed to a callback (leading spaces of the answer dropped,
-    as the non-streamed answer is stripped)."""
+    as the non-streamed answer is stripped).
 
-    def __init__(self, tokenizer: Any, job: ChatJob) -> None:
+    When its client has gone, the text is dropped; once the clients of every job of the engine call
+    (``batch``) have gone, it raises :class:`StreamCancelled` to free the engine. Not before: the other
+    jobs' answers, finished or not, are still wanted."""
+
+    def __init__(self, tokenizer: Any, job: ChatJob, batch: list[ChatJob]) -> None:
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.job = job
+        self.batch = batch
         self.started = False
 
     def put(self, value: Any) -> None:
         if self.job.cancelled.is_set():
-            raise StreamCancelled("the client closed the stream")
+            if all(job.cancelled.is_set() for job in self.batch):
+                raise StreamCancelled("the client closed the stream")
+            return
         super().put(value)
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if self.job.cancelled.is_set():
+            return
         if not self.started:
             text = text.lstrip()
             self.started = bool(text)
         if text:
+            self.job.streamed = True
             self.job.on_text(text)
 
 
@@ -134,20 +145,20 @@ class ServingEngine:
 
     def run(self, jobs: list[ChatJob | ImageJob]) -> list[Any]:
         """One result per job, or the exception that job raised. A failing batch is retried one job at a
-        time, so one bad request (a prompt over the context, say) fails alone."""
+        time, so one bad request (a prompt over the context, say) fails alone; a streamed job that
+        already sent text gets the error instead (a retry would send its text again)."""
         try:
             return self._run(jobs)
         except Exception as error:
             if len(jobs) == 1:
                 return [error]
+            failure = error
         logger.info("a batch of %d jobs failed; running them one at a time", len(jobs))
-        return [self.run([job])[0] for job in jobs]
+        return [failure if getattr(job, "streamed", False) else self.run([job])[0] for job in jobs]
 
     def _run(self, jobs: list[ChatJob | ImageJob]) -> list[Any]:
         if isinstance(jobs[0], ImageJob):
             return self.generate_images(jobs)
-        if jobs[0].on_text is not None:
-            return [self.stream_chat(jobs[0])]
         return self.chat(jobs)
 
     # ------------------------------------------------------------------ chat
@@ -163,7 +174,8 @@ class ServingEngine:
         return ids
 
     def chat(self, jobs: list[ChatJob]) -> list[ChatAnswer | Exception]:
-        """Answer every job in one engine call; a job whose prompt does not tokenize fails alone."""
+        """Answer every job in one engine call, each with its own ``max_tokens`` and seed, streaming the
+        text of those with ``on_text``; a job whose prompt does not tokenize fails alone."""
         results: list[Any] = [None] * len(jobs)
         prompts = {}
         for index, job in enumerate(jobs):
@@ -174,32 +186,23 @@ class ServingEngine:
         if not prompts:
             return results
         order = list(prompts)
+        batch = [jobs[index] for index in order]
+        tokenizer = self.pipeline.processor.tokenizer
+        streamers = [
+            _CallbackStreamer(tokenizer, job, batch) if job.on_text is not None else None for job in batch
+        ]
         output = self.pipeline.llm.generate_multimodal(
             [prompts[index] for index in order],
             mode="text",
-            text_sampling=jobs[order[0]].sampling,
-            max_new_tokens=max(jobs[index].max_new_tokens for index in order),
-            seed=jobs[order[0]].seed,
+            text_sampling=batch[0].sampling,
+            max_new_tokens=[job.max_new_tokens for job in batch],
+            seed=_per_request_seeds([job.seed for job in batch]),
+            streamer=streamers if any(streamers) else None,
         )
         for row, index in enumerate(order):
             length = int(output.sequence_lengths[row])
-            ids = output.sequences[row, : min(length, jobs[index].max_new_tokens)].tolist()
-            results[index] = self._answer(ids, len(prompts[index]))
+            results[index] = self._answer(output.sequences[row, :length].tolist(), len(prompts[index]))
         return results
-
-    def stream_chat(self, job: ChatJob) -> ChatAnswer:
-        """Answer one job, handing its text to ``job.on_text`` as it is generated."""
-        prompt = self._prompt_ids(job)
-        output = self.pipeline.llm.generate_multimodal(
-            [prompt],
-            mode="text",
-            text_sampling=job.sampling,
-            max_new_tokens=job.max_new_tokens,
-            seed=job.seed,
-            streamer=_CallbackStreamer(self.pipeline.processor.tokenizer, job),
-        )
-        length = int(output.sequence_lengths[0])
-        return self._answer(output.sequences[0, :length].tolist(), len(prompt))
 
     def _answer(self, ids: list[int], prompt_tokens: int) -> ChatAnswer:
         finished = bool(ids) and ids[-1] in self.eos_token_ids
@@ -210,26 +213,38 @@ class ServingEngine:
     def generate_images(self, jobs: list[ImageJob]) -> list[list[PIL.Image.Image]]:
         """Every image of every job in one guided, constrained engine call, then one decode per size.
 
-        The rows are those of ``UniMMPipeline.generate_images`` (a job's prompt repeated ``n`` times), so a
-        job alone with a seed gives that method's images."""
+        A job is one request of ``n`` rows, as a prompt of ``UniMMPipeline.generate_images``, so a seeded
+        job gives that method's images for ``seed=[seed]`` in any batch."""
         pipeline = self.pipeline
-        seed = jobs[0].seed if len(jobs) == 1 else None
-        prompts = [job.prompt for job in jobs for _ in range(job.n)]
-        prompt_ids, unconditional_ids = pipeline._image_prompts(prompts)
+        counts = [job.n for job in jobs]
+        seeds = _per_request_seeds([job.seed for job in jobs])
+        prompt_ids, unconditional_ids = pipeline._image_prompts([job.prompt for job in jobs])
         output = pipeline.llm.generate_multimodal(
             prompt_ids,
             mode="image",
-            image_grid=[job.grid for job in jobs for _ in range(job.n)],
-            guidance_scale=[job.guidance_scale for job in jobs for _ in range(job.n)],
+            image_grid=[job.grid for job in jobs],
+            guidance_scale=[job.guidance_scale for job in jobs],
             unconditional_input_ids=unconditional_ids,
-            seed=seed,
+            num_images_per_prompt=counts,
+            seed=seeds,
         )
         grids = [row_images[0] for row_images in output.image_token_ids]  # (h, w) each
         images = pipeline._decode_grids(
-            grids, self.decoder, self.num_inference_steps, self.decoder_guidance_scale, seed
+            grids,
+            self.decoder,
+            self.num_inference_steps,
+            self.decoder_guidance_scale,
+            None,
+            pipeline._seeded_generators(seeds, counts),
         )
         results, start = [], 0
         for job in jobs:
             results.append(images[start : start + job.n])
             start += job.n
         return results
+
+
+def _per_request_seeds(seeds: list[int | None]) -> list[int | None] | None:
+    """The engine's per-request seeds, or ``None`` when no job has one (then every row draws from torch's
+    default generator, one draw for the batch)."""
+    return seeds if any(seed is not None for seed in seeds) else None

@@ -39,7 +39,7 @@ from unimm.data.demo_datasets import FASHION_MNIST_CAPTION_NAMES, load_emoji, lo
 from unimm.data.schema import IMAGE, TEXT, drop_text
 from unimm.llm import UniMMForCausalLM, UniMMProcessor
 from unimm.llm.processing_unimm import IGNORE_INDEX
-from unimm.llm.text_tokenizer import build_word_level_tokenizer
+from unimm.llm.text_tokenizer import END_OF_TURN, build_word_level_tokenizer
 from unimm.tokenizer import DualCodebookImageProcessor, DualCodebookTokenizer
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,9 @@ class DemoLlmDataArguments:
     emoji_repeats: int = field(default=8, metadata={"help": "passes over the emoji per Fashion-MNIST pass"})
     condition_dropout: float = field(default=0.1, metadata={"help": "share of generation rows with no text"})
     questions: list[str] = field(default_factory=lambda: list(DEFAULT_QUESTIONS))
+    image_loss_weight: float = field(
+        default=1.0, metadata={"help": "loss weight of image tokens relative to text (UniMMConfig)"}
+    )
     max_grid: int = field(
         default=16, metadata={"help": "largest grid (codes per side) the size tokens write"}
     )
@@ -146,6 +149,12 @@ class SequenceBuilder:
         }
 
 
+def stop_at_end_of_turn(llm: UniMMForCausalLM, tokenizer: Any) -> None:
+    """Chat answers end with the template's end-of-turn marker, not with EOS: generation stops at both."""
+    end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    llm.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
+
+
 def generation_sample(prompt: str) -> dict:
     return {
         "segments": [{"type": TEXT, "role": "user", "text": prompt}, {"type": IMAGE, "role": "assistant"}]
@@ -215,10 +224,12 @@ def build_llm_data(args: DemoLlmDataArguments) -> None:
         max_grid_width=args.max_grid,
         default_grid_height=grid[0],
         default_grid_width=grid[1],
+        image_loss_weight=args.image_loss_weight,
         codebook_vectors=vq_model.get_codebook_vectors(),
         seed=args.seed,
     )
     processor = UniMMProcessor.from_config(llm.config, text_tokenizer, image_processor)
+    stop_at_end_of_turn(llm, text_tokenizer)
     init_dir = output_dir / "init"
     llm.save_pretrained(init_dir)
     processor.save_pretrained(init_dir)
@@ -272,6 +283,7 @@ def assemble(
     visual_tokenizer = DualCodebookTokenizer.from_pretrained(tokenizer_dir).eval()
     llm = UniMMForCausalLM.from_pretrained(llm_dir, dtype=torch.bfloat16).eval()
     processor = UniMMProcessor.from_pretrained(llm_init_dir)
+    stop_at_end_of_turn(llm, processor.tokenizer)
     detokenizer = DetokenizerPipeline.from_pretrained(detokenizer_dir) if detokenizer_dir else None
     pipeline = UniMMPipeline(
         llm=llm, processor=processor, visual_tokenizer=visual_tokenizer, detokenizer=detokenizer
