@@ -20,6 +20,7 @@ from unimm.training.demo_model import (
     SequenceBuilder,
     assemble,
     build_llm_data,
+    evaluate_and_card,
     fashion_mnist_answer,
     generation_sample,
     understanding_sample,
@@ -145,6 +146,14 @@ def test_build_llm_data_and_assemble(tmp_path: Path) -> None:
     images = pipeline.generate_images(["an emoji of grinning face"], decoder="pixel", seed=0).images
     assert images[0].size == (vq_model.config.image_size,) * 2
     assert "Fashion-MNIST" in (tmp_path / "demo/README.md").read_text()
+    # The eval step writes the report and puts its figures into the model card.
+    counts = dict(num_understanding=4, images_per_class=1, num_judge_real=20, num_reconstruction=2)
+    evaluate_and_card(
+        tmp_path / "demo", tmp_path / "eval", **counts, num_diffusion_reconstruction=0, num_emoji=2
+    )
+    card = (tmp_path / "demo/README.md").read_text()
+    assert (tmp_path / "eval/report.json").is_file()
+    assert "understanding accuracy (Fashion-MNIST test, 4 images)" in card and "reconstruction PSNR" in card
 
 
 def _any_image(size: int) -> Image.Image:

@@ -13,6 +13,8 @@ Steps, each skipped when its output exists (``--force`` redoes the named steps):
 3. ``detokenizer``  and ``llm`` side by side, one core each: ``recipes/demo/detokenizer.yaml``,
                     ``recipes/demo/llm.yaml``.
 4. ``assemble``     ``checkpoints/demo`` (the Hub layout ``UniMMPipeline.from_pretrained`` reads).
+5. ``eval``         the quality report (``unimm eval``) in ``outputs/demo/eval``; its headline figures go
+                    into the checkpoint's model card.
 """
 
 from __future__ import annotations
@@ -45,7 +47,11 @@ from unimm.tokenizer import DualCodebookImageProcessor, DualCodebookTokenizer
 logger = logging.getLogger(__name__)
 
 RECIPES = Path("recipes/demo")
-STEPS = ("tokenizer", "llm_data", "detokenizer", "llm", "assemble")
+STEPS = ("tokenizer", "llm_data", "detokenizer", "llm", "assemble", "eval")
+TRAINING_DATA = (
+    "Fashion-MNIST (60,000 train images; Debian dataset-fashion-mnist) with templated captions",
+    "Noto Color Emoji (1,696 train glyphs; Debian fonts-noto-color-emoji) captioned with their names",
+)
 DEFAULT_QUESTIONS = (
     "What is this?",
     "What is in the picture?",
@@ -288,13 +294,29 @@ def assemble(
     pipeline = UniMMPipeline(
         llm=llm, processor=processor, visual_tokenizer=visual_tokenizer, detokenizer=detokenizer
     )
-    pipeline.save_pretrained(
-        output,
-        training_data=[
-            "Fashion-MNIST (60,000 train images; Debian dataset-fashion-mnist) with templated captions",
-            "Noto Color Emoji (1,696 train glyphs; Debian fonts-noto-color-emoji) captioned with their names",
-        ],
-    )
+    pipeline.save_pretrained(output, training_data=list(TRAINING_DATA))
+
+
+def evaluate_and_card(checkpoint: Path, output_dir: Path, **report_options: Any) -> None:
+    """Write the quality report (``report_options`` go to ``evaluate_pipeline``) and put its headline
+    figures into the checkpoint's model card."""
+    from unimm.evaluation.report import evaluate_pipeline
+    from unimm.pipelines import UniMMPipeline
+    from unimm.pipelines.model_card import build_model_card
+
+    pipeline = UniMMPipeline.from_pretrained(checkpoint)
+    report = evaluate_pipeline(pipeline, output_dir, checkpoint_name=str(checkpoint), **report_options)
+    metrics = {
+        f"understanding accuracy (Fashion-MNIST test, {report.understanding_total} images)": (
+            f"{report.understanding_accuracy:.1%}"
+        ),
+        f"generation correctness (judge; its real-image accuracy {report.judge_real_accuracy:.1%})": (
+            f"{report.generation_accuracy:.1%}"
+        ),
+    }
+    for name, scores in report.reconstruction.items():  # e.g. "fashion_mnist/pixel"
+        metrics[f"reconstruction PSNR / SSIM ({name})"] = f"{scores['psnr']:.2f} dB / {scores['ssim']:.3f}"
+    build_model_card(pipeline, list(TRAINING_DATA), metrics).save(checkpoint / "README.md")
 
 
 def run(command: Sequence[str], log_path: Path, threads: int | None = None) -> subprocess.Popen:
@@ -336,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "detokenizer": work / "detokenizer" / "export",
         "llm": work / "llm" / "export",
         "assemble": Path(args.output) / "model_index.json",
+        "eval": work / "eval" / "report.json",
     }
 
     def todo(step: str) -> bool:
@@ -391,6 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 detokenizer,
             ),
         )
+    if todo("eval"):
+        timed("eval", lambda: evaluate_and_card(Path(args.output), work / "eval"))
     logger.info(
         "demo model: %.1f min in all (%s)",
         (time.time() - started) / 60,
