@@ -18,6 +18,9 @@ import numpy as np
 import pytest
 import torch
 
+from unimm.pipelines import UniMMPipeline
+from unimm.pipelines.testing import build_random_pipeline
+
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
@@ -32,3 +35,11 @@ def _seed_everything() -> None:
 def dataset_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One on-disk ``datasets`` cache shared by the tests of a session."""
     return str(tmp_path_factory.mktemp("datasets-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline() -> UniMMPipeline:
+    """Shared by many tests: do not change its components."""
+    pipeline = build_random_pipeline("tiny", seed=0)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

@@ -8,15 +8,6 @@ import PIL.Image
 import pytest
 
 from unimm.pipelines import UniMMPipeline
-from unimm.pipelines.testing import build_random_pipeline
-
-
-@pytest.fixture(scope="session")
-def tiny_pipeline() -> UniMMPipeline:
-    """Shared by many tests: do not change its components."""
-    pipeline = build_random_pipeline("tiny", seed=0)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 @pytest.fixture(scope="session")

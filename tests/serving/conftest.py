@@ -21,7 +21,6 @@ import pytest
 from starlette.testclient import TestClient
 
 from unimm.pipelines import UniMMPipeline
-from unimm.pipelines.testing import build_random_pipeline
 from unimm.serving import BackgroundServer, ServingConfig, create_app
 
 MODEL = "tiny"
@@ -34,14 +33,6 @@ def tiny_config(**overrides: Any) -> ServingConfig:
         max_prompt_length=200, max_image_bytes=64 * 1024, max_image_pixels=256 * 256,
     )  # fmt: skip
     return ServingConfig(**{**settings, **overrides})
-
-
-@pytest.fixture(scope="session")
-def tiny_pipeline() -> UniMMPipeline:
-    """Shared by the serving tests: do not change its components."""
-    pipeline = build_random_pipeline("tiny", seed=0)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,12 @@ import argparse
 import logging
 from pathlib import Path
 
-from unimm.commands.pipeline_arguments import add_pipeline_arguments, load_pipeline, report_error
+from unimm.commands.pipeline_arguments import (
+    add_guidance_argument,
+    add_pipeline_arguments,
+    load_pipeline,
+    report_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how generated image codes become pixels: the fast pixel decoder or the diffusion "
         "detokenizer (default: pixel)",
     )
-    parser.add_argument(
-        "--guidance-scale",
-        type=float,
-        default=3.0,
-        help="classifier-free guidance of the language model; 1 turns it off (default: 3.0)",
-    )
+    add_guidance_argument(parser)
     parser.add_argument(
         "--steps",
         type=int,

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from unimm.commands.pipeline_arguments import (
+    add_guidance_argument,
     add_pipeline_arguments,
     captioned_grid,
     load_pipeline,
@@ -28,12 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompt", action="append", required=True, help="a text prompt (repeat for several prompts)"
     )
     parser.add_argument("--num-images-per-prompt", type=int, default=4, help="images per prompt (default: 4)")
-    parser.add_argument(
-        "--guidance-scale",
-        type=float,
-        default=3.0,
-        help="classifier-free guidance of the language model; 1 turns it off (default: 3.0)",
-    )
+    add_guidance_argument(parser)
     parser.add_argument(
         "--height",
         type=int,

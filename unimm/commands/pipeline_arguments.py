@@ -29,6 +29,16 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed of sampling and noise (default: 0)")
 
 
+def add_guidance_argument(parser: argparse.ArgumentParser) -> None:
+    """``--guidance-scale``: classifier-free guidance of the language model inside images."""
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=3.0,
+        help="classifier-free guidance of the language model; 1 turns it off (default: 3.0)",
+    )
+
+
 def load_pipeline(args: argparse.Namespace):
     """The ``UniMMPipeline`` named by ``--checkpoint``, on ``--device`` in ``--dtype``."""
     import torch

@@ -37,7 +37,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser
 
-from unimm.data.demo_datasets import FASHION_MNIST_CAPTION_NAMES, load_emoji, load_fashion_mnist
+from unimm.data.demo_datasets import (
+    FASHION_MNIST_TEMPLATES,
+    fashion_mnist_caption,
+    load_emoji,
+    load_fashion_mnist,
+)
 from unimm.data.schema import IMAGE, TEXT, drop_text
 from unimm.llm import UniMMForCausalLM, UniMMProcessor
 from unimm.llm.processing_unimm import IGNORE_INDEX
@@ -47,6 +52,7 @@ from unimm.tokenizer import DualCodebookImageProcessor, DualCodebookTokenizer
 logger = logging.getLogger(__name__)
 
 RECIPES = Path("recipes/demo")
+PLAIN_TEMPLATE = FASHION_MNIST_TEMPLATES.index("{article} {name}")  # "a sneaker"
 STEPS = ("tokenizer", "llm_data", "detokenizer", "llm", "assemble", "eval")
 TRAINING_DATA = (
     "Fashion-MNIST (60,000 train images; Debian dataset-fashion-mnist) with templated captions",
@@ -93,8 +99,7 @@ class DemoLlmDataArguments:
 
 
 def fashion_mnist_answer(label: int) -> str:
-    name = FASHION_MNIST_CAPTION_NAMES[label]
-    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}."
+    return fashion_mnist_caption(label, template_index=PLAIN_TEMPLATE) + "."
 
 
 @torch.no_grad()
