@@ -81,6 +81,30 @@ def test_loss_weights_image_tokens(tiny):
     torch.testing.assert_close(scaled.loss, expected / 2)
 
 
+@pytest.mark.parametrize(("kind", "tied"), [("llama", False), ("gpt2", True)])
+def test_loss_without_logits_matches_the_full_head(tiny, kind, tied):
+    """return_logits=False (training) runs the head only where there is a target: same loss and gradients."""
+    model = tiny.model(kind, tied, image_loss_weight=0.5)  # eval mode: no dropout, gradients still flow
+    image = model.vocabulary.image_to_token_ids(torch.tensor([[0, 1, 2], [3, 4, 5]])).tolist()
+    input_ids = torch.tensor([[1, 5, 6, *image, 7], [1, 8, 9, 10, 11, 12, 13, 14, 15, 16, *image[:6]]])
+    attention_mask = torch.ones_like(input_ids)
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    labels[1, -3:] = -100
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        output = model(input_ids, attention_mask=attention_mask, labels=labels, return_logits=return_logits)
+        output.loss.backward()
+        gradient = model.get_input_embeddings().weight.grad.clone()
+        results.append((output, gradient))
+    (full, full_gradient), (sparse, sparse_gradient) = results
+    assert sparse.logits is None and full.logits is not None
+    for name in ("loss", "text_loss", "image_loss"):
+        torch.testing.assert_close(getattr(sparse, name), getattr(full, name))
+    torch.testing.assert_close(sparse_gradient, full_gradient)
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_from_text_model_keeps_text_logits(tiny, tied):
     torch.manual_seed(0)

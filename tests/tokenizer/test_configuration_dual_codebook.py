@@ -41,6 +41,7 @@ def test_named_image_size_override_follows_into_builtin_teacher():
         ({"reconstruction_loss": "ssim"}, "reconstruction_loss"),
         ({"codebook_size": 1}, "at least 2"),
         ({"image_mean": [0.5]}, "num_channels=3"),
+        ({"teacher_autocast_dtype": "float64"}, "teacher_autocast_dtype"),
     ],
 )
 def test_invalid_config_raises(kwargs, message):

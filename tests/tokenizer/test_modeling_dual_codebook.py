@@ -74,6 +74,19 @@ GOLDEN_IDS = [8, 9, 8, 1, 7, 1]
 GOLDEN_PIXELS = [-0.0835, 0.07091, 0.04428, 0.06908]
 
 
+def test_teacher_under_bf16_autocast_gives_float32_features_close_to_float32(tiny_config, pixel_values):
+    torch.manual_seed(0)
+    reference = DualCodebookTokenizer(tiny_config).eval()
+    fast = DualCodebookTokenizer(DualCodebookConfig.tiny(teacher_autocast_dtype="bfloat16")).eval()
+    fast.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        (expected,) = reference.teacher_features(pixel_values, (4, 6))
+        (features,) = fast.teacher_features(pixel_values, (4, 6))
+    assert features.dtype == torch.float32 and features.shape == expected.shape == (2, 4, 6, 32)
+    assert not torch.equal(features, expected)  # bf16 matmuls did run
+    torch.testing.assert_close(features, expected, atol=0.1, rtol=0.05)  # bf16 keeps ~3 significant digits
+
+
 def test_save_pretrained_round_trip_gives_identical_ids_and_images(tiny_tokenizer, pixel_values, tmp_path):
     tiny_tokenizer.train()
     tiny_tokenizer(pixel_values)  # data-dependent codebook init and EMA statistics change the state

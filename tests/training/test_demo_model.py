@@ -20,6 +20,7 @@ from unimm.training.demo_model import (
     SequenceBuilder,
     assemble,
     build_llm_data,
+    compare_text_skills,
     evaluate_and_card,
     fashion_mnist_answer,
     generation_sample,
@@ -39,6 +40,12 @@ def test_recipe_parses() -> None:
         str(REPOSITORY / "recipes/demo/llm_data.yaml")
     )
     assert args.backbone["model_type"] == "llama" and args.tokenizer_path.endswith("tokenizer/export")
+    (smollm2,) = HfArgumentParser(DemoLlmDataArguments).parse_yaml_file(
+        str(REPOSITORY / "recipes/smollm2/llm_data.yaml")
+    )
+    assert smollm2.backbone is None and Path(smollm2.text_model_name_or_path).is_absolute()  # "~" expanded
+    with pytest.raises(ValueError, match="exactly one of backbone"):
+        DemoLlmDataArguments(tokenizer_path="t", output_dir="o")
     with pytest.raises(ValueError, match="condition_dropout"):
         DemoLlmDataArguments(
             tokenizer_path="t", output_dir="o", backbone=TINY_BACKBONE, condition_dropout=1.0
@@ -154,6 +161,42 @@ def test_build_llm_data_and_assemble(tmp_path: Path) -> None:
     card = (tmp_path / "demo/README.md").read_text()
     assert (tmp_path / "eval/report.json").is_file()
     assert "understanding accuracy (Fashion-MNIST test, 4 images)" in card and "reconstruction PSNR" in card
+
+
+@pytest.mark.integration
+def test_build_llm_data_from_a_pretrained_text_model(tmp_path: Path) -> None:
+    """A pretrained chat LM (here a tiny one saved to a folder) keeps its weights and tokenizer; the eval
+    step asks it and the trained model the text questions."""
+    torch.manual_seed(0)
+    vq_model = DualCodebookTokenizer(DualCodebookConfig.tiny()).eval()
+    vq_model.save_pretrained(tmp_path / "tokenizer")
+    DualCodebookImageProcessor.from_tokenizer_config(vq_model.config).save_pretrained(tmp_path / "tokenizer")
+    text_tokenizer = build_word_level_tokenizer(["What is the capital of France?", "Paris."])
+    text_model = _tiny_text_model(len(text_tokenizer))
+    text_model.save_pretrained(tmp_path / "text-model")
+    text_tokenizer.save_pretrained(tmp_path / "text-model")
+    args = DemoLlmDataArguments(
+        tokenizer_path=str(tmp_path / "tokenizer"), output_dir=str(tmp_path / "data"),
+        text_model_name_or_path=str(tmp_path / "text-model"), image_size=32, emoji_repeats=1,
+        max_train_images=3, max_eval_images=2, max_grid=4, encode_batch_size=4,
+    )  # fmt: skip
+    build_llm_data(args)
+    llm = UniMMForCausalLM.from_pretrained(tmp_path / "data/init")
+    text_rows = text_model.get_input_embeddings().weight
+    assert torch.equal(llm.get_input_embeddings().weight[: text_rows.shape[0]], text_rows)
+    assert llm.vocabulary.text_vocab_size == text_rows.shape[0]
+    train = datasets.load_from_disk(str(tmp_path / "data/train"))
+    assert len(train) == 2 * (3 + 3) and max(max(row) for row in train["input_ids"]) < llm.config.vocab_size
+
+    assemble(
+        tmp_path / "unified", tmp_path / "tokenizer", tmp_path / "data/init", tmp_path / "data/init", None
+    )
+    result = compare_text_skills(
+        UniMMPipeline.from_pretrained(tmp_path / "unified"), str(tmp_path / "text-model"), tmp_path / "eval"
+    )
+    assert result["before"]["total"] == result["after"]["total"] == 20
+    saved = (tmp_path / "eval/text_questions.json").read_text()
+    assert '"before"' in saved and len(result["after"]["results"]) == 20
 
 
 def _any_image(size: int) -> Image.Image:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_unimm import UniMMConfig
 from .generation import UniMMGenerationMixin
@@ -25,25 +25,20 @@ IGNORE_INDEX = -100
 
 
 @dataclass
-class UniMMCausalLMOutput(ModelOutput):
-    """Output of :meth:`UniMMForCausalLM.forward`.
+class UniMMCausalLMOutput(CausalLMOutputWithPast):
+    """Output of :meth:`UniMMForCausalLM.forward`: transformers' causal-LM output (``loss``, ``logits``, the
+    KV cache, ``hidden_states``, ``attentions``; the cache field carries the installed transformers' name,
+    so ``GenerationMixin.generate`` reads it) plus the loss per modality.
 
     Attributes:
         loss: weighted next-token loss ``(text_sum + image_loss_weight * image_sum) / n_tokens``.
         text_loss: mean loss on text targets (for logging; ``nan`` when there are none).
         image_loss: mean loss on image-vocabulary targets (for logging; ``nan`` when there are none).
         logits: ``(B, T, V)`` next-token logits over the extended vocabulary.
-        past_key_values: the KV cache, when ``use_cache``.
-        hidden_states, attentions: as returned by the language model when requested.
     """
 
-    loss: torch.FloatTensor | None = None
     text_loss: torch.FloatTensor | None = None
     image_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class UniMMPreTrainedModel(PreTrainedModel):
@@ -184,13 +179,35 @@ class UniMMForCausalLM(UniMMGenerationMixin, UniMMPreTrainedModel, GenerationMix
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
+        return_logits: bool = True,
         **kwargs,
     ) -> UniMMCausalLMOutput:
         """Next-token prediction over the extended vocabulary.
 
         ``labels`` are aligned with ``input_ids`` (shifted here) and ``-100`` where no loss is taken.
         ``num_items_in_batch`` (transformers' gradient-accumulation convention) replaces the local token
-        count as the loss denominator."""
+        count as the loss denominator. ``return_logits=False`` (training, with ``labels``) runs the head only
+        at positions that have a target: a chat sample trains on a few answer tokens, and the vocabulary
+        projection and its cross-entropy over every position are a large share of a step."""
+        if not return_logits and labels is not None:
+            decoder = self.language_model.get_decoder()
+            outputs = decoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **kwargs,
+            )
+            shift_labels = labels[:, 1:].to(outputs.last_hidden_state.device)  # (B, T - 1)
+            valid = shift_labels != IGNORE_INDEX
+            hidden_states = outputs.last_hidden_state[:, :-1][valid]  # (N, D): positions with a target
+            loss, text_loss, image_loss = self._modality_losses(
+                self.compute_logits(hidden_states), shift_labels[valid], num_items_in_batch
+            )
+            passed = {name: value for name, value in outputs.items() if name != "last_hidden_state"}
+            return UniMMCausalLMOutput(loss=loss, text_loss=text_loss, image_loss=image_loss, **passed)
         outputs = self.language_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -204,15 +221,9 @@ class UniMMForCausalLM(UniMMGenerationMixin, UniMMPreTrainedModel, GenerationMix
         loss = text_loss = image_loss = None
         if labels is not None:
             loss, text_loss, image_loss = self.loss_per_modality(outputs.logits, labels, num_items_in_batch)
-        return UniMMCausalLMOutput(
-            loss=loss,
-            text_loss=text_loss,
-            image_loss=image_loss,
-            logits=outputs.logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+        # The language model's own fields (logits, cache, hidden_states, attentions) pass through by name.
+        passed = {name: value for name, value in outputs.items() if name != "loss"}
+        return UniMMCausalLMOutput(loss=loss, text_loss=text_loss, image_loss=image_loss, **passed)
 
     def loss_per_modality(
         self,
@@ -225,11 +236,20 @@ class UniMMForCausalLM(UniMMGenerationMixin, UniMMPreTrainedModel, GenerationMix
             raise ValueError(
                 f"`labels` must have the shape of `input_ids` {tuple(logits.shape[:2])}, got {tuple(labels.shape)}."
             )
-        shift_logits = logits[:, :-1].flatten(0, 1).float()  # (B * (T - 1), V)
+        shift_logits = logits[:, :-1].flatten(0, 1)  # (B * (T - 1), V)
         shift_labels = labels[:, 1:].flatten().to(logits.device)  # (B * (T - 1),)
-        token_loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="none")
-        valid = shift_labels != IGNORE_INDEX
-        is_image = self.vocabulary.is_image_token(shift_labels) & valid
+        return self._modality_losses(shift_logits, shift_labels, num_items_in_batch)
+
+    def _modality_losses(
+        self,
+        logits: torch.Tensor,
+        targets: torch.LongTensor,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The weighted loss and the per-modality means of ``(N, V)`` logits against ``(N,)`` targets."""
+        token_loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
+        valid = targets != IGNORE_INDEX
+        is_image = self.vocabulary.is_image_token(targets) & valid
         is_text = valid & ~is_image
         text_sum = (token_loss * is_text).sum()
         image_sum = (token_loss * is_image).sum()

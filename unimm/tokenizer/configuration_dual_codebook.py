@@ -9,6 +9,7 @@ from transformers import PretrainedConfig
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 CODEBOOK_UPDATES = ("gradient", "ema")
+TEACHER_AUTOCAST_DTYPES = (None, "bfloat16", "float16")
 
 # The built-in semantic teacher when no pretrained one is given: a small ViT whose patch equals the
 # tokenizer's downsampling factor, so its patch grid is the token grid (sizes scaled per config).
@@ -51,6 +52,8 @@ class DualCodebookConfig(PretrainedConfig):
         teacher_image_mean, teacher_image_std (`list[float]`, *optional*): the teacher's own input
             normalisation (default: the tokenizer's).
         freeze_teacher (`bool`): keep the teacher's weights fixed.
+        teacher_autocast_dtype (`str`, *optional*): run the teacher under autocast to this dtype
+            (`"bfloat16"` or `"float16"`): a large pretrained teacher is most of a step's time.
         codebook_update (`str`): `"gradient"` (codebook loss) or `"ema"` (exponential moving averages).
         codebook_l2_normalize (`bool`): compare codes and codebook entries by cosine distance.
         semantic_distance_weight, pixel_distance_weight (`float`): weights of the two distances in
@@ -88,6 +91,7 @@ class DualCodebookConfig(PretrainedConfig):
         teacher_image_mean: list[float] | None = None,
         teacher_image_std: list[float] | None = None,
         freeze_teacher: bool = True,
+        teacher_autocast_dtype: str | None = None,
         codebook_update: str = "gradient",
         codebook_l2_normalize: bool = True,
         semantic_distance_weight: float = 1.0,
@@ -138,6 +142,7 @@ class DualCodebookConfig(PretrainedConfig):
         self.teacher_image_mean = list(teacher_image_mean) if teacher_image_mean is not None else None
         self.teacher_image_std = list(teacher_image_std) if teacher_image_std is not None else None
         self.freeze_teacher = freeze_teacher
+        self.teacher_autocast_dtype = teacher_autocast_dtype
         self.codebook_update = codebook_update
         self.codebook_l2_normalize = codebook_l2_normalize
         self.semantic_distance_weight = semantic_distance_weight
@@ -185,6 +190,8 @@ class DualCodebookConfig(PretrainedConfig):
             fail("image_size", f"a multiple of downsample_factor={factor}")
         if len(self.image_mean) != self.num_channels or len(self.image_std) != self.num_channels:
             fail("image_mean", f"image_mean and image_std with num_channels={self.num_channels} values")
+        if self.teacher_autocast_dtype not in TEACHER_AUTOCAST_DTYPES:
+            fail("teacher_autocast_dtype", f"one of {TEACHER_AUTOCAST_DTYPES}")
         if self.reconstruction_loss not in RECONSTRUCTION_LOSSES:
             fail("reconstruction_loss", f"one of {RECONSTRUCTION_LOSSES}")
         if self.codebook_update not in CODEBOOK_UPDATES:

@@ -468,15 +468,21 @@ class DualCodebookTokenizer(DualCodebookPreTrainedModel):
     ) -> list[torch.Tensor]:
         """Teacher features on the token grid, (B, h, w, Dt): the configured layer, or every layer
         (embeddings excluded) with the configured layer last when ``all_layers``."""
-        outputs = self.teacher(
-            pixel_values=self._teacher_inputs(pixel_values, grid),
-            output_hidden_states=True,
-            **self._teacher_kwargs,
-        )
+        teacher_inputs = self._teacher_inputs(pixel_values, grid)
+        autocast_dtype = self.config.teacher_autocast_dtype
+        with torch.autocast(
+            teacher_inputs.device.type,
+            dtype=getattr(torch, autocast_dtype or "bfloat16"),
+            enabled=autocast_dtype is not None,
+        ):
+            outputs = self.teacher(
+                pixel_values=teacher_inputs, output_hidden_states=True, **self._teacher_kwargs
+            )
         layer = self.config.teacher_feature_layer
         selected = outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
         layers = [*outputs.hidden_states[1:-1], selected] if all_layers else [selected]
-        return [self._to_grid(hidden_states, grid) for hidden_states in layers]
+        # Features leave in float32 whatever the autocast dtype: the losses and the adapter are float32.
+        return [self._to_grid(hidden_states.float(), grid) for hidden_states in layers]
 
     def _to_grid(self, hidden_states: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         batch_size, sequence_length, channels = hidden_states.shape

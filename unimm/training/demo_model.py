@@ -20,6 +20,7 @@ Steps, each skipped when its output exists (``--force`` redoes the named steps):
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import random
@@ -35,7 +36,7 @@ from typing import Any
 import datasets
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from unimm.data.demo_datasets import (
     FASHION_MNIST_TEMPLATES,
@@ -51,7 +52,7 @@ from unimm.tokenizer import DualCodebookImageProcessor, DualCodebookTokenizer
 
 logger = logging.getLogger(__name__)
 
-RECIPES = Path("recipes/demo")
+DEMO_RECIPES = Path("recipes/demo")
 PLAIN_TEMPLATE = FASHION_MNIST_TEMPLATES.index("{article} {name}")  # "a sneaker"
 STEPS = ("tokenizer", "llm_data", "detokenizer", "llm", "assemble", "eval")
 TRAINING_DATA = (
@@ -74,7 +75,14 @@ class DemoLlmDataArguments:
 
     tokenizer_path: str = field(metadata={"help": "the trained visual tokenizer (exported folder)"})
     output_dir: str = field(metadata={"help": "writes init/ (model + processor), train/ and eval/ tables"})
-    backbone: dict[str, Any] = field(metadata={"help": "the text LM's config ({model_type: llama, ...})"})
+    backbone: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "a text LM trained from scratch: its config ({model_type: llama, ...})"},
+    )
+    text_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "or a pretrained chat LM (folder or Hub id), extended with the image vocabulary"},
+    )
     image_size: int = 32
     emoji_repeats: int = field(default=8, metadata={"help": "passes over the emoji per Fashion-MNIST pass"})
     condition_dropout: float = field(default=0.1, metadata={"help": "share of generation rows with no text"})
@@ -92,6 +100,10 @@ class DemoLlmDataArguments:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if (self.backbone is None) == (self.text_model_name_or_path is None):
+            raise ValueError("set exactly one of backbone (train from scratch) and text_model_name_or_path")
+        if self.text_model_name_or_path and self.text_model_name_or_path.startswith("~"):
+            self.text_model_name_or_path = os.path.expanduser(self.text_model_name_or_path)
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ValueError(f"condition_dropout must be in [0, 1), got {self.condition_dropout}")
         if not self.questions:
@@ -161,7 +173,10 @@ class SequenceBuilder:
 
 
 def stop_at_end_of_turn(llm: UniMMForCausalLM, tokenizer: Any) -> None:
-    """Chat answers end with the template's end-of-turn marker, not with EOS: generation stops at both."""
+    """Chat answers of the word-level template end with its end-of-turn marker, not with EOS: generation
+    stops at both. (A pretrained chat tokenizer's EOS already ends its turns.)"""
+    if END_OF_TURN not in tokenizer.get_vocab():
+        return
     end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     llm.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
 
@@ -212,24 +227,35 @@ def build_llm_data(args: DemoLlmDataArguments) -> None:
         splits[split] = rows
         logger.info("%s: %d images encoded", split, len(rows))
     grid = tuple(splits["train"][0][0].shape)
-    # 2. Text tokenizer from every text the model will see, then the model and its processor.
-    corpus = [
-        *args.questions,
-        *(text for rows in splits.values() for _, caption, answer, _ in rows for text in (caption, answer)),
-    ]
-    text_tokenizer = build_word_level_tokenizer(corpus)
-    text_vocab_size = -(-len(text_tokenizer) // args.text_vocab_multiple) * args.text_vocab_multiple
-    backbone = dict(args.backbone)
-    text_config = AutoConfig.for_model(
-        backbone.pop("model_type"),
-        vocab_size=text_vocab_size,
-        pad_token_id=text_tokenizer.pad_token_id,
-        bos_token_id=text_tokenizer.bos_token_id,
-        eos_token_id=text_tokenizer.eos_token_id,
-        **backbone,
-    )
+    # 2. The text model and its tokenizer: pretrained, or from scratch with a word-level tokenizer learned
+    # from every text the model will see. Then the unified model and its processor.
+    if args.text_model_name_or_path is not None:
+        text_tokenizer = AutoTokenizer.from_pretrained(args.text_model_name_or_path)
+        text_model = AutoModelForCausalLM.from_pretrained(args.text_model_name_or_path)
+    else:
+        corpus = [
+            *args.questions,
+            *(
+                text
+                for rows in splits.values()
+                for _, caption, answer, _ in rows
+                for text in (caption, answer)
+            ),
+        ]
+        text_tokenizer = build_word_level_tokenizer(corpus)
+        backbone = dict(args.backbone)
+        text_config = AutoConfig.for_model(
+            backbone.pop("model_type"),
+            vocab_size=-(-len(text_tokenizer) // args.text_vocab_multiple) * args.text_vocab_multiple,
+            pad_token_id=text_tokenizer.pad_token_id,
+            bos_token_id=text_tokenizer.bos_token_id,
+            eos_token_id=text_tokenizer.eos_token_id,
+            **backbone,
+        )
+        text_model = AutoModelForCausalLM.from_config(text_config)
+    text_vocab_size = text_model.get_input_embeddings().num_embeddings
     llm = UniMMForCausalLM.from_text_model(
-        AutoModelForCausalLM.from_config(text_config),
+        text_model,
         codebook_size=vq_model.config.codebook_size,
         max_grid_height=args.max_grid,
         max_grid_width=args.max_grid,
@@ -268,7 +294,11 @@ def build_llm_data(args: DemoLlmDataArguments) -> None:
                 ):
                     table["input_ids"].append(row["input_ids"])
                     table["labels"].append(row["labels"])
-        unknown = sum(ids.count(text_tokenizer.unk_token_id) for ids in table["input_ids"])
+        unknown = (
+            sum(ids.count(text_tokenizer.unk_token_id) for ids in table["input_ids"])
+            if args.backbone is not None  # a pretrained byte-level tokenizer has no unknown words
+            else 0
+        )
         if unknown:
             raise RuntimeError(
                 f"{split}: {unknown} unknown text tokens: the text tokenizer misses words of the data"
@@ -302,14 +332,46 @@ def assemble(
     pipeline.save_pretrained(output, training_data=list(TRAINING_DATA))
 
 
-def evaluate_and_card(checkpoint: Path, output_dir: Path, **report_options: Any) -> None:
+def compare_text_skills(pipeline: Any, text_model_name_or_path: str, output_dir: Path) -> dict[str, Any]:
+    """The 20 general text questions asked to the pretrained text model and to the trained unified model;
+    writes ``text_questions.json`` (scores and every reply) and returns it."""
+    from transformers import AutoTokenizer
+
+    from unimm.evaluation.text_questions import evaluate_text_questions
+
+    before_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path).eval()
+    before = evaluate_text_questions(before_model, AutoTokenizer.from_pretrained(text_model_name_or_path))
+    after = evaluate_text_questions(pipeline.llm, pipeline.processor.tokenizer)
+    result = {
+        "text_model": text_model_name_or_path,
+        "before": {"correct": before.correct, "total": before.total, "results": before.results},
+        "after": {"correct": after.correct, "total": after.total, "results": after.results},
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "text_questions.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    logger.info(
+        "text questions: %d/%d before, %d/%d after", before.correct, before.total, after.correct, after.total
+    )
+    return result
+
+
+def evaluate_and_card(
+    checkpoint: Path, output_dir: Path, text_model_name_or_path: str | None = None, **report_options: Any
+) -> None:
     """Write the quality report (``report_options`` go to ``evaluate_pipeline``) and put its headline
-    figures into the checkpoint's model card."""
+    figures into the checkpoint's model card. With ``text_model_name_or_path`` (the pretrained LM the
+    unified model started from) the text questions are asked before and after, see
+    :func:`compare_text_skills`."""
     from unimm.evaluation.report import evaluate_pipeline
     from unimm.pipelines import UniMMPipeline
     from unimm.pipelines.model_card import build_model_card
 
     pipeline = UniMMPipeline.from_pretrained(checkpoint)
+    text_skills = (
+        compare_text_skills(pipeline, text_model_name_or_path, output_dir)
+        if text_model_name_or_path
+        else None
+    )
     report = evaluate_pipeline(pipeline, output_dir, checkpoint_name=str(checkpoint), **report_options)
     metrics = {
         f"understanding accuracy (Fashion-MNIST test, {report.understanding_total} images)": (
@@ -321,6 +383,11 @@ def evaluate_and_card(checkpoint: Path, output_dir: Path, **report_options: Any)
     }
     for name, scores in report.reconstruction.items():  # e.g. "fashion_mnist/pixel"
         metrics[f"reconstruction PSNR / SSIM ({name})"] = f"{scores['psnr']:.2f} dB / {scores['ssim']:.3f}"
+    if text_skills is not None:
+        metrics["general text questions correct (before → after multimodal training)"] = (
+            f"{text_skills['before']['correct']}/{text_skills['before']['total']} → "
+            f"{text_skills['after']['correct']}/{text_skills['after']['total']}"
+        )
     build_model_card(pipeline, list(TRAINING_DATA), metrics).save(checkpoint / "README.md")
 
 
@@ -349,13 +416,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--force", action="store_true", help="redo the named steps even if their output exists"
     )
+    parser.add_argument(
+        "--recipes",
+        default=str(DEMO_RECIPES),
+        help="the recipe folder: tokenizer.yaml, llm_data.yaml, llm.yaml, optional detokenizer.yaml "
+        "(default: recipes/demo; recipes/smollm2 for the SmolLM2 + DINOv2 model)",
+    )
     parser.add_argument("--work-dir", default="outputs/demo", help="training outputs (default: outputs/demo)")
     parser.add_argument(
         "--output", default="checkpoints/demo", help="the assembled checkpoint (default: checkpoints/demo)"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    work = Path(args.work_dir)
+    work, recipes = Path(args.work_dir), Path(args.recipes)
+    (data_args,) = HfArgumentParser(DemoLlmDataArguments).parse_yaml_file(str(recipes / "llm_data.yaml"))
     train = [sys.executable, "-m", "unimm.cli", "train"]
     outputs = {
         "tokenizer": work / "tokenizer" / "export",
@@ -387,13 +461,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         timed(
             "tokenizer",
             lambda: wait(
-                {"tokenizer": run([*train, str(RECIPES / "tokenizer.yaml")], work / "tokenizer.log")}
+                {"tokenizer": run([*train, str(recipes / "tokenizer.yaml")], work / "tokenizer.log")}
             ),
         )
     if todo("llm_data"):
-        (data_args,) = HfArgumentParser(DemoLlmDataArguments).parse_yaml_file(str(RECIPES / "llm_data.yaml"))
         timed("llm_data", lambda: build_llm_data(data_args))
-    parallel = {step: RECIPES / f"{step}.yaml" for step in ("detokenizer", "llm") if todo(step)}
+    # The detokenizer is optional: without one the pipeline draws with the tokenizer's pixel decoder.
+    parallel = {
+        step: recipes / f"{step}.yaml"
+        for step in ("detokenizer", "llm")
+        if todo(step) and (recipes / f"{step}.yaml").exists()
+    }
     if parallel:
         threads = 1 if len(parallel) > 1 else None  # one core each when both run
         timed(
@@ -420,7 +498,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         )
     if todo("eval"):
-        timed("eval", lambda: evaluate_and_card(Path(args.output), work / "eval"))
+        timed(
+            "eval",
+            lambda: evaluate_and_card(
+                Path(args.output), work / "eval", text_model_name_or_path=data_args.text_model_name_or_path
+            ),
+        )
     logger.info(
         "demo model: %.1f min in all (%s)",
         (time.time() - started) / 60,

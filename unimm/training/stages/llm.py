@@ -142,6 +142,12 @@ def random_token_table(num_rows: int, length: int, vocab_size: int, seed: int) -
     return datasets.Dataset.from_dict({TOKENS_COLUMN: tokens.tolist(), LABELS_COLUMN: labels.tolist()})
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DeepSpeed engine and a peft wrapper."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
 class LlmStage(TrainingStage):
     """Shared by both LLM stages; they differ only in where the labels come from."""
 
@@ -241,7 +247,8 @@ class LlmStage(TrainingStage):
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if embeddings is None or not hasattr(model, "generate"):
             raise TypeError(f"stage {self.name!r} trains causal LMs; got {type(model).__name__}")
-        vocab_size, largest = embeddings.num_embeddings, train_dataset.max_token_id()
+        # peft wraps an embedding with trainable token rows; its (merged) weight still has one row per token.
+        vocab_size, largest = embeddings.weight.shape[0], train_dataset.max_token_id()
         if largest >= vocab_size:
             raise ValueError(
                 f"train data holds token id {largest} but the model's vocabulary has {vocab_size} rows: "
@@ -256,7 +263,9 @@ class LlmStage(TrainingStage):
     def compute_loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        outputs = model(**batch)
+        # A unified model computes its head only where there is a target (most positions have none).
+        extra = {"return_logits": False} if isinstance(_unwrap(model), UniMMForCausalLM) else {}
+        outputs = model(**batch, **extra)
         metrics = {}
         for name in MODALITY_LOSSES:
             value = getattr(outputs, name, None)

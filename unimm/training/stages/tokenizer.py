@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,10 @@ class TokenizerStageArguments:
     # > 0: if `teacher_name_or_path` is a local folder that does not exist yet, first train the built-in
     # ViT as a classifier on the labelled training set for this many epochs and save it there.
     pretrain_teacher_epochs: float = 0.0
+    # The teacher's own input normalisation (e.g. ImageNet statistics for DINOv2); default: the tokenizer's.
+    teacher_image_mean: list[float] | None = None
+    teacher_image_std: list[float] | None = None
+    teacher_autocast_dtype: str | None = None  # "bfloat16": the frozen teacher under autocast (faster on CPU)
     codebook_size: int | None = None
     hidden_channels: int | None = None
     perceptual_weight: float | None = None
@@ -55,6 +60,8 @@ class TokenizerStageArguments:
     num_sample_images: int = 16  # images in the reconstruction grid
 
     def __post_init__(self) -> None:
+        if self.teacher_name_or_path and self.teacher_name_or_path.startswith("~"):
+            self.teacher_name_or_path = os.path.expanduser(self.teacher_name_or_path)
         if self.dataset not in DATASETS:
             raise ValueError(f"TokenizerStageArguments.dataset={self.dataset!r}: expected one of {DATASETS}")
 
@@ -138,7 +145,15 @@ class TokenizerStage(TrainingStage):
     def _build_config(self) -> DualCodebookConfig:
         args = self.args
         overrides: dict[str, Any] = {"image_size": args.image_size}
-        for field in ("codebook_size", "hidden_channels", "perceptual_weight", "adversarial_weight"):
+        for field in (
+            "codebook_size",
+            "hidden_channels",
+            "perceptual_weight",
+            "adversarial_weight",
+            "teacher_image_mean",
+            "teacher_image_std",
+            "teacher_autocast_dtype",
+        ):
             if getattr(args, field) is not None:
                 overrides[field] = getattr(args, field)
         if args.adversarial_start_step is not None:
