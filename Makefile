@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo demo-model test test-fast test-slow lint format data assets install clean
+.PHONY: demo demo-model smollm2-model test test-fast test-slow lint format data assets install clean
 
 demo: $(INSTALLED) data
 	$(PY) -m unimm.cli demo
@@ -14,6 +14,11 @@ demo: $(INSTALLED) data
 # Retrain the committed demo checkpoint from scratch (recipes/demo/README.md); resumes if interrupted.
 demo-model: $(INSTALLED) data
 	$(PY) -m unimm.training.demo_model
+
+# SmolLM2-135M-Instruct + a DINOv2-taught tokenizer (recipes/smollm2/README.md); resumes if interrupted.
+smollm2-model: $(INSTALLED) data assets
+	$(PY) -m unimm.training.demo_model --recipes recipes/smollm2 --work-dir outputs/smollm2 \
+		--output outputs/smollm2/checkpoint --num-understanding 500 --images-per-class 20
 
 test: $(INSTALLED) data lint
 	$(PY) -m pytest -m "not slow" -q --durations=15

@@ -12,6 +12,7 @@ from transformers import HfArgumentParser
 
 from unimm.data.schema import drop_text
 from unimm.llm import UniMMForCausalLM, UniMMProcessor
+from unimm.llm.lora import apply_lora
 from unimm.llm.text_tokenizer import build_word_level_tokenizer
 from unimm.pipelines import UniMMPipeline
 from unimm.tokenizer import DualCodebookConfig, DualCodebookImageProcessor, DualCodebookTokenizer
@@ -142,6 +143,10 @@ def test_build_llm_data_and_assemble(tmp_path: Path) -> None:
         "a photo of a bag",
         "an emoji of red heart",
     ]
+    # A LoRA-wrapped model (the SmolLM2 recipe) draws its grid too.
+    stage._sample_pipeline = None
+    (lora_grid,) = stage.write_samples(apply_lora(llm, r=2), step=6, output_dir=tmp_path / "samples")
+    assert Image.open(lora_grid).size == (3 * 16, 2 * 16)
 
     assemble(tmp_path / "demo", tmp_path / "tokenizer", tmp_path / "data/init", tmp_path / "data/init", None)
     pipeline = UniMMPipeline.from_pretrained(tmp_path / "demo")

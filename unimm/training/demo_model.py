@@ -426,7 +426,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--output", default="checkpoints/demo", help="the assembled checkpoint (default: checkpoints/demo)"
     )
+    parser.add_argument(
+        "--num-understanding", type=int, default=None, help="eval: test images asked (default: the report's)"
+    )
+    parser.add_argument(
+        "--images-per-class",
+        type=int,
+        default=None,
+        help="eval: images generated per class (default: the report's)",
+    )
     args = parser.parse_args(argv)
+    report_options = {
+        name: value
+        for name, value in (
+            ("num_understanding", args.num_understanding),
+            ("images_per_class", args.images_per_class),
+        )
+        if value is not None
+    }
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     work, recipes = Path(args.work_dir), Path(args.recipes)
     (data_args,) = HfArgumentParser(DemoLlmDataArguments).parse_yaml_file(str(recipes / "llm_data.yaml"))
@@ -501,7 +518,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         timed(
             "eval",
             lambda: evaluate_and_card(
-                Path(args.output), work / "eval", text_model_name_or_path=data_args.text_model_name_or_path
+                Path(args.output),
+                work / "eval",
+                text_model_name_or_path=data_args.text_model_name_or_path,
+                **report_options,
             ),
         )
     logger.info(

@@ -284,7 +284,7 @@ class LlmStage(TrainingStage):
         """A PNG grid per sample step: one row per prompt, drawn by the model as the pipeline would
         (guided, constrained to the default grid) and decoded by the tokenizer's pixel decoder."""
         args = self.args
-        model = getattr(model, "module", model)
+        model = _unwrap(model)  # peft injects its adapters in place: the base model draws with them
         if not args.sample_prompts or not isinstance(model, UniMMForCausalLM):
             return []
         from diffusers.utils import make_image_grid
