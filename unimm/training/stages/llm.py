@@ -247,8 +247,11 @@ class LlmStage(TrainingStage):
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if embeddings is None or not hasattr(model, "generate"):
             raise TypeError(f"stage {self.name!r} trains causal LMs; got {type(model).__name__}")
-        # peft wraps an embedding with trainable token rows; its (merged) weight still has one row per token.
-        vocab_size, largest = embeddings.weight.shape[0], train_dataset.max_token_id()
+        # A peft wrapper (trainable token rows) has no num_embeddings; its weight still has one row per token,
+        # whose full shape ZeRO-3 keeps in ds_shape once it partitions the weight.
+        weight = embeddings.weight
+        vocab_size = getattr(embeddings, "num_embeddings", None) or getattr(weight, "ds_shape", weight.shape)[0]
+        largest = train_dataset.max_token_id()
         if largest >= vocab_size:
             raise ValueError(
                 f"train data holds token id {largest} but the model's vocabulary has {vocab_size} rows: "
