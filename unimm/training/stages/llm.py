@@ -250,7 +250,9 @@ class LlmStage(TrainingStage):
         # A peft wrapper (trainable token rows) has no num_embeddings; its weight still has one row per token,
         # whose full shape ZeRO-3 keeps in ds_shape once it partitions the weight.
         weight = embeddings.weight
-        vocab_size = getattr(embeddings, "num_embeddings", None) or getattr(weight, "ds_shape", weight.shape)[0]
+        vocab_size = (
+            getattr(embeddings, "num_embeddings", None) or getattr(weight, "ds_shape", weight.shape)[0]
+        )
         largest = train_dataset.max_token_id()
         if largest >= vocab_size:
             raise ValueError(
