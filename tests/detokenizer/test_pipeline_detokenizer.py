@@ -160,6 +160,17 @@ def test_latent_space(make_decoder, make_pipeline, image_token_ids, vae_class, v
     loaded = DetokenizerPipeline.from_pretrained(tmp_path)
     assert isinstance(loaded.vae, vae_class)
     np.testing.assert_array_equal(run(loaded, image_token_ids), images)
+    # Refining encodes the image with the autoencoder (its latents' mode, normalised) and noises that.
+    calls, hook = record_forwards(pipeline)
+    noise = torch.randn(2, 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2, generator=torch.Generator().manual_seed(1))
+    refined = run(
+        pipeline, image_token_ids, num_inference_steps=4, image=initial_images(), strength=0.5, latents=noise
+    )
+    hook.remove()
+    assert refined.shape == images.shape and len(calls) == 2
+    samples = pipeline.encode_samples(initial_images() * 2 - 1)
+    expected_start = pipeline.scheduler.add_noise(samples, noise, pipeline.scheduler.timesteps[2:3])
+    torch.testing.assert_close(calls[0][0][2:], expected_start)
     with pytest.raises(ValueError, match="4 latent channels but the decoder denoises 3"):
         run(make_pipeline(make_decoder(), vae=vae), image_token_ids)
 
@@ -178,3 +189,99 @@ def test_bad_input(make_pipeline, image_token_ids, kwargs, message):
     ids = kwargs.pop("ids", image_token_ids)
     with pytest.raises(ValueError, match=message):
         run(make_pipeline(), ids, **kwargs)
+
+
+def initial_images(batch_size=2, seed=3):
+    """Images in [0, 1] as `output_type="pt"` returns them, (B, 3, H, W)."""
+    return torch.rand(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def record_forwards(pipeline):
+    """Hook on the decoder: the (sample, timestep) of every forward, in order."""
+    calls = []
+    hook = pipeline.decoder.register_forward_hook(
+        lambda module, args, output: calls.append((args[0].clone(), args[1].clone()))
+    )
+    return calls, hook
+
+
+def test_refine_at_full_strength_is_the_plain_call(make_pipeline, image_token_ids):
+    pipeline = make_pipeline(scheduler=DPMSolverMultistepScheduler(num_train_timesteps=100))
+    plain = run(pipeline, image_token_ids)
+    np.testing.assert_array_equal(run(pipeline, image_token_ids, image=initial_images(), strength=1.0), plain)
+
+
+@pytest.mark.parametrize(
+    "scheduler", [DDIMScheduler(num_train_timesteps=100, clip_sample=False), DPMSolverMultistepScheduler()]
+)
+def test_refine_noises_the_image_and_runs_the_last_strength_of_the_schedule(
+    make_pipeline, image_token_ids, scheduler
+):
+    pipeline = make_pipeline(scheduler=scheduler)
+    plain_before = run(pipeline, image_token_ids)
+    noise = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    calls, hook = record_forwards(pipeline)
+    refined = run(
+        pipeline, image_token_ids, num_inference_steps=4, image=initial_images(), strength=0.5, latents=noise
+    )
+    hook.remove()
+    scheduler.set_timesteps(4)
+    assert [int(timestep[0]) for _, timestep in calls] == scheduler.timesteps[2:].tolist()
+    if hasattr(scheduler, "set_begin_index"):  # sigma schedulers index add_noise by the begin step
+        scheduler.set_begin_index(2)
+    expected_start = scheduler.add_noise(initial_images() * 2 - 1, noise, scheduler.timesteps[2:3].repeat(2))
+    scale_input = getattr(scheduler, "scale_model_input", lambda sample, timestep: sample)
+    torch.testing.assert_close(calls[0][0][2:], scale_input(expected_start, scheduler.timesteps[2]))
+    assert refined.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) and np.isfinite(refined).all()
+    # The refine call leaves no state behind in the scheduler (its begin index is reset).
+    np.testing.assert_array_equal(run(pipeline, image_token_ids), plain_before)
+
+
+def test_refine_with_a_flow_decoder(make_decoder, make_pipeline, image_token_ids):
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=100)
+    pipeline = make_pipeline(make_decoder(prediction_type="flow"), scheduler=scheduler)
+    noise = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    calls, hook = record_forwards(pipeline)
+    run(pipeline, image_token_ids, num_inference_steps=4, image=initial_images(), strength=0.5, latents=noise)
+    hook.remove()
+    assert len(calls) == 2
+    sigma = scheduler.sigmas[2]  # x_t = (1 - σ)·x0 + σ·noise at the third of four steps
+    torch.testing.assert_close(calls[0][0][2:], (1 - sigma) * (initial_images() * 2 - 1) + sigma * noise)
+
+
+def test_refine_batch_matches_single_images_and_takes_pil(make_pipeline, image_token_ids):
+    pipeline = make_pipeline()
+    images = run(pipeline, image_token_ids, seed=5, output_type="pil")  # refine the pipeline's own output
+
+    def refine(ids, image, seeds):
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        return pipeline(ids, 4, 2.0, generator=generators, output_type="np", image=image, strength=0.5).images
+
+    batch = refine(image_token_ids, images, (10, 11))
+    for index, seed in enumerate((10, 11)):
+        single = refine(image_token_ids[index : index + 1], images[index], (seed,))
+        np.testing.assert_allclose(batch[index], single[0], atol=1e-5)
+    # PIL images and tensors in [0, 1] of the same pixels give the same images.
+    as_tensor = torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2) / 255
+    np.testing.assert_allclose(refine(image_token_ids, as_tensor, (10, 11)), batch, atol=1e-5)
+    # One image is used for every grid.
+    np.testing.assert_array_equal(
+        refine(image_token_ids, images[0], (10, 11)), refine(image_token_ids, [images[0]] * 2, (10, 11))
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"strength": 0.0}, r"strength must be in \(0, 1\], got 0.0"),
+        ({"strength": 1.5}, r"strength must be in \(0, 1\], got 1.5"),
+        ({"strength": 0.5, "image": None}, r"strength=0.5 refines an initial image: pass `image` too"),
+        ({"strength": 0.2}, r"strength=0.2 x num_inference_steps=3 leaves no denoising step"),
+        ({"image": initial_images(3), "strength": 0.5}, r"image must hold 1 or 2 images .*got 3"),
+        ({"image": initial_images()[:, :1], "strength": 0.5}, r"image must have 3 channels, got 1"),
+    ],
+)
+def test_bad_refine_input(make_pipeline, image_token_ids, kwargs, message):
+    kwargs = {"image": initial_images(), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        run(make_pipeline(), image_token_ids, **kwargs)
