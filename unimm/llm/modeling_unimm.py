@@ -189,17 +189,17 @@ class UniMMForCausalLM(UniMMGenerationMixin, UniMMPreTrainedModel, GenerationMix
         count as the loss denominator. ``return_logits=False`` (training, with ``labels``) runs the head only
         at positions that have a target: a chat sample trains on a few answer tokens, and the vocabulary
         projection and its cross-entropy over every position are a large share of a step."""
+        model_inputs = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
         if not return_logits and labels is not None:
-            decoder = self.language_model.get_decoder()
-            outputs = decoder(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                inputs_embeds=inputs_embeds,
-                use_cache=use_cache,
-                **kwargs,
-            )
+            outputs = self.language_model.get_decoder()(**model_inputs)
             shift_labels = labels[:, 1:].to(outputs.last_hidden_state.device)  # (B, T - 1)
             valid = shift_labels != IGNORE_INDEX
             hidden_states = outputs.last_hidden_state[:, :-1][valid]  # (N, D): positions with a target
@@ -208,16 +208,7 @@ class UniMMForCausalLM(UniMMGenerationMixin, UniMMPreTrainedModel, GenerationMix
             )
             passed = {name: value for name, value in outputs.items() if name != "last_hidden_state"}
             return UniMMCausalLMOutput(loss=loss, text_loss=text_loss, image_loss=image_loss, **passed)
-        outputs = self.language_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
+        outputs = self.language_model(**model_inputs, logits_to_keep=logits_to_keep)
         loss = text_loss = image_loss = None
         if labels is not None:
             loss, text_loss, image_loss = self.loss_per_modality(outputs.logits, labels, num_items_in_batch)

@@ -335,8 +335,6 @@ def assemble(
 def compare_text_skills(pipeline: Any, text_model_name_or_path: str, output_dir: Path) -> dict[str, Any]:
     """The 20 general text questions asked to the pretrained text model and to the trained unified model;
     writes ``text_questions.json`` (scores and every reply) and returns it."""
-    from transformers import AutoTokenizer
-
     from unimm.evaluation.text_questions import evaluate_text_questions
 
     before_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path).eval()
