@@ -12,14 +12,18 @@
     # (one image at a time, conditional and unconditional forwards separately, as ILLUME+/Emu3 do):
     python benchmarks/detokenizer.py speed --detokenizer outputs/detokenizer-fmnist/export
 
-Images are compared in [0, 1] on all channels. The Fréchet distance is computed between the teacher features
-(mean over the token grid) of the originals and of the reconstructions. As a reference for its sampling noise,
-a second, disjoint set of real test images of the same size against the originals (reconstructions are paired
-with the originals, so they can score below that reference). The pixel decoder was trained with a perceptual
-loss in that same teacher feature space, so a second Fréchet distance is reported in a space neither decoder
-was trained against: the Fashion-MNIST judge's 128-d features (`unimm.evaluation.judge`). Keep
---num-images at 500 or more: with fewer, the covariance estimates inflate the distances (for the demo
-model's pixel decoder, 0.064 at 200 images against 0.023 at 500 and 1000).
+Images are compared in [0, 1] on all channels. Two Fréchet distances per feature space, both between mean
+teacher features over the token grid (and again in the judge's features, below):
+- paired: the reconstructions against their own originals. At a few hundred images this mostly measures how
+  close each reconstruction is to its original (reconstructions can score far below a second, disjoint set of
+  real images, printed as the reference row), not whether they look like real images.
+- reference: the reconstructions against the statistics of --reference-images *other* real test images, the
+  usual FID protocol (generated set vs a large real set); the originals themselves get a row too, so the
+  sampling noise of the evaluated set is visible.
+The pixel decoder was trained with a perceptual loss in that same teacher feature space, so the same distances
+are reported in a space neither decoder was trained against: the Fashion-MNIST judge's 128-d features
+(`unimm.evaluation.judge`). Keep --num-images at 500 or more: with fewer, the covariance estimates inflate the
+distances (for the demo model's pixel decoder, 0.064 at 200 images against 0.023 at 500 and 1000).
 """
 
 from __future__ import annotations
@@ -81,11 +85,13 @@ def score(
     reconstructions: torch.Tensor,
     originals: torch.Tensor,
     real_features: dict[str, torch.Tensor],
+    reference_features: dict[str, torch.Tensor],
     tokenizer: DualCodebookTokenizer,
     judge: FashionMNISTJudge,
     seconds: float,
 ) -> dict:
-    """`row` plus PSNR/SSIM against the originals and Fréchet distances to the originals' features."""
+    """`row` plus PSNR/SSIM against the originals, Fréchet distances to the originals' features (paired) and
+    to the reference images' features."""
     prediction, target = (reconstructions + 1) / 2, (originals + 1) / 2
     features = embeddings(tokenizer, judge, reconstructions)
     return {
@@ -93,6 +99,10 @@ def score(
         "psnr": float(metrics.psnr(prediction.clamp(0, 1), target).mean()),
         "ssim": float(metrics.ssim(prediction.clamp(0, 1), target).mean()),
         **{f"frechet_{space}": frechet_distance(features[space], real_features[space]) for space in features},
+        **{
+            f"frechet_reference_{space}": frechet_distance(features[space], reference_features[space])
+            for space in features
+        },
         "seconds_per_image": seconds / reconstructions.shape[0],
     }
 
@@ -140,6 +150,10 @@ def quality(args: argparse.Namespace) -> None:
     floor_features = embeddings(
         tokenizer, judge, load_test_images(size, args.num_images, offset=args.num_images)
     )
+    reference_features = embeddings(
+        tokenizer, judge, load_test_images(size, args.reference_images, offset=2 * args.num_images)
+    )
+    real = (real_features, reference_features)
     benchmark_start = time.perf_counter()
     with torch.no_grad():
         ids = torch.cat(
@@ -155,7 +169,7 @@ def quality(args: argparse.Namespace) -> None:
         pixel_seconds = time.perf_counter() - start
         pixel_row = {"decoder": "tokenizer pixel decoder", "scheduler": None, "steps": None}
         pixel_row |= {"strength": None, "guidance_scale": None}
-        rows = [score(pixel_row, pixel_decoded, originals, real_features, tokenizer, judge, pixel_seconds)]
+        rows = [score(pixel_row, pixel_decoded, originals, *real, tokenizer, judge, pixel_seconds)]
         columns = {"original": originals, "pixel decoder": pixel_decoded}
         for guidance_scale in args.guidance_scale:
             for steps in args.steps:
@@ -167,11 +181,14 @@ def quality(args: argparse.Namespace) -> None:
                     name = "diffusion" if strength == 1 else "pixel decoder + diffusion refine"
                     row = {"decoder": name, "scheduler": scheduler, "steps": steps, "strength": strength}
                     row["guidance_scale"] = guidance_scale
-                    rows.append(score(row, images, originals, real_features, tokenizer, judge, seconds))
+                    rows.append(score(row, images, originals, *real, tokenizer, judge, seconds))
                     label = "diffusion" if strength == 1 else f"refine {strength:g}"
                     cfg = f" cfg {guidance_scale:g}" if len(args.guidance_scale) > 1 else ""
                     columns[f"{label} {steps}{cfg}"] = images
     floor = {space: frechet_distance(floor_features[space], real_features[space]) for space in floor_features}
+    originals_to_reference = {
+        space: frechet_distance(real_features[space], reference_features[space]) for space in real_features
+    }
     wall = time.perf_counter() - benchmark_start
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -185,6 +202,9 @@ def quality(args: argparse.Namespace) -> None:
         "num_images": args.num_images,
         "other_real_images_frechet_teacher": floor["teacher"],
         "other_real_images_frechet_judge": floor["judge"],
+        "reference_images": args.reference_images,
+        "originals_frechet_reference_teacher": originals_to_reference["teacher"],
+        "originals_frechet_reference_judge": originals_to_reference["judge"],
         "wall_seconds": wall,
         "rows": rows,
         "columns": list(columns),
@@ -194,16 +214,26 @@ def quality(args: argparse.Namespace) -> None:
     print(f"\nHeld-out Fashion-MNIST test images: {args.num_images} (tokens from {args.tokenizer})")
     print(f"scheduler: {scheduler}; strength 1 = pure diffusion, < 1 = refining the pixel decoder's images")
     header = f"{'decoder':<34}{'steps':>6}{'strength':>9}{'cfg':>5}{'PSNR dB':>9}{'SSIM':>8}"
-    print(f"{header}{'Fréchet (teacher)':>19}{'Fréchet (judge)':>17}{'s/image':>9}")
+    print(f"{'':<71}{'Fréchet, paired':>20}{'Fréchet vs reference':>24}")
+    print(f"{header}{'teacher':>10}{'judge':>10}{'teacher':>12}{'judge':>12}{'s/image':>9}")
     for row in rows:
         steps, strength, cfg = (
             "" if row[key] is None else f"{row[key]:g}" for key in ("steps", "strength", "guidance_scale")
         )
         print(
             f"{row['decoder']:<34}{steps:>6}{strength:>9}{cfg:>5}{row['psnr']:>9.2f}{row['ssim']:>8.4f}"
-            f"{row['frechet_teacher']:>19.4f}{row['frechet_judge']:>17.3f}{row['seconds_per_image']:>9.4f}"
+            f"{row['frechet_teacher']:>10.4f}{row['frechet_judge']:>10.3f}"
+            f"{row['frechet_reference_teacher']:>12.4f}{row['frechet_reference_judge']:>12.3f}"
+            f"{row['seconds_per_image']:>9.4f}"
         )
-    print(f"{'other real test images (reference)':<71}{floor['teacher']:>19.4f}{floor['judge']:>17.3f}")
+    print(
+        f"{'other real test images (paired reference)':<71}{floor['teacher']:>10.4f}{floor['judge']:>10.3f}"
+    )
+    print(
+        f"{'the originals themselves':<71}{'':>20}"
+        f"{originals_to_reference['teacher']:>12.4f}{originals_to_reference['judge']:>12.3f}"
+    )
+    print(f"reference: {args.reference_images} other Fashion-MNIST test images")
     print(f"grid (columns: {', '.join(columns)}): {grid_path}")
     print(f"wall time: {wall:.0f} s")
 
@@ -290,6 +320,12 @@ def main() -> None:
         command.add_argument("--seed", type=int, default=0)
     sub.choices["quality"].add_argument("--tokenizer", required=True, help="DualCodebookTokenizer folder")
     sub.choices["quality"].add_argument("--num-images", type=int, default=500)
+    sub.choices["quality"].add_argument(
+        "--reference-images",
+        type=int,
+        default=5000,
+        help="real test images (after the evaluated ones and the paired reference) for the reference statistics",
+    )
     sub.choices["quality"].add_argument(
         "--scheduler", default=None, help="a diffusers scheduler class to swap in (default: the saved one)"
     )

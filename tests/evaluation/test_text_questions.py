@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from unimm.evaluation.text_questions import (
     TextQuestion,
@@ -16,10 +14,6 @@ from unimm.evaluation.text_questions import (
 )
 
 NUMBER_OF_QUESTIONS = 20
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}<user> {{ message['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}<assistant> {% endif %}"
-)
 
 
 def test_shipped_questions_are_twenty_with_answers() -> None:
@@ -49,28 +43,6 @@ def test_judge(reply: str, answers: list[str], expected: bool) -> None:
 
 def test_first_sentence_keeps_decimals() -> None:
     assert first_sentence("About 149.7 million km2. Next.") == "About 149.7 million km2."
-
-
-@pytest.fixture
-def tiny_chat_model() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    words = ["<pad>", "<eos>", "<unk>", "<user>", "<assistant>"] + [f"w{i}" for i in range(27)]
-    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(words),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=None,
-    )
-    return LlamaForCausalLM(config).eval(), tokenizer
 
 
 def test_batched_replies_equal_one_by_one(tiny_chat_model) -> None:

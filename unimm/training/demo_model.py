@@ -45,6 +45,14 @@ from unimm.data.demo_datasets import (
     load_fashion_mnist,
 )
 from unimm.data.schema import IMAGE, TEXT, drop_text
+from unimm.data.text_replay import (
+    generate_text_replay,
+    load_text_replay,
+    replay_questions,
+    save_text_replay,
+    text_chat_sample,
+)
+from unimm.evaluation.text_questions import load_text_questions
 from unimm.llm import UniMMForCausalLM, UniMMProcessor
 from unimm.llm.processing_unimm import IGNORE_INDEX
 from unimm.llm.text_tokenizer import END_OF_TURN, build_word_level_tokenizer
@@ -94,6 +102,16 @@ class DemoLlmDataArguments:
         default=16, metadata={"help": "largest grid (codes per side) the size tokens write"}
     )
     text_vocab_multiple: int = field(default=64, metadata={"help": "round the text vocabulary up to this"})
+    text_replay_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "share of train sequences that are text-only chats answered by the pretrained text model "
+            "itself (unimm.data.text_replay), which keeps its text skills; needs text_model_name_or_path"
+        },
+    )
+    text_replay_max_new_tokens: int = field(
+        default=64, metadata={"help": "longest replayed answer; longer replies are left out"}
+    )
     max_train_images: int | None = field(default=None, metadata={"help": "per source (smoke runs)"})
     max_eval_images: int | None = 1000
     encode_batch_size: int = 256
@@ -108,6 +126,12 @@ class DemoLlmDataArguments:
             raise ValueError(f"condition_dropout must be in [0, 1), got {self.condition_dropout}")
         if not self.questions:
             raise ValueError("questions must not be empty")
+        if not 0.0 <= self.text_replay_fraction < 1.0:
+            raise ValueError(f"text_replay_fraction must be in [0, 1), got {self.text_replay_fraction}")
+        if self.text_replay_fraction and self.text_model_name_or_path is None:
+            raise ValueError(
+                "text_replay_fraction needs text_model_name_or_path: it replays a pretrained model"
+            )
 
 
 def fashion_mnist_answer(label: int) -> str:
@@ -229,9 +253,13 @@ def build_llm_data(args: DemoLlmDataArguments) -> None:
     grid = tuple(splits["train"][0][0].shape)
     # 2. The text model and its tokenizer: pretrained, or from scratch with a word-level tokenizer learned
     # from every text the model will see. Then the unified model and its processor.
+    replay: dict[str, list[dict[str, str]]] = {"train": [], "test": []}
     if args.text_model_name_or_path is not None:
         text_tokenizer = AutoTokenizer.from_pretrained(args.text_model_name_or_path)
         text_model = AutoModelForCausalLM.from_pretrained(args.text_model_name_or_path)
+        if args.text_replay_fraction:
+            # before the vocabulary is extended: the replies are the untouched model's own
+            replay = text_replay_chats(args, text_model.eval(), text_tokenizer)
     else:
         corpus = [
             *args.questions,
@@ -294,6 +322,19 @@ def build_llm_data(args: DemoLlmDataArguments) -> None:
                 ):
                     table["input_ids"].append(row["input_ids"])
                     table["labels"].append(row["labels"])
+        if replay[split]:
+            # fraction f of the final table: f / (1 - f) replay rows per multimodal row, cycling the chats
+            count = round(
+                len(table["input_ids"]) * args.text_replay_fraction / (1 - args.text_replay_fraction)
+            )
+            rows = [
+                processor.tokenize_sample(text_chat_sample(chat["question"], chat["answer"]))
+                for chat in replay[split]
+            ]
+            for index in range(count if split == "train" else len(rows)):
+                table["input_ids"].append(rows[index % len(rows)]["input_ids"])
+                table["labels"].append(rows[index % len(rows)]["labels"])
+            logger.info("%s: %d text replay sequences from %d chats", split, count, len(rows))
         unknown = (
             sum(ids.count(text_tokenizer.unk_token_id) for ids in table["input_ids"])
             if args.backbone is not None  # a pretrained byte-level tokenizer has no unknown words
@@ -312,6 +353,28 @@ def build_llm_data(args: DemoLlmDataArguments) -> None:
             max(map(len, table["input_ids"])),
             folder,
         )
+
+
+def text_replay_chats(
+    args: DemoLlmDataArguments, text_model: Any, text_tokenizer: Any
+) -> dict[str, list[dict[str, str]]]:
+    """The pretrained model's own answers to the replay questions (cached in ``text_replay.jsonl``: the
+    generation takes minutes), split 95/5 into train and eval chats."""
+    path = Path(args.output_dir) / "text_replay.jsonl"
+    if path.exists():
+        chats = load_text_replay(path)
+        logger.info("text replay: %d chats from %s", len(chats), path)
+    else:
+        evaluation = [question.question for question in load_text_questions()]
+        chats = generate_text_replay(
+            text_model, text_tokenizer, replay_questions(evaluation), args.text_replay_max_new_tokens
+        )
+        save_text_replay(chats, path)
+    if len(chats) < 2:
+        raise ValueError(f"text replay: {len(chats)} usable chats in {path}; need at least 2")
+    chats = random.Random(args.seed).sample(chats, len(chats))
+    held_out = max(1, len(chats) // 20)
+    return {"train": chats[held_out:], "test": chats[:held_out]}
 
 
 def assemble(
