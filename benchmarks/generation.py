@@ -6,7 +6,14 @@ backbone size, image token count, guidance, sampling), both with freshly initial
 not depend on the values). Text: ``generate_multimodal(mode="text")`` against plain ``generate`` of the
 underlying language model, greedy, same number of new tokens.
 
-Runs are interleaved (reference, ours, reference, ours, ...) and the median of ``--repeats`` is reported.
+unimm runs twice: eager (the default) and with ``compile=True`` (its decode step through ``torch.compile``,
+inductor with dynamic shapes, one graph for every batch size and length). The compile is a one-off per model
+and process, timed in wall seconds and printed on its own line; every measured run starts after it. Janus is
+measured through its default user-facing call, eager with a ``DynamicCache``: transformers can also give it
+a ``StaticCache`` and compile its forward (``cache_implementation="static"``, ``compile_config``), which this
+benchmark does not do.
+
+Runs are interleaved (reference, ours, ours compiled, ...) and the median of ``--repeats`` is reported.
 Throughput is measured in CPU time of this process with one torch thread (the machine may be shared, and
 CPU time is what other jobs disturb least); the wall-clock ratio is printed next to it. Image throughput
 counts codebook tokens only: unimm also writes the size, end-of-row and end-of-image tokens (20 more
@@ -103,11 +110,24 @@ def interleaved_rates(runners: dict, repeats: int, work: int) -> dict[str, tuple
 
 
 def print_row(label: str, rates: dict[str, tuple[float, float]], reference: str) -> None:
-    (ref_cpu, ref_wall), (ours_cpu, ours_wall) = rates[reference], rates["unimm"]
-    print(
-        f"| {label} | {ref_cpu:.1f} | {ours_cpu:.1f} | **{ours_cpu / ref_cpu:.2f}x** | {ours_wall / ref_wall:.2f}x |",
-        flush=True,
-    )
+    """One table row: the reference's rate, then per unimm variant its rate and CPU / wall ratios."""
+    ref_cpu, ref_wall = rates[reference]
+    cells = [f"{ref_cpu:.1f}"]
+    for name in ("unimm", "unimm compiled"):
+        cpu, wall = rates[name]
+        cells += [f"{cpu:.1f}", f"**{cpu / ref_cpu:.2f}x** ({wall / ref_wall:.2f}x)"]
+    print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+
+
+def compile_decode_step(args, unimm) -> float:
+    """Compile unimm's decode step once (two image calls: the second length makes dynamo mark the sequence
+    dimension dynamic, after which no shape recompiles); returns the wall seconds taken."""
+    wall = time.perf_counter()
+    for _ in range(2):
+        unimm.generate_multimodal(
+            [[1, 5, 6]], mode="image", image_sampling=ModalitySampling(do_sample=True), compile=True, seed=0
+        )
+    return time.perf_counter() - wall
 
 
 def bench_images(args, janus, unimm, batch: int) -> dict[str, float]:
@@ -126,13 +146,17 @@ def bench_images(args, janus, unimm, batch: int) -> dict[str, float]:
             guidance_scale=args.guidance,
         )  # fmt: skip
 
-    def run_unimm(seed: int) -> None:
-        unimm.generate_multimodal(
-            prompts, mode="image", guidance_scale=args.guidance, unconditional_input_ids=unconditional,
-            image_sampling=sampling, seed=seed,
-        )  # fmt: skip
+    def unimm_runner(compile: bool):
+        def run_unimm(seed: int) -> None:
+            unimm.generate_multimodal(
+                prompts, mode="image", guidance_scale=args.guidance, unconditional_input_ids=unconditional,
+                image_sampling=sampling, seed=seed, compile=compile,
+            )  # fmt: skip
 
-    return interleaved_rates({"janus": run_janus, "unimm": run_unimm}, args.repeats, batch * args.grid**2)
+        return run_unimm
+
+    runners = {"janus": run_janus, "unimm": unimm_runner(False), "unimm compiled": unimm_runner(True)}
+    return interleaved_rates(runners, args.repeats, batch * args.grid**2)
 
 
 def bench_text(args, unimm, batch: int) -> dict[str, float]:
@@ -148,14 +172,17 @@ def bench_text(args, unimm, batch: int) -> dict[str, float]:
     def run_generate(seed: int) -> None:
         language_model.generate(prompt, attention_mask=mask, generation_config=plain)
 
-    def run_unimm(seed: int) -> None:
-        unimm.generate_multimodal(
-            prompt, attention_mask=mask, mode="text", max_new_tokens=args.text_tokens, eos_token_id=[]
-        )
+    def unimm_runner(compile: bool):
+        def run_unimm(seed: int) -> None:
+            unimm.generate_multimodal(
+                prompt, attention_mask=mask, mode="text", max_new_tokens=args.text_tokens, eos_token_id=[],
+                compile=compile,
+            )  # fmt: skip
 
-    return interleaved_rates(
-        {"generate": run_generate, "unimm": run_unimm}, args.repeats, batch * args.text_tokens
-    )
+        return run_unimm
+
+    runners = {"generate": run_generate, "unimm": unimm_runner(False), "unimm compiled": unimm_runner(True)}
+    return interleaved_rates(runners, args.repeats, batch * args.text_tokens)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,16 +216,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     with torch.inference_mode():
         print(
-            "\n| image generation | Janus (img tok/CPU-s) | unimm (img tok/CPU-s) | speed-up (CPU) | speed-up (wall) |"
+            f"unimm compile=True: {compile_decode_step(args, unimm):.1f} s wall to compile (once per model and "
+            "process, not in the rates below)"
         )
-        print("|---|---|---|---|---|")
+        print(
+            "\n| image generation | Janus (img tok/CPU-s) | unimm eager (img tok/CPU-s) | speed-up CPU (wall) "
+            "| unimm compiled (img tok/CPU-s) | speed-up CPU (wall) |"
+        )
+        print("|---|---|---|---|---|---|")
         for batch in args.batch_sizes:
             print_row(f"batch {batch}", bench_images(args, janus, unimm, batch), "janus")
         print(
-            f"\n| text ({args.text_tokens} greedy tokens) | LM generate (tok/CPU-s) | unimm (tok/CPU-s) "
-            "| ratio (CPU) | ratio (wall) |"
+            f"\n| text ({args.text_tokens} greedy tokens) | LM generate (tok/CPU-s) | unimm eager (tok/CPU-s) "
+            "| ratio CPU (wall) | unimm compiled (tok/CPU-s) | ratio CPU (wall) |"
         )
-        print("|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|")
         for batch in args.text_batch_sizes:
             print_row(f"batch {batch}", bench_text(args, unimm, batch), "generate")
 

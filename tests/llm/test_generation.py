@@ -103,6 +103,28 @@ def test_cache_implementations_agree(tiny, kind):
         assert torch.equal(outputs[0].sequence_lengths, other.sequence_lengths)
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("implementation", ["preallocated", "static"])
+def test_compiled_decode_step_equals_eager(tiny, implementation):
+    """torch.compile of the decode step (dynamic shapes: batch and length change between calls without a new
+    graph) writes the eager tokens, greedy on a mixed guided batch and sampled with a seed."""
+    model = tiny.model()
+    kwargs = dict(
+        mode=["image", "text", "interleaved", "image"], image_grid=[(2, 3), None, (2, 2), (3, 2)],
+        guidance_scale=[1.0, 1.0, 1.0, 4.0], unconditional_input_ids=[None, None, None, [1, 4]],
+        max_new_tokens=12, image_sampling=GREEDY, eos_token_id=[], cache_implementation=implementation,
+    )  # fmt: skip
+    prompts = [[1, 5, 6], [1, 7, 8, 9, 10, 11, 12], [1, 11], [1, 12, 13, 14]]
+    eager = model.generate_multimodal(prompts, **kwargs)
+    compiled = model.generate_multimodal(prompts, compile=True, **kwargs)
+    assert torch.equal(eager.sequences, compiled.sequences)
+    sampled = dict(mode="image", image_grid=(2, 2), guidance_scale=3.0, unconditional_input_ids=[[1]] * 2)
+    sampled.update(image_sampling=SAMPLED, seed=[3, 4], cache_implementation=implementation)
+    eager = model.generate_multimodal([[1, 5], [1, 6, 7]], **sampled)
+    compiled = model.generate_multimodal([[1, 5], [1, 6, 7]], compile=True, **sampled)
+    assert torch.equal(eager.sequences, compiled.sequences)
+
+
 def test_eager_attention_matches_sdpa(tiny):
     """The decode loop hands SDPA a 4-D mask and other implementations the 2-D one; same tokens."""
     prompts = [[1, 5, 6], [1, 7, 8, 9, 10], [1, 12, 13, 14]]
@@ -284,6 +306,7 @@ def test_streamer_gets_prompt_then_text_tokens_only(tiny):
         (dict(num_images_per_prompt=0), "num_images_per_prompt"),
         (dict(input_ids=[[1], [1]], streamer=Collector()), "streamer"),
         (dict(cache_implementation="paged"), "cache_implementation"),
+        (dict(compile=True, cache_implementation="dynamic"), "compile=True"),
     ],
 )
 def test_bad_input_raises_value_error_naming_argument(tiny, kwargs, match):

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,3 +154,19 @@ def test_plain_generate_works_for_text(tiny):
     generated = model.generate(input_ids, max_new_tokens=4, do_sample=False, min_new_tokens=4)
     reference = model.language_model.generate(input_ids, max_new_tokens=4, do_sample=False, min_new_tokens=4)
     assert torch.equal(generated, reference)
+
+
+def test_cache_argument_uses_the_backbones_name_and_old_name_warns(tiny):
+    """The KV cache goes in as ``cache`` (transformers' current name); ``past_key_values`` still works with
+    transformers' FutureWarning; the generation engine triggers no such warning."""
+    model = tiny.model()
+    ids = torch.tensor([[1, 5, 6, 7]])
+    full = model(ids).logits[:, -1]
+    prefix = model(ids[:, :3], use_cache=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        step = model(ids[:, 3:], cache=prefix.cache).logits[:, -1]
+        model.generate_multimodal([[1, 5]], mode=["image"], image_grid=(2, 2))
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-5)
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        model(ids[:, :3], past_key_values=model(ids[:, :3], use_cache=True).cache)

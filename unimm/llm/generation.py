@@ -16,22 +16,26 @@ layers write into preallocated buffers, see ``kv_cache.py``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
 
 import torch
+from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import ModelOutput
 
 from .constraints import CLASS_CODES, DONE, IMAGE, ConstraintState, build_mask_table
-from .kv_cache import preallocated_cache
+from .kv_cache import preallocated_cache, set_cache_length
 from .sampling import ModalitySampling, RequestNoise, RowSampler
 
 MODES = ("text", "image", "interleaved")
 CACHE_IMPLEMENTATIONS = ("preallocated", "dynamic", "static")
 TokenIds = Sequence[Sequence[int]] | torch.Tensor
+# step(input_ids (R, T), attention_mask, position_ids (R, T), cache, start) -> last hidden states (R, D)
+DecodeStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Cache, int], torch.Tensor]
 
 
 @dataclass
@@ -115,6 +119,14 @@ def _streamers(streamer, count: int, repeats: list[int]) -> list[tuple[int, Base
     return [(row, item) for row, item in enumerate(streamer) if item is not None]
 
 
+def _cache_keywords(module: nn.Module) -> tuple[str, bool]:
+    """``(name of the KV-cache argument, whether cache_position is taken)`` of ``module.forward``.
+    transformers renamed ``past_key_values`` to ``cache`` (the old name warns and goes in 5.40) and dropped
+    ``cache_position`` (caches count their own length); earlier 5.x releases take the old names."""
+    parameters = inspect.signature(module.forward).parameters
+    return ("cache" if "cache" in parameters else "past_key_values"), "cache_position" in parameters
+
+
 def _is_grid(value) -> bool:
     return isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value)
 
@@ -190,6 +202,7 @@ class UniMMGenerationMixin:
         seed: int | Sequence[int | None] | None = None,
         streamer: BaseStreamer | Sequence[BaseStreamer | None] | None = None,
         cache_implementation: str = "preallocated",
+        compile: bool = False,
     ) -> UniMMGenerationOutput:
         """Generate text, images or interleaved output for a batch of (possibly mixed) requests.
 
@@ -226,6 +239,10 @@ class UniMMGenerationMixin:
             cache_implementation: ``"preallocated"`` (a ``DynamicCache`` whose layers write in place into
                 buffers reserved for the longest row, see ``unimm.llm.kv_cache``), ``"dynamic"``
                 (transformers' ``DynamicCache``, concatenates per step) or ``"static"`` (``StaticCache``).
+            compile: run each single-token decode step of the backbone through ``torch.compile`` (inductor,
+                dynamic shapes: one graph serves every batch size and length), with the ``"preallocated"``
+                or ``"static"`` cache. The first call per model compiles (seconds to a minute); the tokens
+                equal the eager ones up to floating-point reassociation in the fused kernels.
         """
         vocabulary = self.vocabulary
         device = self.get_input_embeddings().weight.device
@@ -247,6 +264,11 @@ class UniMMGenerationMixin:
         if cache_implementation not in CACHE_IMPLEMENTATIONS:
             raise ValueError(
                 f"`cache_implementation`={cache_implementation!r} is not one of {CACHE_IMPLEMENTATIONS}."
+            )
+        if compile and cache_implementation == "dynamic":
+            raise ValueError(
+                "`compile=True` needs a cache of fixed buffers: cache_implementation 'preallocated' or "
+                "'static', not 'dynamic'."
             )
         max_new_tokens = _positive_ints(max_new_tokens, count, "max_new_tokens")
         unconditional = (
@@ -303,6 +325,7 @@ class UniMMGenerationMixin:
             request_noise,
             streams,
             cache_implementation,
+            self._compiled_decode_step() if compile else self._eager_decode_step(),
         )
         return self._collect_outputs(generated, lengths)
 
@@ -381,17 +404,16 @@ class UniMMGenerationMixin:
         request_noise: RequestNoise | None,
         streams: list[tuple[int, BaseStreamer]],
         cache_implementation: str,
+        decode_step: DecodeStep,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         vocabulary = self.vocabulary
         device = guided_index.device
-        decoder = self.get_decoder()
         max_steps = int(state.budget.max())
         static = cache_implementation == "static"
         hidden, cache, attention_mask, next_position = self._prefill_prompts(
             sequences, max_steps, cache_implementation
         )
         prompt_length = attention_mask.shape[1] - max_steps
-        cache_positions = torch.arange(attention_mask.shape[1], device=device)
         all_visible = torch.ones(attention_mask.shape[0], dtype=torch.bool, device=device)
 
         mask_table = build_mask_table(vocabulary, device, hidden.dtype)
@@ -460,16 +482,13 @@ class UniMMGenerationMixin:
                 attention_mask[:, column] = True
                 next_position = next_position + 1
             step_mask = attention_mask if static else attention_mask[:, : column + 1]
-            hidden = decoder(
-                input_ids=feed.unsqueeze(-1),
-                attention_mask=step_mask[:, None, None, :]
-                if four_d_mask
-                else step_mask.long(),  # (R, 1, 1, T)
-                position_ids=next_position.unsqueeze(-1) - 1,
-                past_key_values=cache,
-                cache_position=cache_positions[column : column + 1],
-                use_cache=True,
-            ).last_hidden_state[:, -1]  # (R, D)
+            hidden = decode_step(
+                feed.unsqueeze(-1),  # (R, 1)
+                step_mask[:, None, None, :] if four_d_mask else step_mask.long(),  # (R, 1, 1, T) or (R, T)
+                next_position.unsqueeze(-1) - 1,  # (R, 1)
+                cache,
+                column,
+            )  # (R, D)
         for row_streamer in open_streams.values():
             row_streamer.end()
         return output[:, : int(lengths.max())], lengths
@@ -517,15 +536,53 @@ class UniMMGenerationMixin:
             cache = preallocated_cache(text_config, total_length)
         else:
             cache = DynamicCache(config=text_config)
-        hidden = self.get_decoder()(
-            input_ids=tokens,
-            attention_mask=(attention_mask if static else prompt_mask).long(),
-            position_ids=(prompt_mask.long().cumsum(-1) - 1).clamp(min=0),  # (R, T)
-            past_key_values=cache,
-            cache_position=torch.arange(prompt_length, device=device),
-            use_cache=True,
-        ).last_hidden_state[:, -1]  # (R, D)
+        hidden = self._eager_decode_step()(
+            tokens,
+            (attention_mask if static else prompt_mask).long(),
+            (prompt_mask.long().cumsum(-1) - 1).clamp(min=0),  # (R, T)
+            cache,
+            0,
+        )  # (R, D)
         return hidden, cache, attention_mask, prompt_mask.sum(-1)  # next positions (R,)
+
+    def _eager_decode_step(self) -> DecodeStep:
+        """The backbone's forward over ``input_ids`` written from cache position ``start`` on; returns the
+        last position's hidden states ``(R, D)``."""
+        decoder = self.get_decoder()
+        cache_argument, takes_cache_position = _cache_keywords(decoder)
+
+        def step(input_ids, attention_mask, position_ids, cache, start):
+            extra = {cache_argument: cache}
+            if takes_cache_position:
+                extra["cache_position"] = torch.arange(
+                    start, start + input_ids.shape[1], device=input_ids.device
+                )
+            outputs = decoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=True,
+                **extra,
+            )
+            return outputs.last_hidden_state[:, -1]
+
+        return step
+
+    def _compiled_decode_step(self) -> DecodeStep:
+        """:meth:`_eager_decode_step` through ``torch.compile``, built once per model. Dynamic shapes keep one
+        graph for every batch size, cache length and step; the preallocated cache's fill level is set from
+        ``start`` inside the graph, so it is a symbolic input rather than a constant that recompiles."""
+        compiled = getattr(self, "_compiled_step", None)
+        if compiled is None:
+            eager = self._eager_decode_step()
+
+            def step(input_ids, attention_mask, position_ids, cache, start):
+                set_cache_length(cache, start)
+                return eager(input_ids, attention_mask, position_ids, cache, start)
+
+            compiled = torch.compile(step, dynamic=True, fullgraph=True)
+            self._compiled_step = compiled
+        return compiled
 
     @staticmethod
     def _guide(

@@ -46,6 +46,15 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
 
+def set_cache_length(cache: DynamicCache, length: int) -> None:
+    """Set how many positions every :class:`PreallocatedLayer` of ``cache`` holds (the next write goes to
+    ``length``). The compiled decode step calls it with the length as an argument, so ``torch.compile``
+    traces the length as a symbolic input instead of baking each step's value into a new graph."""
+    for layer in cache.layers:
+        if isinstance(layer, PreallocatedLayer):
+            layer.length = length
+
+
 def preallocated_cache(config: PreTrainedConfig, max_cache_len: int) -> DynamicCache:
     """A ``DynamicCache`` for ``config`` whose full-attention layers are :class:`PreallocatedLayer`; layers
     of other kinds (sliding window, ...) keep transformers' own implementation."""

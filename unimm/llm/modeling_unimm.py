@@ -16,9 +16,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_unimm import UniMMConfig
-from .generation import UniMMGenerationMixin
+from .generation import UniMMGenerationMixin, _cache_keywords
 from .vocabulary import ImageVocabulary
 
 IGNORE_INDEX = -100
@@ -168,12 +169,13 @@ class UniMMForCausalLM(UniMMGenerationMixin, UniMMPreTrainedModel, GenerationMix
             matrix[vocabulary.code_token_offset : vocabulary.vocab_size] = init.to(matrix)
 
     # ------------------------------------------------------------------ forward
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -188,14 +190,16 @@ class UniMMForCausalLM(UniMMGenerationMixin, UniMMPreTrainedModel, GenerationMix
         ``num_items_in_batch`` (transformers' gradient-accumulation convention) replaces the local token
         count as the loss denominator. ``return_logits=False`` (training, with ``labels``) runs the head only
         at positions that have a target: a chat sample trains on a few answer tokens, and the vocabulary
-        projection and its cross-entropy over every position are a large share of a step."""
+        projection and its cross-entropy over every position are a large share of a step.
+        The KV cache is passed on under the name the installed transformers' backbone takes."""
+        cache_argument, _ = _cache_keywords(self.language_model)
         model_inputs = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **{cache_argument: cache},
             **kwargs,
         )
         if not return_logits and labels is not None:
