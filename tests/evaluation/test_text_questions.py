@@ -10,6 +10,7 @@ from unimm.evaluation.text_questions import (
     first_sentence,
     greedy_chat_replies,
     is_correct,
+    judge_replies,
     load_text_questions,
 )
 
@@ -71,6 +72,14 @@ def test_report_counts_the_judged_replies(tiny_chat_model) -> None:
     assert [row["correct"] for row in report.results] == expected
     assert report.correct == sum(expected) >= 1 and report.total == 3
     assert report.accuracy == pytest.approx(sum(expected) / 3)
+
+
+def test_judge_replies_needs_one_reply_per_question() -> None:
+    questions = [TextQuestion("w1", ("w2",)), TextQuestion("w3", ("w4",))]
+    report = judge_replies(questions, ["w2 yes.", "no."])
+    assert (report.correct, report.total) == (1, 2)
+    with pytest.raises(ValueError, match="1 replies for 2 questions"):
+        judge_replies(questions, ["w2"])
 
 
 def test_tokenizer_without_pad_token_fails_clearly(tiny_chat_model) -> None:

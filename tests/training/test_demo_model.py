@@ -200,9 +200,16 @@ def test_build_llm_data_from_a_pretrained_text_model(tmp_path: Path) -> None:
     result = compare_text_skills(
         UniMMPipeline.from_pretrained(tmp_path / "unified"), str(tmp_path / "text-model"), tmp_path / "eval"
     )
-    assert result["before"]["total"] == result["after"]["total"] == 20
+    assert (
+        result["before"]["total"] == result["after"]["total"] == result["after_unconstrained"]["total"] == 20
+    )
     saved = (tmp_path / "eval/text_questions.json").read_text()
     assert '"before"' in saved and len(result["after"]["results"]) == 20
+    # "after" is what pipeline.chat answers: text mode, so never an image token
+    chat = UniMMPipeline.from_pretrained(tmp_path / "unified").chat(
+        [row["question"] for row in result["after"]["results"][:3]], max_new_tokens=32
+    )
+    assert chat.texts == [row["reply"] for row in result["after"]["results"][:3]]
 
 
 @pytest.mark.integration

@@ -124,6 +124,13 @@ def evaluate_text_questions(
     replies = greedy_chat_replies(
         model, tokenizer, [q.question for q in questions], max_new_tokens, batch_size
     )
+    return judge_replies(questions, replies)
+
+
+def judge_replies(questions: list[TextQuestion], replies: list[str]) -> TextQuestionsReport:
+    """Judge one reply per question, however they were generated (e.g. by ``UniMMPipeline.chat``)."""
+    if len(replies) != len(questions):
+        raise ValueError(f"got {len(replies)} replies for {len(questions)} questions")
     results = [
         {"question": q.question, "reply": reply, "correct": is_correct(reply, q.answers)}
         for q, reply in zip(questions, replies)

@@ -52,7 +52,13 @@ from unimm.data.text_replay import (
     save_text_replay,
     text_chat_sample,
 )
-from unimm.evaluation.text_questions import load_text_questions
+from unimm.evaluation.text_questions import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_NEW_TOKENS,
+    evaluate_text_questions,
+    judge_replies,
+    load_text_questions,
+)
 from unimm.llm import UniMMForCausalLM, UniMMProcessor
 from unimm.llm.processing_unimm import IGNORE_INDEX
 from unimm.llm.text_tokenizer import END_OF_TURN, build_word_level_tokenizer
@@ -397,22 +403,33 @@ def assemble(
 
 def compare_text_skills(pipeline: Any, text_model_name_or_path: str, output_dir: Path) -> dict[str, Any]:
     """The 20 general text questions asked to the pretrained text model and to the trained unified model;
-    writes ``text_questions.json`` (scores and every reply) and returns it."""
-    from unimm.evaluation.text_questions import evaluate_text_questions
+    writes ``text_questions.json`` (scores and every reply) and returns it.
 
+    "after" asks the unified model the way a user does, ``pipeline.chat`` (text mode: no image token can
+    start outside an image); "after_unconstrained" with plain ``generate``, which may wander into image
+    tokens (decoded to nothing) and is kept for comparison."""
     before_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path).eval()
     before = evaluate_text_questions(before_model, AutoTokenizer.from_pretrained(text_model_name_or_path))
-    after = evaluate_text_questions(pipeline.llm, pipeline.processor.tokenizer)
+    questions = load_text_questions()
+    replies = []
+    for start in range(0, len(questions), DEFAULT_BATCH_SIZE):
+        batch = [question.question for question in questions[start : start + DEFAULT_BATCH_SIZE]]
+        replies += pipeline.chat(batch, max_new_tokens=DEFAULT_MAX_NEW_TOKENS).texts
+    after = judge_replies(questions, replies)
+    unconstrained = evaluate_text_questions(pipeline.llm, pipeline.processor.tokenizer)
     result = {
         "text_model": text_model_name_or_path,
-        "before": {"correct": before.correct, "total": before.total, "results": before.results},
-        "after": {"correct": after.correct, "total": after.total, "results": after.results},
+        **{
+            name: {"correct": report.correct, "total": report.total, "results": report.results}
+            for name, report in (("before", before), ("after", after), ("after_unconstrained", unconstrained))
+        },
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "text_questions.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     logger.info(
-        "text questions: %d/%d before, %d/%d after", before.correct, before.total, after.correct, after.total
-    )
+        "text questions: %d/%d before, %d/%d after (pipeline.chat), %d/%d after with plain generate",
+        before.correct, before.total, after.correct, after.total, unconstrained.correct, unconstrained.total,
+    )  # fmt: skip
     return result
 
 
@@ -448,6 +465,10 @@ def evaluate_and_card(
         metrics["general text questions correct (before → after multimodal training)"] = (
             f"{text_skills['before']['correct']}/{text_skills['before']['total']} → "
             f"{text_skills['after']['correct']}/{text_skills['after']['total']}"
+        )
+        unconstrained = text_skills["after_unconstrained"]
+        metrics["general text questions correct after, plain generate() without the text-mode constraint"] = (
+            f"{unconstrained['correct']}/{unconstrained['total']}"
         )
     build_model_card(pipeline, list(TRAINING_DATA), metrics).save(checkpoint / "README.md")
 
