@@ -118,6 +118,61 @@ def test_bad_arguments(tokenizer_path, tmp_path):
     with pytest.raises(ValueError, match="not a saved tokenizer folder"):
         DetokenizerStage(DetokenizerArguments(tokenizer_path=str(tmp_path)))
 
+    for weight in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="teacher_feature_weight must be finite and >= 0"):
+            DetokenizerArguments(tokenizer_path=tokenizer_path, teacher_feature_weight=weight)
+    with pytest.raises(ValueError, match="needs pixel-space training"):
+        DetokenizerArguments(tokenizer_path=tokenizer_path, teacher_feature_weight=1.0, vae_path="vae")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "flow"])
+def test_predicted_clean_inverts_the_objective(tokenizer_path, prediction_type):
+    """The exact target fed back as the prediction gives back the clean samples (α_t² as the signal share)."""
+    stage = make_stage(tokenizer_path, prediction_type=prediction_type)
+    samples, noise = torch.randn(16, 3, 4, 4), torch.randn(16, 3, 4, 4)
+    noisy, timesteps, target, _ = stage._noisy_inputs(samples, noise)
+    if prediction_type != "flow":  # ε-prediction divides by α_t: keep t away from pure noise
+        timesteps = timesteps.clamp(max=90)
+        noisy = stage.noise_scheduler.add_noise(samples, noise, timesteps)
+        target = (
+            noise
+            if prediction_type == "epsilon"
+            else stage.noise_scheduler.get_velocity(samples, noise, timesteps)
+        )
+    clean, signal = stage.predicted_clean(noisy, timesteps, target)
+    torch.testing.assert_close(clean, samples, atol=1e-4, rtol=1e-4)
+    assert signal.shape == (16,) and ((signal >= 0) & (signal <= 1)).all()
+
+
+def _loss_and_model(tokenizer_path, weight):
+    stage = make_stage(tokenizer_path, teacher_feature_weight=weight)
+    train_set, _ = stage.datasets_from_images(synthetic_images(4), None)
+    batch = torch.utils.data.default_collate([train_set[index] for index in range(4)])
+    torch.manual_seed(0)
+    model = stage.build_model().train()
+    torch.manual_seed(1)
+    loss, metrics = stage.compute_loss(model, batch, -1)
+    return stage, model, loss, metrics
+
+
+def test_teacher_feature_loss_is_off_at_weight_zero_and_additive(tokenizer_path):
+    _, _, base_loss, base_metrics = _loss_and_model(tokenizer_path, 0.0)
+    assert set(base_metrics) == {"mse", "dropped_fraction"}
+    _, _, loss, metrics = _loss_and_model(tokenizer_path, 0.5)
+    assert set(metrics) == {"mse", "dropped_fraction", "teacher_feature_loss"}
+    assert metrics["mse"] == base_metrics["mse"]  # the same draws, the same diffusion term
+    torch.testing.assert_close(loss.detach(), base_loss.detach() + 0.5 * metrics["teacher_feature_loss"])
+
+
+def test_teacher_feature_loss_trains_the_decoder_not_the_tokenizer(tokenizer_path):
+    stage, model, loss, metrics = _loss_and_model(tokenizer_path, 1.0)
+    assert torch.isfinite(loss) and 0 < metrics["teacher_feature_loss"] <= 2
+    loss.backward()
+    gradients = [param.grad for param in model.parameters() if param.requires_grad]
+    assert all(grad is not None and torch.isfinite(grad).all() for grad in gradients)
+    assert any(grad.abs().sum() > 0 for grad in gradients)
+    assert all(param.grad is None and not param.requires_grad for param in stage.tokenizer.parameters())
+
 
 @pytest.mark.integration
 def test_training_steps_ema_samples_and_export(tokenizer_path, tmp_path):

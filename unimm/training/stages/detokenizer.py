@@ -6,6 +6,8 @@ the decoder predicts noise (`epsilon`), velocity (`v_prediction`) or the rectifi
 (`flow`) with the condition dropped for a fraction of the rows (classifier-free guidance).
 Min-SNR weighting for the DDPM objectives, logit-normal timestep sampling for flow. An EMA copy of the
 weights (diffusers `EMAModel`) is what gets sampled and exported.
+Optionally (`teacher_feature_weight`), the frozen tokenizer's semantic teacher compares its features of the
+predicted clean image with those of the real one (1 - cos per token-grid cell, weighted by α_t²).
 
 The EMA is updated from `compute_loss` once per new training step (so it works with any loop and with
 gradient accumulation; the update at step s folds in the optimizer step s-1, and `export` folds in the
@@ -15,6 +17,7 @@ last one). Under ZeRO-3, parameters are partitioned outside the forward: use ZeR
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +105,13 @@ class DetokenizerArguments:
         default=1.5, metadata={"help": "guidance for sample grids and export"}
     )
     sample_seed: int = field(default=0, metadata={"help": "seed of the sample grids' noise"})
+    teacher_feature_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of 1 - cos between the tokenizer teacher's features of the predicted clean image "
+            "and of the real one, per token-grid cell (0: off; pixel space only)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -116,6 +126,12 @@ class DetokenizerArguments:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ValueError(f"snr_gamma must be > 0 or None, got {self.snr_gamma}")
+        if not (math.isfinite(self.teacher_feature_weight) and self.teacher_feature_weight >= 0):
+            raise ValueError(
+                f"teacher_feature_weight must be finite and >= 0, got {self.teacher_feature_weight}"
+            )
+        if self.teacher_feature_weight > 0 and self.vae_path is not None:
+            raise ValueError("teacher_feature_weight > 0 needs pixel-space training (vae_path unset)")
 
 
 class TokenImageDataset(torch.utils.data.Dataset):
@@ -336,7 +352,55 @@ class DetokenizerStage(TrainingStage):
             "mse": float(per_row.detach().mean()),
             "dropped_fraction": float(drop_condition.float().mean()),
         }
+        if self.args.teacher_feature_weight > 0:
+            teacher_loss = self.teacher_feature_loss(noisy, timesteps, prediction, pixel_values)
+            loss = loss + self.args.teacher_feature_weight * teacher_loss
+            metrics["teacher_feature_loss"] = float(teacher_loss.detach())
         return loss, metrics
+
+    def predicted_clean(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, prediction: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0 estimate (B, C, H, W), signal fraction (B,)) from the model's prediction at `timesteps`.
+
+        The signal fraction is α_t² = SNR / (1 + SNR), the share of x_t's variance that is the image.
+        """
+        noisy, prediction = noisy.float(), prediction.float()
+        if self.args.prediction_type == "flow":
+            sigmas = timesteps.float() / self.args.num_train_timesteps  # x_t = (1-σ) x0 + σ ε, v = ε - x0
+            sigmas_4d = sigmas.view(-1, 1, 1, 1)
+            signal = (1 - sigmas) ** 2 / ((1 - sigmas) ** 2 + sigmas**2)
+            return noisy - sigmas_4d * prediction, signal
+        alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(noisy.device)[timesteps]  # (B,) = α_t²
+        alpha = alphas_cumprod.sqrt().view(-1, 1, 1, 1)
+        sigma = (1 - alphas_cumprod).sqrt().view(-1, 1, 1, 1)
+        if self.args.prediction_type == "epsilon":
+            return (noisy - sigma * prediction) / alpha, alphas_cumprod
+        return alpha * noisy - sigma * prediction, alphas_cumprod  # v = α ε - σ x0
+
+    def teacher_feature_loss(
+        self,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        prediction: torch.Tensor,
+        pixel_values: torch.Tensor,
+    ) -> torch.Tensor:
+        """1 - cos between the frozen teacher's features of the predicted x0 and of the real image, per
+        token-grid cell, averaged over cells; rows weighted by their signal fraction α_t².
+
+        Near pure noise x0_pred is the blurry posterior mean of many images, and pulling its features towards
+        one sharp image's would ask for detail the noisy input cannot tell; α_t² (the share of x_t that is
+        signal, → 0 there, → 1 near the data) fades the term out smoothly without a threshold knob.
+        """
+        tokenizer = self.tokenizer.to(pixel_values.device)
+        clean, signal = self.predicted_clean(noisy, timesteps, prediction)
+        factor = tokenizer.config.downsample_factor
+        grid = (pixel_values.shape[-2] // factor, pixel_values.shape[-1] // factor)
+        with torch.no_grad():
+            target = tokenizer.teacher_features(to_tokenizer_range(pixel_values.float(), tokenizer), grid)[0]
+        features = tokenizer.teacher_features(to_tokenizer_range(clean, tokenizer), grid)[0]  # (B, h, w, Dt)
+        per_row = (1 - F.cosine_similarity(features, target, dim=-1)).mean(dim=(1, 2))  # (B,)
+        return (per_row * signal).mean()
 
     # ----- EMA ------------------------------------------------------------------------------------------
     def _ensure_ema(self, model: nn.Module) -> EMAModel:
