@@ -16,6 +16,7 @@ layers write into preallocated buffers, see ``kv_cache.py``):
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -123,7 +124,13 @@ def _cache_keywords(module: nn.Module) -> tuple[str, bool]:
     """``(name of the KV-cache argument, whether cache_position is taken)`` of ``module.forward``.
     transformers renamed ``past_key_values`` to ``cache`` (the old name warns and goes in 5.40) and dropped
     ``cache_position`` (caches count their own length); earlier 5.x releases take the old names."""
-    parameters = inspect.signature(module.forward).parameters
+    return _forward_cache_keywords(type(module))
+
+
+@functools.cache
+def _forward_cache_keywords(module_class: type) -> tuple[str, bool]:
+    # per class, once: UniMMForCausalLM.forward asks on every call (training steps, plain generate)
+    parameters = inspect.signature(module_class.forward).parameters
     return ("cache" if "cache" in parameters else "past_key_values"), "cache_position" in parameters
 
 

@@ -53,7 +53,6 @@ from unimm.data.text_replay import (
     text_chat_sample,
 )
 from unimm.evaluation.text_questions import (
-    DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_NEW_TOKENS,
     evaluate_text_questions,
     judge_replies,
@@ -329,15 +328,17 @@ def build_llm_data(args: DemoLlmDataArguments) -> None:
                     table["input_ids"].append(row["input_ids"])
                     table["labels"].append(row["labels"])
         if replay[split]:
-            # fraction f of the final table: f / (1 - f) replay rows per multimodal row, cycling the chats
-            count = round(
-                len(table["input_ids"]) * args.text_replay_fraction / (1 - args.text_replay_fraction)
-            )
             rows = [
                 processor.tokenize_sample(text_chat_sample(chat["question"], chat["answer"]))
                 for chat in replay[split]
             ]
-            for index in range(count if split == "train" else len(rows)):
+            # train: fraction f of the final table, f / (1 - f) replay rows per multimodal row, cycling the
+            # chats; eval: each held-out chat once
+            fraction = args.text_replay_fraction
+            count = (
+                round(len(table["input_ids"]) * fraction / (1 - fraction)) if split == "train" else len(rows)
+            )
+            for index in range(count):
                 table["input_ids"].append(rows[index % len(rows)]["input_ids"])
                 table["labels"].append(rows[index % len(rows)]["labels"])
             logger.info("%s: %d text replay sequences from %d chats", split, count, len(rows))
@@ -411,10 +412,7 @@ def compare_text_skills(pipeline: Any, text_model_name_or_path: str, output_dir:
     before_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path).eval()
     before = evaluate_text_questions(before_model, AutoTokenizer.from_pretrained(text_model_name_or_path))
     questions = load_text_questions()
-    replies = []
-    for start in range(0, len(questions), DEFAULT_BATCH_SIZE):
-        batch = [question.question for question in questions[start : start + DEFAULT_BATCH_SIZE]]
-        replies += pipeline.chat(batch, max_new_tokens=DEFAULT_MAX_NEW_TOKENS).texts
+    replies = pipeline.chat([q.question for q in questions], max_new_tokens=DEFAULT_MAX_NEW_TOKENS).texts
     after = judge_replies(questions, replies)
     unconstrained = evaluate_text_questions(pipeline.llm, pipeline.processor.tokenizer)
     result = {
