@@ -203,3 +203,110 @@ def test_missing_dataset_fails_before_any_training(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_dataset '.*nowhere' does not exist"):
         train(recipe)
     assert not (tmp_path / "run").exists()
+
+
+def _tiny_unified_lora(stage):
+    """A tiny Llama extended with a 16-code image vocabulary, wrapped with the stage's LoRA."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unimm.llm import UniMMForCausalLM
+
+    config = {key: value for key, value in TINY_LLAMA.items() if key != "model_type"}
+    text_model = LlamaForCausalLM(LlamaConfig(**config, pad_token_id=0, tie_word_embeddings=True))
+    model = UniMMForCausalLM.from_text_model(
+        text_model, codebook_size=16, max_grid_height=2, max_grid_width=2, default_grid_height=2,
+        default_grid_width=2,
+    )  # fmt: skip
+    return stage._with_lora(model)
+
+
+def _mixed_batch(vocabulary):
+    """Two text-only chats and two chats holding a 2x2 image, right-padded, loss on their last tokens."""
+    image = vocabulary.image_to_token_ids(torch.tensor([[0, 5], [9, 15]])).tolist()
+    rows = [[3, 4, 5, 6, 7, 8], [3, 9, 10, 11], [3, 4, *image, 12, 13], [3, *image, 14]]
+    length = max(map(len, rows))
+    input_ids = torch.tensor([row + [0] * (length - len(row)) for row in rows])
+    attention_mask = torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in rows])
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    labels[:, :2] = IGNORE_INDEX  # the prompt
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def test_text_kl_anchor_splits_the_batch_without_changing_the_loss_and_is_zero_at_init():
+    plain = _stage(LlmSftStage, train_dataset="unused", lora_rank=4)
+    anchored = _stage(LlmSftStage, train_dataset="unused", lora_rank=4, text_kl_weight=1.0)
+    model = _tiny_unified_lora(plain).eval()  # LoRA starts as the identity: tuned == base
+    batch = _mixed_batch(model.get_base_model().vocabulary)
+    with torch.no_grad():
+        expected, expected_metrics = plain.compute_loss(model, batch, step=0)
+        loss, metrics = anchored.compute_loss(model, batch, step=0)
+    torch.testing.assert_close(loss, expected)
+    assert metrics["text_kl"] == pytest.approx(0.0, abs=1e-6)
+    for name in ("text_loss", "image_loss"):
+        assert metrics[name] == pytest.approx(expected_metrics[name], rel=1e-5)
+
+
+def test_text_kl_anchor_is_the_kl_to_the_model_without_adapters_on_text_rows_only():
+    from peft.tuners.lora import LoraLayer
+
+    plain = _stage(LlmSftStage, train_dataset="unused", lora_rank=4)
+    anchored = _stage(LlmSftStage, train_dataset="unused", lora_rank=4, text_kl_weight=0.5)
+    model = _tiny_unified_lora(plain).eval()
+    for module in model.modules():  # move the adapters away from the identity
+        if isinstance(module, LoraLayer):
+            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.5)
+    vocabulary = model.get_base_model().vocabulary
+    batch = _mixed_batch(vocabulary)
+    with torch.no_grad():
+        plain_loss, _ = plain.compute_loss(model, batch, step=0)
+        loss, metrics = anchored.compute_loss(model, batch, step=0)
+        text = {key: value[:2] for key, value in batch.items()}  # the two rows with no image token
+        targets = text["labels"][:, 1:] != IGNORE_INDEX
+        tuned = model(input_ids=text["input_ids"], attention_mask=text["attention_mask"]).logits
+        with model.disable_adapter():
+            base = model(input_ids=text["input_ids"], attention_mask=text["attention_mask"]).logits
+    text_vocab = vocabulary.text_vocab_size
+    log_tuned = tuned[:, :-1][targets][:, :text_vocab].log_softmax(-1)
+    log_base = base[:, :-1][targets][:, :text_vocab].log_softmax(-1)
+    kl = (log_base.exp() * (log_base - log_tuned)).sum(-1).mean()
+    assert float(kl) > 1e-3
+    assert metrics["text_kl"] == pytest.approx(float(kl), rel=1e-4)
+    torch.testing.assert_close(loss, plain_loss + 0.5 * kl)
+
+
+def test_text_kl_anchor_needs_lora():
+    with pytest.raises(ValueError, match="text_kl_weight needs lora_rank"):
+        _stage(LlmSftStage, train_dataset="unused", text_kl_weight=1.0)
+    with pytest.raises(ValueError, match="text_kl_weight must be >= 0"):
+        _stage(LlmSftStage, train_dataset="unused", lora_rank=4, text_kl_weight=-1.0)
+
+
+def test_text_kl_anchor_trains_through_the_deepspeed_engine(tmp_path, deepspeed_dir):
+    from unimm.training.loop import train
+
+    data = _write_sequences(tmp_path / "train.jsonl", 32)
+    recipe = parse_recipe(
+        {
+            "stage": "llm_sft",
+            "output_dir": str(tmp_path / "run"),
+            "model_config": TINY_LLAMA,
+            "train_dataset": data,
+            "eval_dataset": data,
+            "deepspeed_config": str(deepspeed_dir / "zero0.json"),
+            "lora_rank": 8,
+            "text_kl_weight": 1.0,
+            "max_steps": 6,
+            "per_device_train_batch_size": 8,
+            "learning_rate": 1e-2,
+            "logging_steps": 1,
+            "eval_steps": 6,
+            "lr_scheduler_type": "constant",
+        }
+    )
+    result = train(recipe)
+    records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    train_kl = [record["text_kl"] for record in records if record["split"] == "train"]
+    (evaluation,) = [record for record in records if record["split"] == "eval"]
+    assert train_kl[0] == pytest.approx(0.0, abs=1e-6)  # the adapters start as the identity
+    assert 0.0 < train_kl[-1] < 10.0  # the tuned model moved away from its base, and the KL says how far
+    assert evaluation["text_kl"] > 0.0

@@ -29,6 +29,10 @@ QUESTION_TEMPLATES = (
     "Explain {topic} in one sentence.",
     "Tell me one interesting fact about {topic}.",
     "Describe {topic} briefly.",
+    # Questions that invite a short reply, like most everyday questions (the longer ones above are often cut).
+    "In a few words, what is {topic}?",
+    "Where would you usually find {topic}?",
+    "Why do people care about {topic}?",
 )
 # Everyday subjects that stay clear of the evaluation questions' (capitals, arithmetic, calendar, spiders,
 # the sky, water, planets, oceans, Shakespeare, freezing, continents, hot/cold, photosynthesis).

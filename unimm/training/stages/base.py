@@ -81,16 +81,16 @@ class TrainingStage(abc.ABC):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, eval_loader: torch.utils.data.DataLoader) -> dict[str, float]:
-        """Metrics on the eval set; the default averages ``compute_loss``'s metrics."""
+        """Metrics on the eval set; the default averages ``compute_loss``'s metrics, each over the batches
+        that report it (a batch with no text-only row has no text KL, say)."""
         totals: dict[str, float] = {}
-        batches = 0
+        batches: dict[str, int] = {}
         for batch in eval_loader:
             loss, metrics = self.compute_loss(model, batch, step=-1)
-            metrics = {"loss": float(loss), **metrics}
-            for key, value in metrics.items():
+            for key, value in {"loss": float(loss), **metrics}.items():
                 totals[key] = totals.get(key, 0.0) + value
-            batches += 1
-        return {key: value / max(batches, 1) for key, value in totals.items()}
+                batches[key] = batches.get(key, 0) + 1
+        return {key: value / batches[key] for key, value in totals.items()}
 
     @torch.no_grad()
     def write_samples(self, model: nn.Module, step: int, output_dir: Path) -> list[Path]:

@@ -5,6 +5,12 @@ The model is any ``AutoModelForCausalLM``: a saved ``UniMMForCausalLM`` (text + 
 token sequences (pre-tokenized: image ids already in the LLM's vocabulary) in a ``datasets`` folder,
 JSONL or parquet with an ``input_ids`` column; ``llm_sft`` also needs ``labels`` with ``-100`` where no
 loss is taken (prompts), ``llm_pretrain`` learns every token.
+
+``text_kl_weight`` anchors a LoRA-tuned model to its own frozen base on text: on the targets of every row
+that holds no image token (text replay, plain chats), it adds ``KL(base || tuned)`` over the text vocabulary,
+with the base's distribution computed by the same model with its adapters switched off (no second copy in
+memory). Self-distillation on the full distribution, not only on the base's greedy tokens, is what keeps a
+pretrained chat LM's text skills while LoRA and the new rows learn images (learning without forgetting).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any, ClassVar
 import datasets
 import pyarrow.compute
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -75,6 +82,13 @@ class LlmArguments:
             "UniMMForCausalLM trains its image-token rows instead (unimm.llm.lora.apply_lora)"
         },
     )
+    text_kl_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "with LoRA: weight of KL(base || tuned) over the text vocabulary on the targets of rows "
+            "with no image token, the base being the model with its adapters off (keeps text skills)"
+        },
+    )
 
     sample_prompts: list[str] = field(
         default_factory=list,
@@ -97,6 +111,13 @@ class LlmArguments:
             raise ValueError("set exactly one of train_dataset and random_tokens")
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.text_kl_weight < 0:
+            raise ValueError(f"text_kl_weight must be >= 0, got {self.text_kl_weight}")
+        if self.text_kl_weight and self.lora_rank == 0:
+            raise ValueError(
+                "text_kl_weight needs lora_rank > 0: the frozen base it anchors to is the model with its "
+                "LoRA adapters switched off"
+            )
 
 
 class TokenDataset(torch.utils.data.Dataset):
@@ -140,6 +161,39 @@ def random_token_table(num_rows: int, length: int, vocab_size: int, seed: int) -
     labels = tokens.clone()
     labels[:, : length // 2] = IGNORE_INDEX
     return datasets.Dataset.from_dict({TOKENS_COLUMN: tokens.tolist(), LABELS_COLUMN: labels.tolist()})
+
+
+def _modality_metrics(outputs: Any) -> dict[str, float]:
+    """The per-modality losses an output carries (finite ones only: nan marks "no such targets")."""
+    metrics = {}
+    for name in MODALITY_LOSSES:
+        value = getattr(outputs, name, None)
+        if value is not None and torch.isfinite(value):
+            metrics[name] = float(value)
+    return metrics
+
+
+def _combined_modality_metrics(
+    parts: Sequence[tuple[Any, torch.Tensor]], model: nn.Module
+) -> dict[str, float]:
+    """Per-modality mean losses over several forwards of one batch, weighted by each one's target counts."""
+    if not isinstance(model, UniMMForCausalLM):
+        return _modality_metrics(parts[0][0]) if len(parts) == 1 else {}
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for outputs, labels in parts:
+        targets = labels[:, 1:]
+        valid = targets != IGNORE_INDEX
+        is_image = model.vocabulary.is_image_token(targets) & valid
+        for name, count in (
+            ("text_loss", int((valid & ~is_image).sum())),
+            ("image_loss", int(is_image.sum())),
+        ):
+            value = getattr(outputs, name, None)
+            if count and value is not None and torch.isfinite(value):
+                sums[name] = sums.get(name, 0.0) + float(value) * count
+                counts[name] = counts.get(name, 0) + count
+    return {name: sums[name] / counts[name] for name in sums}
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -268,15 +322,55 @@ class LlmStage(TrainingStage):
     def compute_loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.args.text_kl_weight:
+            return self._text_anchored_loss(model, batch)
         # A unified model computes its head only where there is a target (most positions have none).
         extra = {"return_logits": False} if isinstance(_unwrap(model), UniMMForCausalLM) else {}
         outputs = model(**batch, **extra)
-        metrics = {}
-        for name in MODALITY_LOSSES:
-            value = getattr(outputs, name, None)
-            if value is not None and torch.isfinite(value):
-                metrics[name] = float(value)
-        return outputs.loss, metrics
+        return outputs.loss, _modality_metrics(outputs)
+
+    def _text_anchored_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The next-token loss of the batch, plus ``text_kl_weight`` times the mean KL(base || tuned) per
+        target token of its text-only rows. Rows with image tokens take the loss-only forward; text rows
+        a forward with logits. Both share the batch's target count as the denominator, so the sum is the
+        loss of one forward over the whole batch."""
+        base_model = _unwrap(model)
+        labels = batch["labels"]
+        num_items = (labels[:, 1:] != IGNORE_INDEX).sum().clamp_min(1)
+        if isinstance(base_model, UniMMForCausalLM):
+            text_rows = ~base_model.vocabulary.is_image_token(batch["input_ids"]).any(dim=1)  # (B,)
+            text_vocab_size = base_model.vocabulary.text_vocab_size
+        else:
+            text_rows = torch.ones(len(labels), dtype=torch.bool, device=labels.device)
+            text_vocab_size = None
+        loss = torch.zeros((), device=labels.device)
+        parts = []
+        if not text_rows.all():
+            image_part = {key: value[~text_rows] for key, value in batch.items()}
+            outputs = model(**image_part, return_logits=False, num_items_in_batch=num_items)
+            loss = loss + outputs.loss
+            parts.append((outputs, image_part["labels"]))
+        if not text_rows.any():
+            return loss, _combined_modality_metrics(parts, base_model)
+        text_part = {key: value[text_rows] for key, value in batch.items()}
+        outputs = model(**text_part, num_items_in_batch=num_items)
+        parts.append((outputs, text_part["labels"]))
+        targets = text_part["labels"][:, 1:] != IGNORE_INDEX  # (b, T - 1)
+        tuned = outputs.logits[:, :-1][targets][:, :text_vocab_size].float()  # (N, V_text)
+        peft_model = getattr(model, "module", model)
+        with torch.no_grad(), peft_model.disable_adapter():
+            inputs = {key: value for key, value in text_part.items() if key != "labels"}
+            reference = peft_model(**inputs).logits[:, :-1][targets][:, :text_vocab_size].float()
+        text_kl = F.kl_div(
+            F.log_softmax(tuned, dim=-1),
+            F.log_softmax(reference, dim=-1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        loss = loss + outputs.loss + self.args.text_kl_weight * text_kl
+        return loss, {**_combined_modality_metrics(parts, base_model), "text_kl": float(text_kl.detach())}
 
     def count_units(self, batch: dict[str, torch.Tensor]) -> int:
         """Tokens processed: real tokens of padded rows; all positions of packed rows."""
