@@ -6,18 +6,47 @@ backbone size, image token count, guidance, sampling), both with freshly initial
 not depend on the values). Text: ``generate_multimodal(mode="text")`` against plain ``generate`` of the
 underlying language model, greedy, same number of new tokens.
 
-unimm runs twice: eager (the default) and with ``compile=True`` (its decode step through ``torch.compile``,
-inductor with dynamic shapes, one graph for every batch size and length). The compile is a one-off per model
-and process, timed in wall seconds and printed on its own line; every measured run starts after it. Janus is
-measured through its default user-facing call, eager with a ``DynamicCache``: transformers can also give it
-a ``StaticCache`` and compile its forward (``cache_implementation="static"``, ``compile_config``), which this
-benchmark does not do.
+unimm runs twice: eager (the default) and with ``compile=True`` (each decode step - backbone, head, guidance,
+constraint mask, sampling - as one ``torch.compile`` graph, inductor with dynamic shapes, one graph per kind of
+step for every batch size and length). The compile is a one-off per model and process, timed in wall seconds
+and printed on its own line; every measured run starts after it (a batch size first seen in a warm-up round
+may add a graph there). Janus is measured through its default user-facing call, eager with a
+``DynamicCache``: transformers can also give it a ``StaticCache`` and compile its forward
+(``cache_implementation="static"``, ``compile_config``), which this benchmark does not do.
 
 Runs are interleaved (reference, ours, ours compiled, ...) and the median of ``--repeats`` is reported.
 Throughput is measured in CPU time of this process with one torch thread (the machine may be shared, and
 CPU time is what other jobs disturb least); the wall-clock ratio is printed next to it. Image throughput
-counts codebook tokens only: unimm also writes the size, end-of-row and end-of-image tokens (20 more
-forward steps for a 16x16 grid), which are not counted.
+counts codebook tokens only: unimm also writes the size, end-of-row and end-of-image tokens, which are not
+counted; they are forced, so they take no forward of their own (the size tokens join the prompt, each
+end-of-row is fed with the code before it), and both sides run 255 decode forwards for a 16x16 grid.
+
+Where a step's time goes (batch 1, CFG: 2 rows, this tiny model): the matmuls stream ~17 MB of fp32 weights
+per step (about 1 ms on one core of the machine below; the 4096-code head alone is 4 MB); the rest is
+overhead. Eager unimm spends ~2 ms more per step on several hundred small aten ops (the backbone's, plus
+dozens of its own for guidance, masks and sampling). Compiled, the step used to be one graph for the
+backbone (~1.6 ms, of it ~0.2 ms dynamo guards and calling convention and ~0.15 ms SDPA) plus ~0.65 ms of
+eager head, guidance, mask, sampling and bookkeeping around it; now head to sampling are in the graph (the
+graph ~1.8 ms, ~0.2 ms left outside it, mostly the noise draw and the cache bookkeeping) and the forced tokens
+take 20 fewer forwards. At batch 16 (32 rows) the step is memory-bound: SDPA reads the fp32 KV cache
+(~40 MB per step on average, from DRAM on a shared machine) and takes about as long as the matmuls.
+
+Measured on a shared 2-core Xeon (AVX-512; other jobs running, so ratios move by 10-20% between runs),
+``--repeats 3``, image tokens per CPU-second of unimm over Janus's, one run before and three after the change:
+
+| batch | before: eager | before: compiled | after: eager | after: compiled |
+|---|---|---|---|---|
+| 1 | 1.17x | 1.57x | 1.37x / 1.25x / 1.29x | 1.98x / 1.70x / 1.68x |
+| 4 | 1.18x | 1.36x | 1.41x / 1.50x / 1.39x | 1.72x / 1.96x / 1.59x |
+| 16 | 1.28x | 1.34x | 1.32x / 1.41x / 1.43x | 1.46x / 1.55x / 1.63x |
+
+("before": the compiled graph held the backbone only, with head, guidance, mask and sampling eager around
+it, and every forced token took a forward of its own.) Text, 128 greedy tokens, against the LM's
+``generate``, compiled: 1.52x / 1.48x before, 1.54x-1.83x / 1.39x-1.47x after at batch 1 / 16. The image
+targets (3x at batch 1, 1.5x at batch 16) are met at batch 16 in two runs of three and not at batch 1: per
+step, about 1 ms of overhead remains over the matmuls (dynamo's per-call guards and calling convention,
+SDPA's per-call cost at one query, the Python wrapper around the graph's ~60 kernels). ``cpp_wrapper``
+took ~10% off a step in a tight loop but tripled the compile time; it is off.
 
     python benchmarks/generation.py [--batch-sizes 1 4 16] [--repeats 3] [--grid 16]
 """
@@ -120,8 +149,9 @@ def print_row(label: str, rates: dict[str, tuple[float, float]], reference: str)
 
 
 def compile_decode_step(args, unimm) -> float:
-    """Compile unimm's decode step once (two image calls: the second length makes dynamo mark the sequence
-    dimension dynamic, after which no shape recompiles); returns the wall seconds taken."""
+    """Compile unimm's decode step once (two image calls: single-token steps and a code fed with its end of
+    row; the second call's lengths make dynamo mark the sequence dimension dynamic, after which no shape
+    recompiles); returns the wall seconds taken."""
     wall = time.perf_counter()
     for _ in range(2):
         unimm.generate_multimodal(

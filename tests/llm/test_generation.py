@@ -3,6 +3,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from unimm.llm import ModalitySampling
+from unimm.llm.constraints import DONE, IMAGE, ConstraintState
 from unimm.llm.sampling import RowSampler
 
 GREEDY = ModalitySampling()
@@ -324,3 +325,27 @@ def test_generation_runs_in_bfloat16(tiny):
         unconditional_input_ids=[[1], None], max_new_tokens=8, seed=0,
     )  # fmt: skip
     assert tuple(output.image_token_ids[0][0].shape) == (2, 2)
+
+
+def test_schedule_equals_the_state_machine_step_by_step(tiny):
+    """The closed-form schedule of an image-only batch (grids of every shape, one budget cut short) is what
+    plan()/advance() give step by step, whatever codes are chosen."""
+    vocabulary = tiny.model().vocabulary
+    grids = torch.tensor([[2, 3], [4, 1], [1, 4], [3, 3]])
+    budgets = torch.tensor([vocabulary.image_sequence_length(*grid) for grid in grids.tolist()])
+    budgets[3] -= 4
+    state = ConstraintState(
+        vocabulary, image_mode=torch.ones(4, dtype=torch.bool), allow_image=torch.zeros(4, dtype=torch.bool),
+        requested_grid=grids, budget=budgets, eos_token_ids=torch.tensor([2]), pad_token_id=0,
+    )  # fmt: skip
+    schedule = state.schedule()
+    codes = torch.randint(vocabulary.code_token_offset, vocabulary.vocab_size, (int(budgets.max()), 4))
+    for step in range(int(budgets.max())):
+        mask_class, forced = state.plan()
+        assert torch.equal(schedule.mask_class[step], mask_class)
+        assert torch.equal(schedule.forced[step], forced)
+        assert torch.equal(schedule.in_image[step], state.phase == IMAGE)
+        assert torch.equal(schedule.unfinished[step], state.phase != DONE)
+        part_of_image = state.advance(torch.where(forced >= 0, forced, codes[step]))
+        assert torch.equal(schedule.part_of_image[step], part_of_image)
+    assert (state.phase == DONE).all()

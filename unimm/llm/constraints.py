@@ -9,7 +9,6 @@ moves every row on with the chosen tokens. Nothing loops over rows in Python.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -156,28 +155,38 @@ class ConstraintState:
         )
 
     def schedule(self) -> ConstraintSchedule:
-        """Run this state machine ahead once (any code stands in for the sampled ones) and record every
-        step, so a deterministic batch decodes with lookups instead of per-step state updates and host syncs.
-        The state itself is left untouched."""
+        """Every step's constraints of a deterministic batch, computed at once from the grids, so it decodes with
+        lookups instead of per-step state updates and host syncs. Row by row the steps are ``<|boi|>``, the
+        height and width tokens, ``height`` rows of ``width`` codes each closed by ``<|eol|>``, ``<|eoi|>``,
+        then padding; they equal what :meth:`plan`/:meth:`advance` give step by step. The state is left as is."""
         if not self.is_deterministic:
             raise ValueError("ConstraintState.schedule: rows depend on sampled tokens; use plan()/advance().")
-        simulated = copy.copy(self)
-        steps = int(self.budget.max())
-        mask_classes, forced_tokens, in_image, part_of_image, unfinished = [], [], [], [], []
-        for _ in range(steps):
-            mask_class, forced = simulated.plan()
-            mask_classes.append(mask_class)
-            forced_tokens.append(forced)
-            in_image.append(simulated.phase == IMAGE)
-            unfinished.append(simulated.phase != DONE)
-            any_code = torch.full_like(forced, self.vocabulary.code_token_offset)
-            part_of_image.append(simulated.advance(torch.where(forced >= 0, forced, any_code)))
+        vocabulary = self.vocabulary
+        height, width = self.requested_height, self.requested_width  # (N,)
+        # <|boi|> <|h|> <|w|>: the header's steps and their mask classes; the body follows, then <|eoi|>.
+        header = torch.tensor([CLASS_TEXT, CLASS_HEIGHT, CLASS_WIDTH], device=height.device)
+        image_length = len(header) + height * (width + 1) + 1
+        end = torch.minimum(image_length, self.budget)  # (N,) tokens each row writes
+        step = torch.arange(int(self.budget.max()), device=height.device).unsqueeze(-1)  # (S, 1)
+        unfinished = step < end  # (S, N)
+        position = step - len(header)  # index in the body: rows of w codes, each followed by <|eol|>
+        at_row_end = (position >= 0) & (position % (width + 1) == width)
+        forced = torch.full_like(unfinished, -1, dtype=torch.long)
+        forced = torch.where(at_row_end, vocabulary.eol_token_id, forced)
+        forced = torch.where(step == image_length - 1, vocabulary.eoi_token_id, forced)
+        forced = torch.where(step == 2, vocabulary.width_token_offset + width - 1, forced)
+        forced = torch.where(step == 1, vocabulary.height_token_offset + height - 1, forced)
+        forced = torch.where(step == 0, vocabulary.boi_token_id, forced)
+        forced = torch.where(unfinished, forced, self.pad_token_id)
+        # Finished rows keep the codes class, which has allowed tokens in every head slice (see plan()).
+        in_header = unfinished & (step < len(header))
+        mask_class = torch.where(in_header, header[step.clamp(max=len(header) - 1)], CLASS_CODES)
         return ConstraintSchedule(
-            mask_class=torch.stack(mask_classes),
-            forced=torch.stack(forced_tokens),
-            in_image=torch.stack(in_image),
-            unfinished=torch.stack(unfinished),
-            part_of_image=torch.stack(part_of_image),
+            mask_class=mask_class,
+            forced=forced,
+            in_image=unfinished & (step >= 1),
+            unfinished=unfinished,
+            part_of_image=unfinished,
         )
 
 

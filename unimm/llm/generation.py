@@ -12,10 +12,17 @@ layers write into preallocated buffers, see ``kv_cache.py``):
    tokens to the streamers;
 4. feed the chosen tokens back; an unconditional row sees only image tokens (its context is the prompt
    with the text dropped, the rule training uses), the generated text is masked out of its attention.
+
+Step 4 and the next step 3 form one function (:meth:`UniMMGenerationMixin._decode_and_choose`), which
+``compile=True`` turns into one graph. A batch of image requests of known grids knows every step's
+constraints up front (``ConstraintState.schedule``): it needs no per-step state updates or host syncs, and
+the steps whose tokens are all forced take no forward of their own (``<|boi|> <|h|> <|w|>`` join the
+prompts, each ``<|eol|>`` is fed with the code before it, the closing tokens are only written).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Sequence
@@ -34,6 +41,9 @@ from .sampling import ModalitySampling, RequestNoise, RowSampler
 
 MODES = ("text", "image", "interleaved")
 CACHE_IMPLEMENTATIONS = ("preallocated", "dynamic", "static")
+# Graphs dynamo may keep for the compiled decode step: 2 caches x greedy/sampled x full/image head slice x
+# 1 or 2 fed tokens, with room for the text-only variants and the first, static-shape compiles.
+COMPILED_STEP_KINDS = 64
 TokenIds = Sequence[Sequence[int]] | torch.Tensor
 # step(input_ids (R, T), attention_mask, position_ids (R, T), cache, start) -> last hidden states (R, D)
 DecodeStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Cache, int], torch.Tensor]
@@ -53,6 +63,25 @@ class UniMMGenerationOutput(ModelOutput):
     sequences: torch.LongTensor | None = None
     sequence_lengths: torch.LongTensor | None = None
     image_token_ids: list[list[torch.LongTensor]] | None = None
+
+
+@dataclass
+class TokenChoice:
+    """What stays fixed over one call's decode steps when choosing the next tokens.
+
+    Attributes:
+        sampler: per-modality sampling of the N conditional rows.
+        guided_index: ``(U,)`` conditional row of each unconditional row (rows ``N..N+U`` of the batch).
+        guidance: ``(U, 1)`` guidance scale of each unconditional row's request.
+        mask_table: ``(classes, V)`` additive constraint masks (``None``: a text-only batch, no masking).
+        end: end of the vocabulary slice the head computes (the text vocabulary for a text-only batch).
+    """
+
+    sampler: RowSampler
+    guided_index: torch.Tensor
+    guidance: torch.Tensor
+    mask_table: torch.Tensor | None
+    end: int
 
 
 def _per_request(value, count: int, argument: str, is_single=None) -> list:
@@ -246,10 +275,12 @@ class UniMMGenerationMixin:
             cache_implementation: ``"preallocated"`` (a ``DynamicCache`` whose layers write in place into
                 buffers reserved for the longest row, see ``unimm.llm.kv_cache``), ``"dynamic"``
                 (transformers' ``DynamicCache``, concatenates per step) or ``"static"`` (``StaticCache``).
-            compile: run each single-token decode step of the backbone through ``torch.compile`` (inductor,
-                dynamic shapes: one graph serves every batch size and length), with the ``"preallocated"``
-                or ``"static"`` cache. The first call per model compiles (seconds to a minute); the tokens
-                equal the eager ones up to floating-point reassociation in the fused kernels.
+            compile: run each decode step (backbone, head, guidance, constraint mask, sampling) as one
+                ``torch.compile`` graph (inductor, dynamic shapes: one graph per kind of step serves every
+                batch size and length), with the ``"preallocated"`` or ``"static"`` cache. The sampling noise
+                is drawn outside the graph from the same generators, so a seed gives the eager tokens up to
+                floating-point reassociation in the fused kernels. The first call per model and kind of
+                batch compiles (a minute on a laptop CPU).
         """
         vocabulary = self.vocabulary
         device = self.get_input_embeddings().weight.device
@@ -320,20 +351,25 @@ class UniMMGenerationMixin:
         guidance = row_tensor([scales[rows[r]] for r in guided_rows], logits_dtype).unsqueeze(-1)  # (U, 1)
         for row, row_streamer in streams:  # a streamed request has one row: rows and requests coincide
             row_streamer.put(torch.tensor([prompts[row]]))
-        generated, lengths = self._decode_loop(
-            sequences,
-            num_rows,
-            state,
-            guided_index,
-            guidance,
-            text_sampling,
-            image_sampling,
-            generator,
-            request_noise,
-            streams,
-            cache_implementation,
-            self._compiled_decode_step() if compile else self._eager_decode_step(),
-        )
+        # One compiled step serves every batch size and length, but dynamo keeps a graph per kind of step (cache
+        # type, greedy or sampled, full or image slice of the head, one token or a code with its <|eol|>), more
+        # than its default limit of graphs per function once a process mixes them.
+        limit = max(COMPILED_STEP_KINDS, torch._dynamo.config.recompile_limit)
+        with torch._dynamo.config.patch(recompile_limit=limit) if compile else contextlib.nullcontext():
+            generated, lengths = self._decode_loop(
+                sequences,
+                num_rows,
+                state,
+                guided_index,
+                guidance,
+                text_sampling,
+                image_sampling,
+                generator,
+                request_noise,
+                streams,
+                cache_implementation,
+                compile,
+            )
         return self._collect_outputs(generated, lengths)
 
     def _validate_requests(
@@ -411,50 +447,82 @@ class UniMMGenerationMixin:
         request_noise: RequestNoise | None,
         streams: list[tuple[int, BaseStreamer]],
         cache_implementation: str,
-        decode_step: DecodeStep,
+        compile: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         vocabulary = self.vocabulary
         device = guided_index.device
         max_steps = int(state.budget.max())
         static = cache_implementation == "static"
-        hidden, cache, attention_mask, next_position = self._prefill_prompts(
-            sequences, max_steps, cache_implementation
-        )
-        prompt_length = attention_mask.shape[1] - max_steps
-        all_visible = torch.ones(attention_mask.shape[0], dtype=torch.bool, device=device)
-
-        mask_table = build_mask_table(vocabulary, device, hidden.dtype)
         text_only = state.text_only
-        # A text-only batch never samples image codes: its sampler skips the image parameters entirely.
-        sampler = RowSampler(text_sampling, text_sampling if text_only else image_sampling, device)
-        # SDPA takes the decode mask as a 4-D bool view, which skips transformers' per-step mask building
-        # (a single query needs no causal structure); other attention implementations get the 2-D mask.
+        # Image-only batches know every step's constraints up front: no state updates, no host syncs.
+        schedule = state.schedule() if state.is_deterministic else None
+        # Steps where every row's token is forced need no logits: a scheduled batch's leading
+        # <|boi|> <|h|> <|w|> join the prompts, and each <|eol|> is fed with the code before it.
+        all_forced = (schedule.forced >= 0).all(-1).tolist() if schedule is not None else [False]
+        lead = min(all_forced.index(False) if False in all_forced else max_steps, max_steps - 1)
+        if lead:
+            header = schedule.forced[:lead].T.tolist()  # (N, lead)
+            sequence_rows = list(range(num_rows)) + guided_index.tolist()
+            sequences = [ids + header[row] for ids, row in zip(sequences, sequence_rows)]
+        hidden, cache, attention_mask, next_position = self._prefill_prompts(
+            sequences, max_steps - lead, cache_implementation
+        )
+        column = attention_mask.shape[1] - (max_steps - lead)  # next cache position to write
+        all_visible = torch.ones(attention_mask.shape[0], dtype=torch.bool, device=device)
+        image_start = vocabulary.text_vocab_size
+        # A text-only batch never samples image codes, and a scheduled batch never samples text (every token
+        # outside the codes is forced): its sampler then holds one modality's parameters, with no second pass.
+        modalities = (
+            (text_sampling,) * 2 if text_only else (image_sampling,) * 2 if schedule is not None else None
+        )
+        choice = TokenChoice(
+            sampler=RowSampler(*(modalities or (text_sampling, image_sampling)), device),
+            guided_index=guided_index,
+            guidance=guidance,
+            mask_table=None if text_only else build_mask_table(vocabulary, device, hidden.dtype),
+            end=image_start if text_only else vocabulary.vocab_size,
+        )
+
+        def plan(step: int) -> tuple[torch.Tensor, ...]:
+            """``(mask_class, forced, in_image, unfinished)`` of the next token, each ``(N,)``."""
+            if schedule is not None:
+                return (
+                    schedule.mask_class[step],
+                    schedule.forced[step],
+                    schedule.in_image[step],
+                    schedule.unfinished[step],
+                )
+            return (*state.plan(), state.phase == IMAGE, state.phase != DONE)
+
+        def noise(offset: int) -> torch.Tensor | None:
+            """Uniform sampling noise ``(N, end - offset)``, drawn outside the (compiled) step from the generators."""
+            if not choice.sampler.any_sample:
+                return None
+            if request_noise is not None:
+                return request_noise(offset, choice.end)
+            return torch.rand((num_rows, choice.end - offset), generator=generator, device=device)
+
+        def skip_noise(steps: int) -> None:
+            """Per-request streams advance on steps whose tokens are all forced too, as in any other batch."""
+            if request_noise is not None and choice.sampler.any_sample:
+                for _ in range(steps):
+                    request_noise()
+
+        # SDPA takes the decode mask as a 4-D bool view, which skips transformers' per-step mask building;
+        # other attention implementations get the 2-D mask.
         four_d_mask = self.config.text_config._attn_implementation == "sdpa"
         output = torch.full((num_rows, max_steps), state.pad_token_id, dtype=torch.long, device=device)
         lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
-        image_start = vocabulary.text_vocab_size
-        # Image-only batches know every step's constraints up front: no state updates, no host syncs.
-        schedule = state.schedule() if state.is_deterministic else None
-        end = image_start if text_only else vocabulary.vocab_size
-        all_in_image = False
+        if lead:
+            output[:, :lead] = schedule.forced[:lead].T
+            lengths += schedule.unfinished[:lead].sum(0)
+        decode_and_choose = self._compiled_decode_and_choose() if compile else self._decode_and_choose
+        step = lead
+        skip_noise(lead)
+        mask_class, forced, in_image, unfinished = plan(step)
+        next_tokens = self._choose_tokens(hidden, choice, 0, in_image, mask_class, forced, noise(0))
         open_streams = dict(streams)  # row -> streamer, until the row is done
-        for step in range(max_steps):
-            if schedule is None:
-                mask_class, forced = state.plan()
-                in_image, unfinished = state.phase == IMAGE, state.phase != DONE
-            else:
-                mask_class, forced = schedule.mask_class[step], schedule.forced[step]
-                in_image, unfinished = schedule.in_image[step], schedule.unfinished[step]
-            # While every unfinished row is inside an image, only the image slice of the head is needed;
-            # a text-only batch never needs the image rows.
-            start = image_start if all_in_image else 0
-            logits = self.compute_logits(hidden, start, end)  # (R, end - start)
-            conditional = self._guide(logits, num_rows, guided_index, guidance, in_image)
-            if not text_only:
-                conditional = conditional + mask_table[mask_class, start:end]
-            uniform = request_noise(start, end) if request_noise is not None and sampler.any_sample else None
-            next_tokens = sampler(conditional, mask_class == CLASS_CODES, generator, uniform) + start
-            next_tokens = torch.where(forced >= 0, forced, next_tokens)
+        while step < max_steps:
             lengths += unfinished
             output[:, step] = next_tokens
             if schedule is None:
@@ -467,38 +535,94 @@ class UniMMGenerationMixin:
                     any_unfinished, any_outside_image = torch.stack(
                         [still_running.any(), (still_running & (state.phase != IMAGE)).any()]
                     ).tolist()
+                forced_until, block_part = step + 1, part_of_image[:, None]
             else:
+                any_outside_image = False
+                forced_until = step + 1  # the forced steps that follow go into the same forward
+                while forced_until < max_steps and all_forced[forced_until]:
+                    forced_until += 1
+                output[:, step + 1 : forced_until] = schedule.forced[step + 1 : forced_until].T
+                lengths += schedule.unfinished[step + 1 : forced_until].sum(0)
+                any_unfinished = forced_until < max_steps
+                skip_noise(forced_until - step - 1)
                 part_of_image = schedule.part_of_image[step]
-                any_unfinished, any_outside_image = step + 1 < max_steps, False
+                block_part = schedule.part_of_image[step:forced_until].T  # (N, T)
             if open_streams:
                 text = unfinished & ~part_of_image & (next_tokens < image_start)
                 done = None if schedule is not None else ~still_running
                 self._stream_step(open_streams, next_tokens, text, done)
             if not any_unfinished:
                 break
-            all_in_image = not any_outside_image
-            column = prompt_length + step
+            block = output[:, step:forced_until]  # (N, T) tokens fed in this forward
+            width = block.shape[1]
             if guided_index.numel():
                 # Unconditional rows follow their conditional row but only see image tokens.
-                feed = torch.cat([next_tokens, next_tokens[guided_index]])  # (R,)
-                visible = torch.cat([all_visible[:num_rows], part_of_image[guided_index]])  # (R,)
-                attention_mask[:, column] = visible
-                next_position = next_position + visible
+                feed = torch.cat([block, block[guided_index]])  # (R, T)
+                visible = torch.cat(
+                    [all_visible[:num_rows, None].expand(-1, width), block_part[guided_index]]
+                )
             else:
-                feed = next_tokens
-                attention_mask[:, column] = True
-                next_position = next_position + 1
-            step_mask = attention_mask if static else attention_mask[:, : column + 1]
-            hidden = decode_step(
-                feed.unsqueeze(-1),  # (R, 1)
-                step_mask[:, None, None, :] if four_d_mask else step_mask.long(),  # (R, 1, 1, T) or (R, T)
-                next_position.unsqueeze(-1) - 1,  # (R, 1)
+                feed, visible = block, all_visible[:, None].expand(-1, width)
+            attention_mask[:, column : column + width] = visible
+            positions = next_position[:, None] + visible.cumsum(-1) - 1  # (R, T)
+            next_position = positions[:, -1] + 1
+            step = forced_until
+            mask_class, forced, in_image, unfinished = plan(step)
+            # While every unfinished row is inside an image, only the image slice of the head is needed.
+            offset = image_start if not any_outside_image else 0
+            next_tokens = decode_and_choose(
+                feed,
+                self._step_mask(attention_mask, column, width, static, four_d_mask),
+                positions,
                 cache,
                 column,
-            )  # (R, D)
+                choice,
+                offset,
+                in_image,
+                mask_class,
+                forced,
+                noise(offset),
+            )  # (N,)
+            column += width
         for row_streamer in open_streams.values():
             row_streamer.end()
         return output[:, : int(lengths.max())], lengths
+
+    @staticmethod
+    def _step_mask(
+        attention_mask: torch.Tensor, column: int, width: int, static: bool, four_d: bool
+    ) -> torch.Tensor:
+        """The attention mask of a forward over ``width`` new tokens written from cache position ``column``:
+        the 2-D ``(R, T)`` mask, or for SDPA a 4-D bool ``(R, 1, width, T)`` (causal among the new tokens)."""
+        step_mask = attention_mask if static else attention_mask[:, : column + width]
+        if not four_d:
+            return step_mask.long()
+        step_mask = step_mask[:, None, None, :]  # (R, 1, 1, T)
+        if width == 1:  # a single query needs no causal structure
+            return step_mask
+        keys = torch.arange(step_mask.shape[-1], device=step_mask.device)
+        queries = column + torch.arange(width, device=step_mask.device)
+        return step_mask & (keys <= queries[:, None])  # (R, 1, width, T)
+
+    def _choose_tokens(
+        self,
+        hidden: torch.Tensor,
+        choice: TokenChoice,
+        offset: int,
+        in_image: torch.Tensor,
+        mask_class: torch.Tensor,
+        forced: torch.Tensor,
+        uniform: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Next tokens ``(N,)`` from last hidden states ``(R, D)``: logits of the vocabulary from ``offset`` on,
+        guidance on rows inside images, the constraint mask of each row's class, sampling with the noise
+        ``uniform`` ``(N, end - offset)`` (``None`` for greedy), and the forced tokens (``-1`` = free)."""
+        logits = self.compute_logits(hidden, offset, choice.end)  # (R, end - offset)
+        conditional = self._guide(logits, forced.shape[0], choice.guided_index, choice.guidance, in_image)
+        if choice.mask_table is not None:
+            conditional = conditional + choice.mask_table[mask_class, offset : choice.end]
+        next_tokens = choice.sampler(conditional, mask_class == CLASS_CODES, None, uniform) + offset
+        return torch.where(forced >= 0, forced, next_tokens)
 
     @staticmethod
     def _stream_step(
@@ -575,19 +699,35 @@ class UniMMGenerationMixin:
 
         return step
 
-    def _compiled_decode_step(self) -> DecodeStep:
-        """:meth:`_eager_decode_step` through ``torch.compile``, built once per model. Dynamic shapes keep one
-        graph for every batch size, cache length and step; the preallocated cache's fill level is set from
-        ``start`` inside the graph, so it is a symbolic input rather than a constant that recompiles."""
+    def _decode_and_choose(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Cache,
+        start: int,
+        choice: TokenChoice,
+        offset: int,
+        in_image: torch.Tensor,
+        mask_class: torch.Tensor,
+        forced: torch.Tensor,
+        uniform: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One decode step: the backbone over ``input_ids`` ``(R, 1)`` written at cache position ``start``, then
+        :meth:`_choose_tokens` on its hidden states; returns the next tokens ``(N,)``."""
+        set_cache_length(cache, start)  # eager a no-op; compiled, the fill level becomes a graph input
+        hidden = self._eager_decode_step()(input_ids, attention_mask, position_ids, cache, start)  # (R, D)
+        return self._choose_tokens(hidden, choice, offset, in_image, mask_class, forced, uniform)
+
+    def _compiled_decode_and_choose(self) -> Callable[..., torch.Tensor]:
+        """:meth:`_decode_and_choose` through ``torch.compile``, built once per model: the backbone, the head,
+        guidance, the constraint mask and sampling fuse into one graph per step. Dynamic shapes keep one graph
+        for every batch size, cache length and step; the preallocated cache's fill level is set from ``start``
+        inside the graph, so it is a symbolic input rather than a constant that recompiles. The sampling noise
+        is drawn outside, from the same generators as eager decoding."""
         compiled = getattr(self, "_compiled_step", None)
         if compiled is None:
-            eager = self._eager_decode_step()
-
-            def step(input_ids, attention_mask, position_ids, cache, start):
-                set_cache_length(cache, start)
-                return eager(input_ids, attention_mask, position_ids, cache, start)
-
-            compiled = torch.compile(step, dynamic=True, fullgraph=True)
+            compiled = torch.compile(self._decode_and_choose, dynamic=True, fullgraph=True)
             self._compiled_step = compiled
         return compiled
 
