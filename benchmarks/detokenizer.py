@@ -8,6 +8,10 @@
     # the trained demo model, a guidance sweep:
     python benchmarks/detokenizer.py quality --tokenizer checkpoints/demo/visual_tokenizer \
         --detokenizer checkpoints/demo/detokenizer --guidance-scale 1 1.5 2 3
+    # a decoder trained with condition_on_reconstruction (it runs the tokenizer's pixel decoder itself), pure
+    # diffusion only; figures in recipes/demo/README.md:
+    python benchmarks/detokenizer.py quality --tokenizer checkpoints/demo/visual_tokenizer \
+        --detokenizer outputs/demo/detokenizer-recon/export --strengths 1.0
     # images/s at 20 steps, batch 1 and 16: our batched-CFG pipeline vs the unbatched-CFG reference loop
     # (one image at a time, conditional and unconditional forwards separately, as ILLUME+/Emu3 do):
     python benchmarks/detokenizer.py speed --detokenizer outputs/detokenizer-fmnist/export
@@ -182,6 +186,12 @@ def quality(args: argparse.Namespace) -> None:
                     row = {"decoder": name, "scheduler": scheduler, "steps": steps, "strength": strength}
                     row["guidance_scale"] = guidance_scale
                     rows.append(score(row, images, originals, *real, tokenizer, judge, seconds))
+                    tqdm.write(  # each row as soon as it is measured (the full table comes at the end)
+                        f"{steps} steps, cfg {guidance_scale:g}, strength {strength:g}: Fréchet teacher "
+                        f"{rows[-1]['frechet_teacher']:.4f} paired / {rows[-1]['frechet_reference_teacher']:.4f} "
+                        f"reference (pixel decoder {rows[0]['frechet_teacher']:.4f} / "
+                        f"{rows[0]['frechet_reference_teacher']:.4f})"
+                    )
                     label = "diffusion" if strength == 1 else f"refine {strength:g}"
                     cfg = f" cfg {guidance_scale:g}" if len(args.guidance_scale) > 1 else ""
                     columns[f"{label} {steps}{cfg}"] = images

@@ -49,6 +49,28 @@ def make_decoder(seed: int = 0, **overrides: Any) -> TokenDiffusionDecoder:
     return decoder.eval()
 
 
+def make_tokenizer(seed: int = 0) -> Any:
+    """A tiny random `DualCodebookTokenizer` on the same codebook sizes (its teacher a 2-layer ViT of width 32)."""
+    from unimm.tokenizer import DualCodebookConfig, DualCodebookTokenizer
+
+    torch.manual_seed(seed)
+    teacher = {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+    teacher.update(intermediate_size=64, image_size=IMAGE_SIZE, patch_size=4, num_channels=3)
+    config = DualCodebookConfig(
+        codebook_size=CODEBOOK_SIZE,
+        semantic_code_dim=SEMANTIC_CODE_DIM,
+        pixel_code_dim=PIXEL_CODE_DIM,
+        downsample_factor=DOWNSAMPLE_FACTOR,
+        image_size=IMAGE_SIZE,
+        hidden_channels=16,
+        channel_multipliers=[1, 1, 1],
+        norm_num_groups=4,
+        semantic_hidden_size=32,
+        teacher_config=teacher,
+    )
+    return DualCodebookTokenizer(config).eval()
+
+
 def make_pipeline(decoder: TokenDiffusionDecoder | None = None, **components: Any) -> DetokenizerPipeline:
     # Linear betas over 100 steps keep an untrained model's x0 estimates bounded (no saturated images).
     scheduler = components.pop("scheduler", None) or DDIMScheduler(num_train_timesteps=100, clip_sample=False)
@@ -66,6 +88,11 @@ def make_decoder_fixture() -> Any:
 @pytest.fixture(name="make_pipeline")
 def make_pipeline_fixture() -> Any:
     return make_pipeline
+
+
+@pytest.fixture(name="make_tokenizer")
+def make_tokenizer_fixture() -> Any:
+    return make_tokenizer
 
 
 @pytest.fixture

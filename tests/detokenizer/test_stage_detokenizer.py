@@ -270,3 +270,17 @@ def test_latent_space_stage(tokenizer_path, tmp_path):
     assert isinstance(pipeline.vae, AutoencoderKL)
     images = pipeline(batch["image_token_ids"][:1], num_inference_steps=2, output_type="pt").images
     assert images.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_condition_on_reconstruction_copies_the_frozen_pixel_decoder(tokenizer_path):
+    stage = make_stage(tokenizer_path, condition_on_reconstruction=True)
+    train_set, _ = stage.datasets_from_images(synthetic_images(4), None)
+    batch = torch.utils.data.default_collate([train_set[index] for index in range(4)])
+    model = stage.build_model().train()
+    ids = batch["image_token_ids"]
+    torch.testing.assert_close(model.reconstruct(ids), stage.tokenizer.decode(ids))  # mean/std 0.5: [-1, 1]
+    loss, _ = stage.compute_loss(model, batch, -1)
+    loss.backward()
+    copied = [param for name, param in model.named_parameters() if name.startswith("reconstruction_decoder.")]
+    assert copied and all(param.grad is None for param in copied)
+    assert torch.isfinite(loss) and model.unet.conv_in.weight.grad is not None

@@ -6,6 +6,10 @@ are the cross-attention states of a `UNet2DConditionModel`; the pixel vectors, a
 upsampled to the sample's resolution, are concatenated to the noisy input. Dropping the condition
 (classifier-free guidance) replaces every token's vector by one learned null vector.
 
+With `condition_on_reconstruction`, the decoder also holds a frozen copy of the tokenizer's own pixel decoder
+and concatenates its image of the same ids (resized to the sample's resolution) to the noisy input, so
+the denoiser only has to add what that fast decoder misses; a dropped condition zeroes it.
+
 The sample is pixels in [-1, 1] (pixel space) or the latents of a diffusers autoencoder; the model
 does not need to know which: `sample_channels` says how many channels the sample has.
 """
@@ -23,8 +27,21 @@ from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from unimm.tokenizer.configuration_dual_codebook import DualCodebookConfig
+from unimm.tokenizer.modeling_dual_codebook import DualCodebookPixelDecoder
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
 UPSAMPLING_MODES = ("nearest", "bilinear", "bicubic")
+# The tokenizer config fields its pixel decoder is built from (besides the two code sizes, ours too).
+RECONSTRUCTION_DECODER_FIELDS = (
+    "num_channels",
+    "hidden_channels",
+    "channel_multipliers",
+    "num_res_blocks",
+    "norm_num_groups",
+    "image_mean",
+    "image_std",
+)
 
 
 @dataclass
@@ -47,10 +64,14 @@ class TokenDiffusionCondition(BaseOutput):
         encoder_hidden_states (`torch.Tensor` of shape `(B, h*w, cross_attention_dim)`): cross-attention states.
         pixel_code_map (`torch.Tensor` of shape `(B, pixel_code_dim, h, w)`): the pixel codebook vectors on
             the token grid (the null vector where the condition is dropped).
+        reconstruction (`torch.Tensor` of shape `(B, C, h*f, w*f)`, *optional*): the tokenizer pixel decoder's
+            image of the ids in [-1, 1] (zeros where the condition is dropped); only with
+            `condition_on_reconstruction`.
     """
 
     encoder_hidden_states: torch.Tensor
     pixel_code_map: torch.Tensor
+    reconstruction: torch.Tensor | None = None
 
 
 class TokenDiffusionDecoder(ModelMixin, ConfigMixin):
@@ -72,6 +93,11 @@ class TokenDiffusionDecoder(ModelMixin, ConfigMixin):
         prediction_type (`str`): what the model was trained to predict: `"epsilon"`, `"v_prediction"`
             (use a DDPM-family scheduler with the same `prediction_type`) or `"flow"` (rectified flow:
             velocity `noise - sample`, use `FlowMatchEulerDiscreteScheduler`).
+        condition_on_reconstruction (`bool`): also condition on the tokenizer pixel decoder's image of the ids,
+            concatenated to the noisy input (bilinearly resized to the sample, e.g. to latent resolution).
+        reconstruction_decoder_config (`dict`, *optional*): the tokenizer config fields its pixel decoder is
+            built from (`RECONSTRUCTION_DECODER_FIELDS`); required with `condition_on_reconstruction`.
+            [`from_tokenizer`] fills it and copies the weights.
     """
 
     _supports_gradient_checkpointing = True
@@ -96,6 +122,8 @@ class TokenDiffusionDecoder(ModelMixin, ConfigMixin):
         cross_attention_dim: int = 128,
         condition_upsampling: str = "nearest",
         prediction_type: str = "epsilon",
+        condition_on_reconstruction: bool = False,
+        reconstruction_decoder_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if condition_upsampling not in UPSAMPLING_MODES:
@@ -105,6 +133,10 @@ class TokenDiffusionDecoder(ModelMixin, ConfigMixin):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         token_dim = semantic_code_dim + pixel_code_dim
+        self.reconstruction_decoder = self._build_reconstruction_decoder()
+        reconstruction_channels = (
+            self.reconstruction_decoder.conv_out.out_channels if self.reconstruction_decoder else 0
+        )
         # Frozen copies of the tokenizer's codebooks (buffers: saved with the model, never trained).
         self.register_buffer("semantic_codebook", torch.zeros(codebook_size, semantic_code_dim))
         self.register_buffer("pixel_codebook", torch.zeros(codebook_size, pixel_code_dim))
@@ -118,7 +150,7 @@ class TokenDiffusionDecoder(ModelMixin, ConfigMixin):
         )
         self.unet = UNet2DConditionModel(
             sample_size=sample_size,
-            in_channels=sample_channels + pixel_code_dim,
+            in_channels=sample_channels + pixel_code_dim + reconstruction_channels,
             out_channels=sample_channels,
             down_block_types=tuple(down_block_types),
             up_block_types=tuple(up_block_types),
@@ -131,12 +163,39 @@ class TokenDiffusionDecoder(ModelMixin, ConfigMixin):
             cross_attention_dim=cross_attention_dim,
         )
 
+    def _build_reconstruction_decoder(self) -> DualCodebookPixelDecoder | None:
+        """The frozen copy of the tokenizer's pixel decoder (None unless `condition_on_reconstruction`)."""
+        config = self.config
+        if not config.condition_on_reconstruction:
+            return None
+        fields = config.reconstruction_decoder_config
+        missing = sorted(set(RECONSTRUCTION_DECODER_FIELDS) - set(fields or {}))
+        if missing:
+            raise ValueError(
+                f"condition_on_reconstruction needs reconstruction_decoder_config with the tokenizer's "
+                f"{list(RECONSTRUCTION_DECODER_FIELDS)}; missing {missing} (TokenDiffusionDecoder.from_tokenizer "
+                "fills it)"
+            )
+        tokenizer_config = DualCodebookConfig(
+            semantic_code_dim=config.semantic_code_dim,
+            pixel_code_dim=config.pixel_code_dim,
+            downsample_factor=config.downsample_factor,
+            **{name: fields[name] for name in RECONSTRUCTION_DECODER_FIELDS},
+        )
+        return DualCodebookPixelDecoder(tokenizer_config).requires_grad_(False)
+
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, **kwargs: Any) -> TokenDiffusionDecoder:
-        """Build a decoder sized by a trained `DualCodebookTokenizer` and copy its codebook vectors.
+        """Build a decoder sized by a trained `DualCodebookTokenizer` and copy its codebook vectors (and, with
+        `condition_on_reconstruction=True`, its pixel decoder).
 
         `kwargs` set the other config fields (UNet size, `sample_channels`, `prediction_type`, ...)."""
         config = tokenizer.config
+        if kwargs.get("condition_on_reconstruction"):
+            kwargs.setdefault(
+                "reconstruction_decoder_config",
+                {name: getattr(config, name) for name in RECONSTRUCTION_DECODER_FIELDS},
+            )
         model = cls(
             codebook_size=config.codebook_size,
             semantic_code_dim=config.semantic_code_dim,
@@ -146,6 +205,8 @@ class TokenDiffusionDecoder(ModelMixin, ConfigMixin):
         )
         semantic, pixel = tokenizer.get_codebook_vectors()
         model.load_codebook(semantic, pixel)
+        if model.reconstruction_decoder is not None:
+            model.reconstruction_decoder.load_state_dict(tokenizer.pixel_decoder.state_dict())
         return model
 
     @torch.no_grad()
@@ -210,7 +271,32 @@ class TokenDiffusionDecoder(ModelMixin, ConfigMixin):
         states = self.condition_proj(self.condition_norm(tokens)).flatten(1, 2)  # (B, h*w, C)
         states = states + self._grid_positions(height, width, states)
         pixel_code_map = tokens[..., self.config.semantic_code_dim :].permute(0, 3, 1, 2)  # (B, Dp, h, w)
-        return TokenDiffusionCondition(encoder_hidden_states=states, pixel_code_map=pixel_code_map)
+        reconstruction = None
+        if self.reconstruction_decoder is not None:
+            reconstruction = self.reconstruct(image_token_ids).to(tokens.dtype)  # (B, C, h*f, w*f)
+            if drop_condition is not None:
+                reconstruction = torch.where(drop, 0.0, reconstruction)
+        return TokenDiffusionCondition(
+            encoder_hidden_states=states, pixel_code_map=pixel_code_map, reconstruction=reconstruction
+        )
+
+    @torch.no_grad()
+    def reconstruct(self, image_token_ids: torch.Tensor) -> torch.Tensor:
+        """The tokenizer pixel decoder's images (B, C, h*f, w*f) in [-1, 1] of ids (B, h, w), as its
+        `decode` gives them (clipped to the image range), from the frozen copies of its codebook and decoder."""
+        if self.reconstruction_decoder is None:
+            raise ValueError(
+                "this decoder has no pixel decoder copy: build it with condition_on_reconstruction"
+            )
+        self.check_image_token_ids(image_token_ids)
+        code_maps = torch.cat(
+            [self.semantic_codebook[image_token_ids], self.pixel_codebook[image_token_ids]], dim=-1
+        ).permute(0, 3, 1, 2)  # (B, Ds + Dp, h, w)
+        images = self.reconstruction_decoder(code_maps)  # (B, C, H, W), the tokenizer's normalisation
+        fields = self.config.reconstruction_decoder_config
+        mean = images.new_tensor(fields["image_mean"]).view(1, -1, 1, 1)
+        std = images.new_tensor(fields["image_std"]).view(1, -1, 1, 1)
+        return (images * std + mean).clamp(0, 1) * 2 - 1
 
     def forward(
         self,
@@ -244,11 +330,28 @@ class TokenDiffusionDecoder(ModelMixin, ConfigMixin):
         pixel_code_map = F.interpolate(
             pixel_code_map.to(sample.dtype), size=(height, width), mode=self.config.condition_upsampling
         )  # (B, Dp, H, W)
+        inputs = [sample, pixel_code_map]
+        if self.reconstruction_decoder is not None:
+            inputs.append(self._resized_reconstruction(condition, (height, width), sample.dtype))
         prediction = self.unet(
-            torch.cat([sample, pixel_code_map], dim=1),  # (B, sample_channels + Dp, H, W)
+            torch.cat(inputs, dim=1),  # (B, sample_channels + Dp [+ C], H, W)
             timestep,
             encoder_hidden_states=condition.encoder_hidden_states.to(sample.dtype),
         ).sample
         if not return_dict:
             return (prediction,)
         return TokenDiffusionDecoderOutput(sample=prediction)
+
+    def _resized_reconstruction(
+        self, condition: TokenDiffusionCondition, size: tuple[int, int], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The condition's reconstruction at the sample's resolution, (B, C, H, W)."""
+        if condition.reconstruction is None:
+            raise ValueError(
+                "this decoder conditions on the pixel decoder's reconstruction but the condition has none: "
+                "compute it with embed_condition"
+            )
+        reconstruction = condition.reconstruction.to(dtype)
+        if tuple(reconstruction.shape[-2:]) != size:  # latent space: down to the latents' resolution
+            reconstruction = F.interpolate(reconstruction, size=size, mode="bilinear", antialias=True)
+        return reconstruction

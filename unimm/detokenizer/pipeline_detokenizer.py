@@ -54,7 +54,9 @@ class DetokenizerPipeline(DiffusionPipeline):
     r"""Decode grids of image token ids into images by diffusion.
 
     Components:
-        decoder ([`TokenDiffusionDecoder`]): the token-conditioned denoiser.
+        decoder ([`TokenDiffusionDecoder`]): the token-conditioned denoiser (with
+            `condition_on_reconstruction`, it computes the tokenizer pixel decoder's image of the ids itself,
+            once per call in `embed_condition`, from its frozen copy of that decoder).
         scheduler ([`SchedulerMixin`]): any diffusers scheduler matching `decoder.config.prediction_type`
             (DDIM, DDPM, DPMSolverMultistep, Euler, ... for `epsilon`/`v_prediction`;
             `FlowMatchEulerDiscreteScheduler` for `flow`).

@@ -6,7 +6,8 @@ the decoder predicts noise (`epsilon`), velocity (`v_prediction`) or the rectifi
 (`flow`) with the condition dropped for a fraction of the rows (classifier-free guidance).
 Min-SNR weighting for the DDPM objectives, logit-normal timestep sampling for flow. An EMA copy of the
 weights (diffusers `EMAModel`) is what gets sampled and exported.
-Optionally (`teacher_feature_weight`), the frozen tokenizer's semantic teacher compares its features of the
+Optionally (`condition_on_reconstruction`), the decoder also sees the tokenizer pixel decoder's image of the
+ids. Optionally (`teacher_feature_weight`), the frozen tokenizer's semantic teacher compares its features of the
 predicted clean image with those of the real one (1 - cos per token-grid cell, weighted by α_t²).
 
 The EMA is updated from `compute_loss` once per new training step (so it works with any loop and with
@@ -82,6 +83,13 @@ class DetokenizerArguments:
     cross_attention_dim: int = 128
     prediction_type: str = field(
         default="v_prediction", metadata={"help": "'epsilon', 'v_prediction' or 'flow'"}
+    )
+    condition_on_reconstruction: bool = field(
+        default=False,
+        metadata={
+            "help": "also condition on the frozen tokenizer pixel decoder's image of the ids (the decoder "
+            "keeps a copy of it), so the diffusion model only adds what that decoder misses"
+        },
     )
     num_train_timesteps: int = 1000
     beta_schedule: str = field(
@@ -247,6 +255,7 @@ class DetokenizerStage(TrainingStage):
             attention_head_dim=args.attention_head_dim,
             cross_attention_dim=args.cross_attention_dim,
             prediction_type=args.prediction_type,
+            condition_on_reconstruction=args.condition_on_reconstruction,
         )
 
     def _load_split_images(self) -> tuple[list[Any], list[Any]]:
