@@ -79,6 +79,23 @@ def make_pipeline(decoder: TokenDiffusionDecoder | None = None, **components: An
     return pipeline
 
 
+def make_reconstructing_decoder(tokenizer: Any, seed: int = 0, **overrides: Any) -> TokenDiffusionDecoder:
+    """A tiny decoder built from `tokenizer` that also sees its pixel decoder's image (condition_on_reconstruction)."""
+    torch.manual_seed(seed)
+    kwargs = {"sample_size": IMAGE_SIZE, "condition_on_reconstruction": True, **TINY_UNET, **overrides}
+    return TokenDiffusionDecoder.from_tokenizer(tokenizer, **kwargs).eval()
+
+
+@pytest.fixture(name="make_reconstructing_decoder")
+def make_reconstructing_decoder_fixture() -> Any:
+    return make_reconstructing_decoder
+
+
+@pytest.fixture(name="tiny_unet")
+def tiny_unet_fixture() -> dict[str, Any]:
+    return dict(TINY_UNET)
+
+
 @pytest.fixture(name="make_decoder")
 def make_decoder_fixture() -> Any:
     """The `make_decoder` factory (test modules cannot import conftest under importlib mode)."""

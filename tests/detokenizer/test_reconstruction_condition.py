@@ -1,5 +1,7 @@
 """`condition_on_reconstruction`: the decoder also sees the tokenizer pixel decoder's image of the ids."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -8,15 +10,6 @@ from diffusers import DDIMScheduler
 from unimm.detokenizer import DetokenizerPipeline, TokenDiffusionDecoder
 
 IMAGE_SIZE, GRID, SAMPLE_CHANNELS, PIXEL_DIM = 16, 4, 3, 4
-TINY_UNET = {
-    "block_out_channels": (32, 32),
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "attention_head_dim": 8,
-    "cross_attention_dim": 32,
-}
 
 
 @pytest.fixture(name="tokenizer")
@@ -24,14 +17,15 @@ def tokenizer_fixture(make_tokenizer):
     return make_tokenizer()
 
 
-def reconstructing_decoder(tokenizer, seed: int = 0, **overrides) -> TokenDiffusionDecoder:
-    torch.manual_seed(seed)
-    kwargs = {"sample_size": IMAGE_SIZE, "condition_on_reconstruction": True, **TINY_UNET, **overrides}
-    return TokenDiffusionDecoder.from_tokenizer(tokenizer, **kwargs).eval()
+@pytest.fixture(name="reconstructing_decoder")
+def reconstructing_decoder_fixture(make_reconstructing_decoder, tokenizer):
+    return functools.partial(make_reconstructing_decoder, tokenizer)
 
 
-def test_reconstruction_is_the_tokenizer_decode_in_minus_one_to_one(tokenizer, image_token_ids):
-    decoder = reconstructing_decoder(tokenizer)
+def test_reconstruction_is_the_tokenizer_decode_in_minus_one_to_one(
+    reconstructing_decoder, tokenizer, image_token_ids
+):
+    decoder = reconstructing_decoder()
     # The tokenizer's normalisation is mean 0.5 / std 0.5: its decode is already in [-1, 1].
     torch.testing.assert_close(decoder.reconstruct(image_token_ids), tokenizer.decode(image_token_ids))
     assert decoder.unet.config.in_channels == SAMPLE_CHANNELS + PIXEL_DIM + 3
@@ -42,8 +36,10 @@ def test_reconstruction_is_the_tokenizer_decode_in_minus_one_to_one(tokenizer, i
     assert decoder.config.reconstruction_decoder_config["channel_multipliers"] == [1, 1, 1]
 
 
-def test_dropped_rows_get_a_zero_reconstruction_and_the_prediction_depends_on_it(tokenizer, image_token_ids):
-    decoder = reconstructing_decoder(tokenizer)
+def test_dropped_rows_get_a_zero_reconstruction_and_the_prediction_depends_on_it(
+    reconstructing_decoder, tokenizer, image_token_ids
+):
+    decoder = reconstructing_decoder()
     condition = decoder.embed_condition(image_token_ids, drop_condition=torch.tensor([True, False]))
     assert condition.reconstruction.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert condition.reconstruction[0].abs().sum() == 0
@@ -59,24 +55,24 @@ def test_dropped_rows_get_a_zero_reconstruction_and_the_prediction_depends_on_it
     assert not torch.allclose(reference, shifted)
 
 
-def test_latent_samples_get_the_reconstruction_resized(tokenizer, image_token_ids):
-    decoder = reconstructing_decoder(tokenizer, sample_channels=4, sample_size=IMAGE_SIZE // 2)
+def test_latent_samples_get_the_reconstruction_resized(reconstructing_decoder, tokenizer, image_token_ids):
+    decoder = reconstructing_decoder(sample_channels=4, sample_size=IMAGE_SIZE // 2)
     sample = torch.randn(2, 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2)  # an autoencoder's latents, 2 px per cell
     with torch.no_grad():
         output = decoder(sample, torch.tensor([10, 50]), image_token_ids=image_token_ids)
     assert output.sample.shape == (2, 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2)
 
 
-def test_bad_configurations_raise(make_decoder, tokenizer, image_token_ids):
+def test_bad_configurations_raise(make_decoder, reconstructing_decoder, tiny_unet, image_token_ids):
     with pytest.raises(ValueError, match="reconstruction_decoder_config.*missing \\['channel_multipliers'"):
         TokenDiffusionDecoder(
             condition_on_reconstruction=True,
             reconstruction_decoder_config={"num_channels": 3, "hidden_channels": 16},
-            **TINY_UNET,
+            **tiny_unet,
         )
     with pytest.raises(ValueError, match="condition_on_reconstruction"):
         make_decoder().reconstruct(image_token_ids)
-    decoder = reconstructing_decoder(tokenizer)
+    decoder = reconstructing_decoder()
     condition = decoder.embed_condition(image_token_ids)
     condition.reconstruction = None
     with pytest.raises(ValueError, match="compute it with embed_condition"):
@@ -89,9 +85,11 @@ def test_default_is_off(make_decoder):
     assert not any(name.startswith("reconstruction_decoder.") for name in decoder.state_dict())
 
 
-def test_pipeline_round_trip_gives_identical_images(tokenizer, image_token_ids, tmp_path):
+def test_pipeline_round_trip_gives_identical_images(
+    reconstructing_decoder, tokenizer, image_token_ids, tmp_path
+):
     scheduler = DDIMScheduler(num_train_timesteps=100, clip_sample=False)
-    pipeline = DetokenizerPipeline(decoder=reconstructing_decoder(tokenizer), scheduler=scheduler)
+    pipeline = DetokenizerPipeline(decoder=reconstructing_decoder(), scheduler=scheduler)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.save_pretrained(tmp_path)
     loaded = DetokenizerPipeline.from_pretrained(tmp_path)
