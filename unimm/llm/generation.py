@@ -468,7 +468,6 @@ class UniMMGenerationMixin:
             sequences, max_steps - lead, cache_implementation
         )
         column = attention_mask.shape[1] - (max_steps - lead)  # next cache position to write
-        all_visible = torch.ones(attention_mask.shape[0], dtype=torch.bool, device=device)
         image_start = vocabulary.text_vocab_size
         # A text-only batch never samples image codes, and a scheduled batch never samples text (every token
         # outside the codes is forced): its sampler then holds one modality's parameters, with no second pass.
@@ -559,14 +558,7 @@ class UniMMGenerationMixin:
                 break
             block = output[:, step:forced_until]  # (N, T) tokens fed in this forward
             width = block.shape[1]
-            if guided_index.numel():
-                # Unconditional rows follow their conditional row but only see image tokens.
-                feed = torch.cat([block, block[guided_index]])  # (R, T)
-                visible = torch.cat(
-                    [all_visible[:num_rows, None].expand(-1, width), block_part[guided_index]]
-                )
-            else:
-                feed, visible = block, all_visible[:, None].expand(-1, width)
+            feed, visible = self._feed_rows(block, block_part, guided_index)
             attention_mask[:, column : column + width] = visible
             positions = next_position[:, None] + visible.cumsum(-1) - 1  # (R, T)
             next_position = positions[:, -1] + 1
@@ -597,6 +589,19 @@ class UniMMGenerationMixin:
         for row_streamer in open_streams.values():
             row_streamer.end()
         return output[:, : int(lengths.max())], lengths
+
+    @staticmethod
+    def _feed_rows(
+        block: torch.Tensor, block_part: torch.Tensor, guided_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens of all R rows for one forward and whether each is visible to later steps, both ``(R, T)``,
+        from the conditional rows' ``block`` ``(N, T)``: each unconditional row is fed its conditional row's
+        tokens but sees only those that are part of an image (``block_part``, ``(N, T)`` or ``(N, 1)``)."""
+        visible = torch.ones_like(block, dtype=torch.bool)
+        if not guided_index.numel():
+            return block, visible
+        unconditional_visible = block_part[guided_index].expand(-1, block.shape[1])  # (U, T)
+        return torch.cat([block, block[guided_index]]), torch.cat([visible, unconditional_visible])
 
     @staticmethod
     def _step_mask(
