@@ -12,6 +12,10 @@
     # diffusion only; figures in recipes/demo/README.md:
     python benchmarks/detokenizer.py quality --tokenizer checkpoints/demo/visual_tokenizer \
         --detokenizer outputs/demo/detokenizer-recon/export --strengths 1.0
+    # the same on a second, disjoint set of 500 test images (and its own paired and reference sets): the paired
+    # distance moves more with the subset than between the decoders (recipes/demo/README.md)
+    python benchmarks/detokenizer.py quality --tokenizer checkpoints/demo/visual_tokenizer \
+        --detokenizer checkpoints/demo/detokenizer --strengths 1.0 --offset 5000
     # images/s at 20 steps, batch 1 and 16: our batched-CFG pipeline vs the unbatched-CFG reference loop
     # (one image at a time, conditional and unconditional forwards separately, as ILLUME+/Emu3 do):
     python benchmarks/detokenizer.py speed --detokenizer outputs/detokenizer-fmnist/export
@@ -53,12 +57,16 @@ from unimm.evaluation.judge import images_to_tensor as judge_inputs
 from unimm.tokenizer import DualCodebookTokenizer
 from unimm.training.stages.detokenizer import from_tokenizer_range, images_to_tensor, to_tokenizer_range
 
+FASHION_MNIST_TEST_IMAGES = 10_000
+
 
 def load_test_images(image_size: int, count: int, offset: int = 0) -> torch.Tensor:
-    """Fashion-MNIST test images [offset, offset + count) in [-1, 1], (N, 3, H, W)."""
+    """Fashion-MNIST test images [offset, offset + count) in [-1, 1], (N, 3, H, W); indices past the end of the
+    10,000 test images wrap around to the start."""
     from unimm.data.demo_datasets import load_fashion_mnist
 
-    test = load_fashion_mnist(image_size=image_size)["test"].select(range(offset, offset + count))
+    test = load_fashion_mnist(image_size=image_size)["test"]
+    test = test.select([(offset + index) % len(test) for index in range(count)])
     return images_to_tensor([row["segments"][0]["image"] for row in test], 3).float() / 127.5 - 1.0
 
 
@@ -140,6 +148,10 @@ def detokenize(
 
 
 def quality(args: argparse.Namespace) -> None:
+    if 2 * args.num_images + args.reference_images > FASHION_MNIST_TEST_IMAGES:
+        raise ValueError(
+            f"2 x --num-images + --reference-images must be <= {FASHION_MNIST_TEST_IMAGES} to keep the sets disjoint"
+        )
     torch.set_num_threads(args.threads)
     tokenizer = DualCodebookTokenizer.from_pretrained(args.tokenizer).eval()
     pipeline = DetokenizerPipeline.from_pretrained(args.detokenizer)
@@ -149,13 +161,17 @@ def quality(args: argparse.Namespace) -> None:
     scheduler = type(pipeline.scheduler).__name__
     judge = load_judge()
     size = tokenizer.config.image_size
-    originals = load_test_images(size, args.num_images)
+    # Evaluated images, the paired reference and the reference set: consecutive disjoint ranges of the test
+    # images from --offset on (wrapping around past the last one).
+    originals = load_test_images(size, args.num_images, offset=args.offset)
     real_features = embeddings(tokenizer, judge, originals)
     floor_features = embeddings(
-        tokenizer, judge, load_test_images(size, args.num_images, offset=args.num_images)
+        tokenizer, judge, load_test_images(size, args.num_images, offset=args.offset + args.num_images)
     )
     reference_features = embeddings(
-        tokenizer, judge, load_test_images(size, args.reference_images, offset=2 * args.num_images)
+        tokenizer,
+        judge,
+        load_test_images(size, args.reference_images, offset=args.offset + 2 * args.num_images),
     )
     real = (real_features, reference_features)
     benchmark_start = time.perf_counter()
@@ -210,6 +226,7 @@ def quality(args: argparse.Namespace) -> None:
     ).save(grid_path)
     report = {
         "num_images": args.num_images,
+        "offset": args.offset,
         "other_real_images_frechet_teacher": floor["teacher"],
         "other_real_images_frechet_judge": floor["judge"],
         "reference_images": args.reference_images,
@@ -221,7 +238,10 @@ def quality(args: argparse.Namespace) -> None:
     }
     (args.output_dir / "detokenizer_quality.json").write_text(json.dumps(report, indent=2))
 
-    print(f"\nHeld-out Fashion-MNIST test images: {args.num_images} (tokens from {args.tokenizer})")
+    print(
+        f"\nHeld-out Fashion-MNIST test images: {args.num_images} from test image {args.offset} on "
+        f"(tokens from {args.tokenizer})"
+    )
     print(f"scheduler: {scheduler}; strength 1 = pure diffusion, < 1 = refining the pixel decoder's images")
     header = f"{'decoder':<34}{'steps':>6}{'strength':>9}{'cfg':>5}{'PSNR dB':>9}{'SSIM':>8}"
     print(f"{'':<71}{'Fréchet, paired':>20}{'Fréchet vs reference':>24}")
@@ -243,7 +263,7 @@ def quality(args: argparse.Namespace) -> None:
         f"{'the originals themselves':<71}{'':>20}"
         f"{originals_to_reference['teacher']:>12.4f}{originals_to_reference['judge']:>12.3f}"
     )
-    print(f"reference: {args.reference_images} other Fashion-MNIST test images")
+    print(f"reference: {args.reference_images} other Fashion-MNIST test images (after the paired reference)")
     print(f"grid (columns: {', '.join(columns)}): {grid_path}")
     print(f"wall time: {wall:.0f} s")
 
@@ -330,6 +350,13 @@ def main() -> None:
         command.add_argument("--seed", type=int, default=0)
     sub.choices["quality"].add_argument("--tokenizer", required=True, help="DualCodebookTokenizer folder")
     sub.choices["quality"].add_argument("--num-images", type=int, default=500)
+    sub.choices["quality"].add_argument(
+        "--offset",
+        type=int,
+        default=0,
+        help="first evaluated test image; the paired reference and the reference images follow it (wrapping "
+        "around), so e.g. --offset 5000 evaluates a second subset disjoint from the default one",
+    )
     sub.choices["quality"].add_argument(
         "--reference-images",
         type=int,
