@@ -43,15 +43,31 @@ of unimm over Janus's:
 | 16 | 1.37x | 1.60x | 2.06x |
 
 In a quieter moment of the same session, a separate measurement of the floor gave 731 image tokens/s at batch 1
-against Janus's 295 (2.5x). The batch-16 target (1.5x) is met; the batch-1 target (3x) is not: it asks for a
-step within 10% of (or, when the machine is quiet, faster than) the bare memory traffic, i.e. no more than
-~0.1 ms of overhead per step on top of the matmuls and attention. Text, 128 greedy tokens, against the LM's
-``generate``, compiled: 1.66x / 1.82x at batch 1 / 16. Tried and dropped: ``cpp_wrapper`` (slower here, 2.5x
-the compile time), ``install_free_tensors`` (no change), attention written as fused inductor reductions instead
-of SDPA (no change: both read the same caches), both models in bf16 (slower than fp32 at batch 1 on this CPU:
-its bf16 kernels lose at two rows).
+against Janus's 295 (2.5x). On that machine the batch-16 target (1.5x) is met; the batch-1 target (3x) is not: it
+asks for a step within 10% of (or, when the machine is quiet, faster than) the bare memory traffic, i.e. no more
+than ~0.1 ms of overhead per step on top of the matmuls and attention. Text, 128 greedy tokens, against the LM's
+``generate``, compiled: 1.66x / 1.82x at batch 1 / 16.
 
-    python benchmarks/generation.py [--batch-sizes 1 4 16] [--repeats 3] [--grid 16]
+A later session on a quiet 2-core AMD EPYC, where a single core streams only ~4 GB/s from memory (the ~20 MB of
+fp32 weights take ~5 ms a step on their own), compiled unimm over Janus, CPU time, ``--repeats 3``:
+
+| configuration | batch 1 | batch 4 | batch 16 | text 1 / 16 |
+|---|---|---|---|---|
+| default (hidden 256, MLP 1024, codebook 4096, 16x16), fp32 | 1.31x (floor 1.69x) | 1.27x (1.93x) | 1.34x (1.54x) | 1.51x / 1.32x |
+| the demo model's shape (``--hidden 192 --intermediate 512 --heads 4 --codebook 1024 --grid 8``), fp32 | 1.93x (5.68x) | 1.40x (2.25x) | 1.47x (2.45x) | 1.55x / 1.14x |
+| the same, ``--dtype bfloat16`` (both models) | 1.52x (2.48x) | 1.71x (3.85x) | 1.43x (2.08x) | 1.53x / 1.24x |
+
+On that machine the default configuration is bound by memory bandwidth: its floor is itself below the 3x
+batch-1 target, so no exact fp32 implementation of this step can reach it there. The batch-1 figures are noisy:
+the demo shape with MLP 768 instead of 512, a larger model, gave Janus 272 tokens/s against 196 for the smaller
+one (compiled unimm 1.43x, floor 2.96x), so a single ratio there carries ~40% of noise. With two threads
+(``--threads 2``) the default configuration gave 1.37x / 1.72x / 1.45x (wall) at batch 1 / 4 / 16.
+Tried and dropped: ``cpp_wrapper`` (slower here, 2.5x the compile time), ``install_free_tensors`` (no change),
+attention written as fused inductor reductions instead of SDPA (no change: both read the same caches).
+``--dtype bfloat16`` was slower than fp32 at batch 1 on the Xeon (its bf16 kernels lose at two rows) and on the
+EPYC for the demo shape, and faster at batch 16 on the EPYC.
+
+    python benchmarks/generation.py [--batch-sizes 1 4 16] [--repeats 3] [--grid 16] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -70,7 +86,7 @@ def llama_config(args: argparse.Namespace) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=args.text_vocab,
         hidden_size=args.hidden,
-        intermediate_size=args.hidden * 4,
+        intermediate_size=args.intermediate or args.hidden * 4,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.heads,
@@ -208,11 +224,12 @@ def bench_floor(args, unimm, batch: int) -> tuple[float, float]:
     cache_length = args.prompt_length + 3 + (tokens + args.grid) // 2  # mean over the image's steps
     layers = decoder.layers
     # One cache per layer, as in decoding: at batch 16 the caches outgrow the CPU's caches.
-    keys = [torch.randn(rows, heads, cache_length, head_dim) for _ in layers]
-    values = [torch.randn(rows, heads, cache_length, head_dim) for _ in layers]
-    hidden = torch.randn(rows, 1, args.hidden)
-    intermediate = torch.randn(rows, 1, args.hidden * 4)
-    query = torch.randn(rows, heads, 1, head_dim)
+    dtype = getattr(torch, args.dtype)
+    keys = [torch.randn(rows, heads, cache_length, head_dim, dtype=dtype) for _ in layers]
+    values = [torch.randn_like(layer_keys) for layer_keys in keys]
+    hidden = torch.randn(rows, 1, args.hidden, dtype=dtype)
+    intermediate = torch.randn(rows, 1, decoder.config.intermediate_size, dtype=dtype)
+    query = torch.randn(rows, heads, 1, head_dim, dtype=dtype)
     head = unimm.get_output_embeddings().weight[unimm.vocabulary.text_vocab_size :]
 
     def step() -> None:
@@ -267,6 +284,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default: 4 x hidden)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="weights and caches of both models",
+    )
     parser.add_argument("--text-vocab", type=int, default=2048)
     parser.add_argument("--codebook", type=int, default=4096)
     parser.add_argument("--grid", type=int, default=16, help="image side in codes (grid x grid tokens)")
@@ -280,9 +304,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    janus, unimm = build_janus(args), build_unimm(args)
+    dtype = getattr(torch, args.dtype)
+    janus, unimm = build_janus(args).to(dtype), build_unimm(args).to(dtype)
     print(
-        f"Llama backbone: hidden {args.hidden}, {args.layers} layers, {args.heads} heads; {args.grid}x{args.grid} "
+        f"Llama backbone ({args.dtype}): hidden {args.hidden}, MLP {unimm.config.text_config.intermediate_size}, "
+        f"{args.layers} layers, {args.heads} heads; {args.grid}x{args.grid} "
         f"image tokens, codebook {args.codebook}, guidance {args.guidance}, sampling at temperature 1; "
         f"torch threads {torch.get_num_threads()}; median of {args.repeats} interleaved runs"
     )
