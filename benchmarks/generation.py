@@ -224,13 +224,13 @@ def bench_floor(args, unimm, batch: int) -> tuple[float, float]:
     cache_length = args.prompt_length + 3 + (tokens + args.grid) // 2  # mean over the image's steps
     layers = decoder.layers
     # One cache per layer, as in decoding: at batch 16 the caches outgrow the CPU's caches.
-    dtype = getattr(torch, args.dtype)
+    head = unimm.get_output_embeddings().weight[unimm.vocabulary.text_vocab_size :]
+    dtype = head.dtype  # the model's (--dtype)
     keys = [torch.randn(rows, heads, cache_length, head_dim, dtype=dtype) for _ in layers]
     values = [torch.randn_like(layer_keys) for layer_keys in keys]
     hidden = torch.randn(rows, 1, args.hidden, dtype=dtype)
     intermediate = torch.randn(rows, 1, decoder.config.intermediate_size, dtype=dtype)
     query = torch.randn(rows, heads, 1, head_dim, dtype=dtype)
-    head = unimm.get_output_embeddings().weight[unimm.vocabulary.text_vocab_size :]
 
     def step() -> None:
         for layer, layer_keys, layer_values in zip(layers, keys, values):
