@@ -37,6 +37,7 @@ from transformers.utils import ModelOutput
 
 from .constraints import CLASS_CODES, DONE, IMAGE, ConstraintState, build_mask_table
 from .kv_cache import preallocated_cache, set_cache_length
+from .decode_kernels import FusedDecodeMode
 from .sampling import ModalitySampling, RequestNoise, RowSampler
 
 MODES = ("text", "image", "interleaved")
@@ -737,12 +738,20 @@ class UniMMGenerationMixin:
     def _compiled_decode_and_choose(self) -> Callable[..., torch.Tensor]:
         """:meth:`_decode_and_choose` through ``torch.compile``, built once per model: the backbone, the head,
         guidance, the constraint mask and sampling fuse into one graph per step. Dynamic shapes keep one graph
-        for every batch size, cache length and step; the preallocated cache's fill level is set from ``start``
-        inside the graph, so it is a symbolic input rather than a constant that recompiles. The sampling noise
-        is drawn outside, from the same generators as eager decoding."""
+        for every cache length and step, and for every batch above a few rows; the preallocated cache's fill
+        level is set from ``start`` inside the graph, so it is a symbolic input rather than a constant that
+        recompiles. On the CPU, linears of up to 8 rows and attention of one or two queries run as fused
+        reductions (:class:`~unimm.llm.decode_kernels.FusedDecodeMode`; gains in ``benchmarks/generation.py``),
+        with one graph per power-of-two bucket of rows. The sampling noise is drawn outside, from the same
+        generators as eager decoding."""
         compiled = getattr(self, "_compiled_step", None)
         if compiled is None:
-            compiled = torch.compile(self._decode_and_choose, dynamic=True, fullgraph=True)
+
+            def decode_and_choose(*args):
+                with FusedDecodeMode():  # few-row linears and attention as fused reductions: decode_kernels.py
+                    return self._decode_and_choose(*args)
+
+            compiled = torch.compile(decode_and_choose, dynamic=True, fullgraph=True)
             self._compiled_step = compiled
         return compiled
 

@@ -1,0 +1,112 @@
+"""The CPU decode step's linear layers and attention as reductions that ``torch.compile`` fuses.
+
+A decode step multiplies a handful of rows (one per sequence, two with guidance) by every weight of the
+model and attends with one query per row over the KV cache, so it is bound by how fast the weights and the
+cache stream from memory. On a CPU the library kernels behind ``F.linear`` and
+``F.scaled_dot_product_attention`` are built for large matrices: the BLAS treats two rows as a general
+matrix product and streams a weight at a fraction of the memory bandwidth (a quarter of it on the 2-core
+AMD EPYC of ``benchmarks/generation.py``), and the flash-attention kernel runs a small matrix product per
+head. Written as plain reductions (one per row over the same weight; scores, softmax and the weighted sum
+of values for attention), ``torch.compile`` fuses them into vectorised loops that read each weight and
+cache once. :class:`FusedDecodeMode` makes both swaps while it is active; the values are the same sums in
+another order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+# Above this many rows a matrix product stops being bound by the weights' memory traffic, and the BLAS
+# kernel wins again (benchmarks/generation.py: 2 rows at batch 1 with guidance, 8 at batch 4).
+MAX_FUSED_LINEAR_ROWS = 8
+# Queries per row up to which attention is written out (a decode step feeds one or two tokens).
+MAX_FUSED_ATTENTION_QUERIES = 2
+
+
+def rowwise_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` as one reduction per row of ``input`` ``(..., in)``: ``weight`` ``(out, in)``. The rows
+    are padded with zeros to the next power of two, so that a compiled graph serves a range of row counts
+    (1, 2, 3-4, 5-8, ...) instead of one each."""
+    rows = input.reshape(-1, input.shape[-1])  # (M, in)
+    count = rows.shape[0]
+    bucket = 1
+    while bucket < count:  # comparisons, not the value itself: dynamo guards on the range only
+        bucket *= 2
+    # Zeros of the bucket's full size, then a slice: a padding of size bucket - count would be 0 or 1 for
+    # some counts, sizes that dynamo specialises.
+    padded = torch.cat([rows, rows.new_zeros(bucket, rows.shape[1])])[:bucket]  # (bucket, in)
+    output = torch.stack([(row * weight).sum(-1) for row in padded.unbind(0)])[:count]  # (M, out)
+    if bias is not None:
+        output = output + bias
+    return output.reshape(*input.shape[:-1], weight.shape[0])
+
+
+def reduction_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` (no dropout, no causal flag) as reductions: ``query``
+    ``(B, H, Q, Dh)``, ``key`` / ``value`` ``(B, H_kv, L, Dh)``, a bool (``True`` = attend) or additive
+    ``attn_mask`` broadcastable to ``(B, H, Q, L)``."""
+    if enable_gqa and key.shape[1] != query.shape[1]:
+        groups = query.shape[1] // key.shape[1]
+        key = key.repeat_interleave(groups, dim=1)  # (B, H, L, Dh), a view inside the fused loop
+        value = value.repeat_interleave(groups, dim=1)
+    scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = (query[:, :, :, None, :] * key[:, :, None]).sum(-1) * scale  # (B, H, Q, L)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    weights = scores.softmax(-1)
+    return (weights[..., None] * value[:, :, None]).sum(-2).to(query.dtype)  # (B, H, Q, Dh)
+
+
+class FusedDecodeMode(TorchFunctionMode):
+    """While active, on the CPU: ``F.linear`` of at most ``max_linear_rows`` rows (all dimensions of the
+    input but the last) runs as :func:`rowwise_linear`, and ``F.scaled_dot_product_attention`` with at most
+    ``max_attention_queries`` queries, no dropout and no causal flag as :func:`reduction_attention`.
+    Meant to be entered inside a ``torch.compile``d function (eager, the many small ops are slower than
+    the library kernels). A fused linear's row count is specialised to its power-of-two bucket: each bucket
+    compiles its own graph."""
+
+    def __init__(
+        self,
+        max_linear_rows: int = MAX_FUSED_LINEAR_ROWS,
+        max_attention_queries: int = MAX_FUSED_ATTENTION_QUERIES,
+    ):
+        super().__init__()
+        self.max_linear_rows = max_linear_rows
+        self.max_attention_queries = max_attention_queries
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            input, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if input.device.type == "cpu" and input.numel() <= self.max_linear_rows * input.shape[-1]:
+                return rowwise_linear(input, weight, bias)
+        elif func is F.scaled_dot_product_attention:
+            fused = self._attention_arguments(*args, **kwargs)
+            if fused is not None:
+                return reduction_attention(**fused)
+        return func(*args, **kwargs)
+
+    def _attention_arguments(
+        self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+    ) -> dict | None:
+        if query.device.type != "cpu" or dropout_p or is_causal or query.shape[-2] > self.max_attention_queries:
+            return None
+        return dict(query=query, key=key, value=value, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+__all__ = ["FusedDecodeMode", "reduction_attention", "rowwise_linear"]
