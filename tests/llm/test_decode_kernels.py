@@ -41,7 +41,9 @@ def test_reduction_attention_matches_sdpa(queries, mask_kind, key_heads):
         mask = torch.randn(3, 1, queries, 10, generator=generator)
     gqa = key_heads != query.shape[1]
     for scale in (None, 0.3):
-        expected = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        expected = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa
+        )
         output = reduction_attention(query, key, value, mask, scale=scale, enable_gqa=gqa)
         torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
 
@@ -84,7 +86,5 @@ def test_fused_decode_mode_compiles_to_the_same_values():
     hidden, key, value = torch.randn(2, 1, 16), torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
     mask = torch.tensor([[True] * 5, [True, False, True, True, False]]).view(2, 1, 1, 5)
     with torch.no_grad():
-        expected = F.scaled_dot_product_attention(
-            layer(hidden).view(2, 2, 1, 4), key, value, attn_mask=mask
-        )
+        expected = F.scaled_dot_product_attention(layer(hidden).view(2, 2, 1, 4), key, value, attn_mask=mask)
         torch.testing.assert_close(compiled(hidden, key, value, mask), expected, rtol=1e-5, atol=1e-5)

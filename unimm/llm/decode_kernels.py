@@ -104,9 +104,16 @@ class FusedDecodeMode(TorchFunctionMode):
     def _attention_arguments(
         self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
     ) -> dict | None:
-        if query.device.type != "cpu" or dropout_p or is_causal or query.shape[-2] > self.max_attention_queries:
+        if (
+            query.device.type != "cpu"
+            or dropout_p
+            or is_causal
+            or query.shape[-2] > self.max_attention_queries
+        ):
             return None
-        return dict(query=query, key=key, value=value, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa)
+        return dict(
+            query=query, key=key, value=value, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa
+        )
 
 
 __all__ = ["FusedDecodeMode", "reduction_attention", "rowwise_linear"]

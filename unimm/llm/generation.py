@@ -36,8 +36,8 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.utils import ModelOutput
 
 from .constraints import CLASS_CODES, DONE, IMAGE, ConstraintState, build_mask_table
-from .kv_cache import preallocated_cache, set_cache_length
 from .decode_kernels import FusedDecodeMode
+from .kv_cache import preallocated_cache, set_cache_length
 from .sampling import ModalitySampling, RequestNoise, RowSampler
 
 MODES = ("text", "image", "interleaved")
@@ -748,7 +748,9 @@ class UniMMGenerationMixin:
         if compiled is None:
 
             def decode_and_choose(*args):
-                with FusedDecodeMode():  # few-row linears and attention as fused reductions: decode_kernels.py
+                with (
+                    FusedDecodeMode()
+                ):  # few-row linears and attention as fused reductions: decode_kernels.py
                     return self._decode_and_choose(*args)
 
             compiled = torch.compile(decode_and_choose, dynamic=True, fullgraph=True)
