@@ -740,7 +740,7 @@ class UniMMGenerationMixin:
         guidance, the constraint mask and sampling fuse into one graph per step. Dynamic shapes keep one graph
         for every cache length and step, and for every batch above a few rows; the preallocated cache's fill
         level is set from ``start`` inside the graph, so it is a symbolic input rather than a constant that
-        recompiles. On the CPU, linears of up to 8 rows and attention of one or two queries run as fused
+        recompiles. On the CPU, linears of few rows and attention of one or two queries run as fused
         reductions (:class:`~unimm.llm.decode_kernels.FusedDecodeMode`; gains in ``benchmarks/generation.py``),
         with one graph per power-of-two bucket of rows. The sampling noise is drawn outside, from the same
         generators as eager decoding."""
@@ -748,9 +748,8 @@ class UniMMGenerationMixin:
         if compiled is None:
 
             def decode_and_choose(*args):
-                with (
-                    FusedDecodeMode()
-                ):  # few-row linears and attention as fused reductions: decode_kernels.py
+                # Few-row linears and short attention as fused reductions (decode_kernels.py).
+                with FusedDecodeMode():
                     return self._decode_and_choose(*args)
 
             compiled = torch.compile(decode_and_choose, dynamic=True, fullgraph=True)
