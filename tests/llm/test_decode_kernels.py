@@ -3,7 +3,16 @@ import torch
 import torch.nn.functional as F
 
 from unimm.llm import decode_kernels
-from unimm.llm.decode_kernels import FusedDecodeMode, reduction_attention, rowwise_linear
+from unimm.llm.decode_kernels import (
+    PACKED_LINEAR_DTYPES,
+    FusedDecodeMode,
+    packed_linear,
+    packed_weight_cache,
+    reduction_attention,
+    rowwise_linear,
+)
+
+needs_onednn = pytest.mark.skipif(not PACKED_LINEAR_DTYPES, reason="this PyTorch build has no oneDNN")
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
@@ -23,6 +32,50 @@ def test_rowwise_linear_golden_value():
     weight = torch.tensor([[1.0, 1.0], [2.0, -1.0]])
     expected = torch.tensor([[3.0, 0.0], [2.0, 7.0], [0.5, 1.0]])
     torch.testing.assert_close(rowwise_linear(input, weight, None), expected, rtol=0, atol=0)
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [9, 16, 33])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_linear_matches_linear(rows, with_bias):
+    generator = torch.Generator().manual_seed(rows)
+    input = torch.randn(rows, 1, 32, generator=generator)  # (M, T, in)
+    weight = torch.randn(48, 32, generator=generator)
+    bias = torch.randn(48, generator=generator) if with_bias else None
+    output = packed_linear(input, weight, bias)
+    assert output.shape == (rows, 1, 48)
+    torch.testing.assert_close(output, F.linear(input, weight, bias), rtol=1e-5, atol=1e-5)
+    rows_bf16, weight_bf16 = input.bfloat16(), weight.bfloat16()
+    torch.testing.assert_close(
+        packed_linear(rows_bf16, weight_bf16, None), F.linear(rows_bf16, weight_bf16), rtol=2e-2, atol=2e-2
+    )
+
+
+@needs_onednn
+def test_packed_linear_golden_value():
+    input = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 0.0]])
+    weight = torch.tensor([[1.0, 1.0], [2.0, -1.0], [0.0, 4.0]])
+    expected = torch.tensor([[3.0, 0.0, 8.0], [2.0, 7.0, -4.0], [0.5, 1.0, 0.0]])
+    torch.testing.assert_close(packed_linear(input, weight, None), expected, rtol=0, atol=0)
+
+
+@needs_onednn
+def test_packed_weight_cache_packs_once_per_weight_and_view_and_never_serves_stale_copies():
+    weight = torch.randn(12, 8)
+    input = torch.randn(10, 8)
+    with packed_weight_cache():
+        first = decode_kernels._packed_weight(weight)
+        assert decode_kernels._packed_weight(weight) is first  # kept for the block
+        # A slice is a new tensor object at each step of a compiled graph: found by address and layout.
+        rows = decode_kernels._packed_weight(weight[4:10])
+        assert decode_kernels._packed_weight(weight[4:10]) is rows and rows is not first
+        torch.testing.assert_close(packed_linear(input, weight[4:10], None), F.linear(input, weight[4:10]))
+    assert getattr(decode_kernels._cache, "weights", None) is None  # the copies go with the block
+    with torch.no_grad():
+        weight.mul_(2)  # changed between two generation calls
+    with packed_weight_cache():
+        torch.testing.assert_close(packed_linear(input, weight, None), F.linear(input, weight))
+    assert decode_kernels._packed_weight(weight) is not decode_kernels._packed_weight(weight)  # no block
 
 
 @pytest.mark.parametrize("queries", [1, 2])
@@ -54,37 +107,52 @@ def test_fused_decode_mode_swaps_only_few_row_linears_and_short_attention(monkey
         decode_kernels, "rowwise_linear", lambda *args: calls.append("linear") or F.linear(*args)
     )
     monkeypatch.setattr(
+        decode_kernels, "packed_linear", lambda *args: calls.append("packed") or F.linear(*args)
+    )
+    monkeypatch.setattr(
         decode_kernels, "reduction_attention", lambda **kwargs: calls.append("attention") or torch.zeros(1)
     )
     weight = torch.randn(4, 6)
     query, key = torch.randn(1, 2, 1, 6), torch.randn(1, 2, 5, 6)
     with FusedDecodeMode(max_linear_rows=8, max_attention_queries=2):
         F.linear(torch.randn(2, 1, 6), weight)  # 2 rows: fused
-        F.linear(torch.randn(3, 3, 6), weight)  # 9 rows: the library kernel
+        F.linear(torch.randn(3, 3, 6), weight)  # 9 rows: oneDNN on a packed weight
+        F.linear(torch.randn(3, 3, 6, dtype=torch.float64), weight.double())  # a dtype oneDNN lacks: library
         torch.nn.Linear(6, 4)(torch.randn(8, 6))  # nn.Linear goes through F.linear: fused
         F.scaled_dot_product_attention(query, key, key)  # one query: fused
         F.scaled_dot_product_attention(query, key, key, is_causal=True)  # causal flag: library kernel
         F.scaled_dot_product_attention(query, key, key, dropout_p=0.1)  # dropout: library kernel
         F.scaled_dot_product_attention(torch.randn(1, 2, 3, 6), key, key)  # 3 queries: library kernel
-    assert calls == ["linear", "linear", "attention"]
+    packed = ["packed"] if PACKED_LINEAR_DTYPES else []
+    assert calls == ["linear", *packed, "linear", "attention"]
     F.linear(torch.randn(2, 6), weight)  # outside the mode: nothing swapped
-    assert calls == ["linear", "linear", "attention"]
+    assert calls == ["linear", *packed, "linear", "attention"]
 
 
 @pytest.mark.integration
 def test_fused_decode_mode_compiles_to_the_same_values():
-    """Inside ``torch.compile`` (where the decode loop uses it) the fused graph gives the eager values."""
+    """Inside ``torch.compile`` (where the decode loop uses it) the fused graph gives the eager values, for few
+    rows (reductions) and many (packed weights, including a slice of a weight as the head's image rows)."""
     torch.manual_seed(0)
-    layer = torch.nn.Linear(16, 8)
+    layer, head = torch.nn.Linear(16, 8), torch.nn.Linear(8, 10, bias=False)
 
     def attend(hidden, key, value, mask):
         with FusedDecodeMode():
             query = layer(hidden).view(hidden.shape[0], 2, 1, 4)  # (B, H, 1, Dh)
-            return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)  # (B, H, 1, Dh)
+            return F.linear(attended.reshape(hidden.shape[0], 1, 8), head.weight[3:])
 
-    compiled = torch.compile(attend, fullgraph=True)
-    hidden, key, value = torch.randn(2, 1, 16), torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
-    mask = torch.tensor([[True] * 5, [True, False, True, True, False]]).view(2, 1, 1, 5)
-    with torch.no_grad():
-        expected = F.scaled_dot_product_attention(layer(hidden).view(2, 2, 1, 4), key, value, attn_mask=mask)
-        torch.testing.assert_close(compiled(hidden, key, value, mask), expected, rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(attend, fullgraph=True, dynamic=True)
+    for batch in (2, 12):
+        hidden = torch.randn(batch, 1, 16)
+        key, value = torch.randn(batch, 2, 5, 4), torch.randn(batch, 2, 5, 4)  # (B, H, L, Dh)
+        mask = torch.rand(batch, 1, 1, 5) > 0.3
+        mask[..., 0] = True
+        with torch.no_grad(), packed_weight_cache():
+            query = layer(hidden).view(batch, 2, 1, 4)
+            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+            expected = F.linear(attended.reshape(batch, 1, 8), head.weight[3:])
+            for _ in range(2):  # the second call finds the packed copies of the first
+                torch.testing.assert_close(compiled(hidden, key, value, mask), expected, rtol=1e-5, atol=1e-5)
+            if batch > decode_kernels.MAX_FUSED_LINEAR_ROWS and PACKED_LINEAR_DTYPES:
+                assert len(decode_kernels._cache.weights) == 2  # the layer's weight and the head slice

@@ -36,7 +36,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.utils import ModelOutput
 
 from .constraints import CLASS_CODES, DONE, IMAGE, ConstraintState, build_mask_table
-from .decode_kernels import FusedDecodeMode
+from .decode_kernels import FusedDecodeMode, packed_weight_cache
 from .kv_cache import preallocated_cache, set_cache_length
 from .sampling import ModalitySampling, RequestNoise, RowSampler
 
@@ -281,7 +281,9 @@ class UniMMGenerationMixin:
                 batch size and length), with the ``"preallocated"`` or ``"static"`` cache. The sampling noise
                 is drawn outside the graph from the same generators, so a seed gives the eager tokens up to
                 floating-point reassociation in the fused kernels. The first call per model and kind of
-                batch compiles (a minute on a laptop CPU).
+                batch compiles (a minute on a laptop CPU). On a CPU, batches of more than a few rows multiply
+                by oneDNN copies of the linear weights packed for the call: while it runs, those weights take
+                twice their memory.
         """
         vocabulary = self.vocabulary
         device = self.get_input_embeddings().weight.device
@@ -354,9 +356,13 @@ class UniMMGenerationMixin:
             row_streamer.put(torch.tensor([prompts[row]]))
         # One compiled step serves every batch size and length, but dynamo keeps a graph per kind of step (cache
         # type, greedy or sampled, full or image slice of the head, one token or a code with its <|eol|>), more
-        # than its default limit of graphs per function once a process mixes them.
+        # than its default limit of graphs per function once a process mixes them. Weights the compiled CPU step
+        # packs for oneDNN are packed once per call.
         limit = max(COMPILED_STEP_KINDS, torch._dynamo.config.recompile_limit)
-        with torch._dynamo.config.patch(recompile_limit=limit) if compile else contextlib.nullcontext():
+        with (
+            torch._dynamo.config.patch(recompile_limit=limit) if compile else contextlib.nullcontext(),
+            packed_weight_cache() if compile else contextlib.nullcontext(),
+        ):
             generated, lengths = self._decode_loop(
                 sequences,
                 num_rows,
@@ -741,8 +747,9 @@ class UniMMGenerationMixin:
         for every cache length and step, and for every batch above a few rows; the preallocated cache's fill
         level is set from ``start`` inside the graph, so it is a symbolic input rather than a constant that
         recompiles. On the CPU, linears of few rows and attention of one or two queries run as fused
-        reductions (:class:`~unimm.llm.decode_kernels.FusedDecodeMode`; gains in ``benchmarks/generation.py``),
-        with one graph per power-of-two bucket of rows. The sampling noise is drawn outside, from the same
+        reductions, linears of more rows through oneDNN on packed weights
+        (:class:`~unimm.llm.decode_kernels.FusedDecodeMode`; gains in ``benchmarks/generation.py``), with one
+        graph per power-of-two bucket of rows. The sampling noise is drawn outside, from the same
         generators as eager decoding."""
         compiled = getattr(self, "_compiled_step", None)
         if compiled is None:
