@@ -21,60 +21,39 @@ counts codebook tokens only: unimm also writes the size, end-of-row and end-of-i
 counted; they are forced, so they take no forward of their own (the size tokens join the prompt, each
 end-of-row is fed with the code before it), and both sides run 255 decode forwards for a 16x16 grid.
 
-Where a step's time goes (batch 1, CFG: 2 rows, this tiny model): the matmuls stream ~20 MB of fp32 weights
-per step and attention reads the KV caches (the 4131-row image slice of the head alone is 4 MB). The last two
-columns measure that work done by the library kernels alone: each linear layer, SDPA over a per-layer cache of
-the image's mean length and the head slice, one eager call each on unimm's own weights, nothing else - the
-ceiling of any decode loop built on ``F.linear`` and SDPA (Janus's, and unimm's before ``FusedDecodeMode``).
-Since then compiled unimm writes linears of up to 8 rows and attention of one or two queries as fused
-reductions that stream each weight once, and beats that column at batch 1 (see the last table). Compiled unimm reaches 65-70% of it at batch 1 and
-75-80% at batch 16. The rest, at batch 1: the graph's Python wrapper around its ~60 kernels (~0.35 ms a step),
-dynamo's guards (~0.2 ms, now skipped once a kind of step has passed them twice in the same loop: ~0.1 ms
-left for choosing among the graphs), the pre-graph bytecode (~0.08 ms) and the loop's own bookkeeping and noise
-draw (~0.17 ms). Eager unimm spends ~2 ms more per step on several hundred small aten ops. At batch 16 (32 rows)
-SDPA over the fp32 KV caches (~40 MB per step) takes as long as the matmuls.
+What the compiled step does on a CPU (``unimm/llm/decode_kernels.py``): linears of up to 8 rows and attention
+of one or two queries are written as reductions that inductor fuses into loops reading each weight and cache
+once; linears of more rows run through oneDNN on weight copies packed once per call. The last two columns
+measure the same work done by the library kernels alone: each linear layer through ``F.linear``, SDPA over a
+per-layer cache of the image's mean length, and the head slice, one eager call each on unimm's own weights -
+the ceiling of a decode loop built on ``F.linear`` and SDPA, such as Janus's.
 
-Measured on a shared 2-core Xeon (AVX-512; other jobs running, so ratios move by 10-20% between runs; the
-machine's load slows Janus's many small ops more than one graph), ``--repeats 3``, image tokens per CPU-second
-of unimm over Janus's:
+Where a step's time goes, batch 1 (2 rows with guidance): the fused graph streams the ~20 MB of fp32 weights at
+~19 GB/s where ``F.linear`` of 2 rows reaches 5-8 GB/s (the BLAS treats them as a general matrix product);
+dynamo's cache lookup and the pre-graph bytecode add ~0.3 ms. Batch 16 (32 rows, ~13 ms): the matrix products
+~4.5 ms (oneDNN on packed weights, ~78 GFLOP/s against ~40 for ``F.linear``), attention over ~40 MB of fp32
+KV caches ~4.3 ms, the custom op's dispatch ~0.7 ms, sampling and the rest ~2 ms.
 
-| batch | eager | compiled | floor / Janus |
-|---|---|---|---|
-| 1 | 1.29x | 2.21x | 3.29x |
-| 4 | 1.37x | 2.02x | 3.28x |
-| 16 | 1.37x | 1.60x | 2.06x |
+Figures, a quiet 2-core AMD EPYC (Zen 4, AVX-512), default configuration (hidden 256, MLP 1024, 4 layers,
+8 heads, codebook 4096, 16x16, guidance 5), fp32, one thread, ``--repeats 3``; image tokens per CPU-second
+of compiled unimm over Janus's, two runs of the same code (Janus's own rate moves by 10-15% between runs):
 
-In a quieter moment of the same session, a separate measurement of the floor gave 731 image tokens/s at batch 1
-against Janus's 295 (2.5x). On that machine the batch-16 target (1.5x) is met; the batch-1 target (3x) is not: it
-asks for a step within 10% of (or, when the machine is quiet, faster than) the bare memory traffic, i.e. no more
-than ~0.1 ms of overhead per step on top of the matmuls and attention. Text, 128 greedy tokens, against the LM's
-``generate``, compiled: 1.66x / 1.82x at batch 1 / 16.
-
-A later session on a quiet 2-core AMD EPYC, where a single core streams only ~4 GB/s from memory (the ~20 MB of
-fp32 weights take ~5 ms a step on their own), compiled unimm over Janus, CPU time, ``--repeats 3``:
-
-| configuration | batch 1 | batch 4 | batch 16 | text 1 / 16 |
+| | batch 1 | batch 4 | batch 16 | text, batch 1 / 16 |
 |---|---|---|---|---|
-| default (hidden 256, MLP 1024, codebook 4096, 16x16), fp32 | 1.31x (floor 1.69x) | 1.27x (1.93x) | 1.34x (1.54x) | 1.51x / 1.32x |
-| the demo model's shape (``--hidden 192 --intermediate 512 --heads 4 --codebook 1024 --grid 8``), fp32 | 1.93x (5.68x) | 1.40x (2.25x) | 1.47x (2.45x) | 1.55x / 1.14x |
-| the same, ``--dtype bfloat16`` (both models) | 1.52x (2.48x) | 1.71x (3.85x) | 1.43x (2.08x) | 1.53x / 1.24x |
+| run 1 | 3.65x (518 against 142 tok/s) | 2.09x | 1.56x (1216 against 780) | 3.36x / 1.74x |
+| run 2 | 3.40x (476 against 140) | 2.01x | 1.75x (1335 against 762) | 3.41x / 1.66x |
 
-On that machine the default configuration is bound by memory bandwidth: its floor is itself below the 3x
-batch-1 target, so no exact fp32 implementation of this step can reach it there. The batch-1 figures are noisy:
-the demo shape with MLP 768 instead of 512, a larger model, gave Janus 272 tokens/s against 196 for the smaller
-one (compiled unimm 1.43x, floor 2.96x), so a single ratio there carries ~40% of noise. With two threads
-(``--threads 2``) the default configuration gave 1.37x / 1.72x / 1.45x (wall) at batch 1 / 4 / 16.
-Tried and dropped: ``cpp_wrapper`` (slower here, 2.5x the compile time), ``install_free_tensors`` (no change),
-attention written as fused inductor reductions instead of SDPA (no change: both read the same caches).
-``--dtype bfloat16`` was slower than fp32 at batch 1 on the Xeon (its bf16 kernels lose at two rows) and on the
-EPYC for the demo shape, and faster at batch 16 on the EPYC.
+Eager unimm: 1.13-1.34x. The path there, same machine: before the fused kernels 1.51x / 1.43x / 1.32x at batch
+1 / 4 / 16; with fused few-row linears and attention 3.16x / 1.42x / 1.39x; then oneDNN for more rows, and the
+attention's query realised as a buffer of its own (left inline, inductor recomputed the rotary embedding, cos
+and sin, for every key position: 1.7 against 1.1 ms per layer at 32 rows). An earlier session on a shared Xeon
+measured 2.21x / 2.02x / 1.60x before the fused kernels.
 
-With ``FusedDecodeMode`` (``unimm/llm/decode_kernels.py``), same EPYC, default configuration, fp32, one run,
-image tokens per CPU-second over Janus's: compiled unimm 3.16x at batch 1 (the library-kernel column: 1.65x),
-1.42x at batch 4, 1.39x at batch 16 (batch 16 still uses the BLAS for its 32-row linears). Before it, in the
-same session: 1.51x / 1.43x / 1.32x. In that run ``F.linear`` of 2 rows streamed the weights at 5-8 GB/s and
-the fused reduction at ~19 GB/s (a plain ``sum`` over the same tensors: ~29 GB/s). Text, 128 greedy tokens,
-compiled, against the LM's ``generate``: 3.68x / 1.28x at batch 1 / 16 (before: 1.51x / 1.32x).
+Tried and dropped: MKL packed weights (``_mkl_linear``: 47 against 78 GFLOP/s for oneDNN at 32 rows), inductor's
+C++ GEMM template (``max_autotune``: no faster than the BLAS), keys stored transposed so that scores vectorise
+over positions (slower), ``cpp_wrapper`` (slower here, 2.5x the compile time), column-major weight storage
+(faster at batch 1, but it mutates the user's parameters). With ``--dtype bfloat16`` (both models in bf16,
+``--repeats 1``, same machine): 2.68x at batch 1 and 3.22x at batch 16.
 
     python benchmarks/generation.py [--batch-sizes 1 4 16] [--repeats 3] [--grid 16] [--dtype bfloat16]
 """

@@ -23,7 +23,6 @@ prompts, each ``<|eol|>`` is fed with the code before it, the closing tokens are
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -150,18 +149,22 @@ def _streamers(streamer, count: int, repeats: list[int]) -> list[tuple[int, Base
     return [(row, item) for row, item in enumerate(streamer) if item is not None]
 
 
+# Per module class, once: UniMMForCausalLM.forward asks on every call (training steps, plain generate). A dict
+# rather than functools.cache, which dynamo warns about when the compiled decode step looks it up.
+_CACHE_KEYWORDS: dict[type, tuple[str, bool]] = {}
+
+
 def _cache_keywords(module: nn.Module) -> tuple[str, bool]:
     """``(name of the KV-cache argument, whether cache_position is taken)`` of ``module.forward``.
     transformers renamed ``past_key_values`` to ``cache`` (the old name warns and goes in 5.40) and dropped
     ``cache_position`` (caches count their own length); earlier 5.x releases take the old names."""
-    return _forward_cache_keywords(type(module))
-
-
-@functools.cache
-def _forward_cache_keywords(module_class: type) -> tuple[str, bool]:
-    # per class, once: UniMMForCausalLM.forward asks on every call (training steps, plain generate)
-    parameters = inspect.signature(module_class.forward).parameters
-    return ("cache" if "cache" in parameters else "past_key_values"), "cache_position" in parameters
+    module_class = type(module)
+    keywords = _CACHE_KEYWORDS.get(module_class)
+    if keywords is None:
+        parameters = inspect.signature(module_class.forward).parameters
+        keywords = ("cache" if "cache" in parameters else "past_key_values"), "cache_position" in parameters
+        _CACHE_KEYWORDS[module_class] = keywords
+    return keywords
 
 
 def _is_grid(value) -> bool:
