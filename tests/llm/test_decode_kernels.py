@@ -60,20 +60,25 @@ def test_packed_linear_golden_value():
 
 
 @needs_onednn
-def test_packed_weight_cache_packs_once_per_weight_and_view_and_never_serves_stale_copies():
-    weight = torch.randn(12, 8)
+def test_packed_weight_cache_keeps_copies_of_parameters_only_and_never_stale_ones():
+    layer = torch.nn.Linear(8, 12, bias=False)
+    weight = layer.weight
     input = torch.randn(10, 8)
-    with packed_weight_cache():
+    with torch.no_grad(), packed_weight_cache(layer):
         first = decode_kernels._packed_weight(weight)
         assert decode_kernels._packed_weight(weight) is first  # kept for the block
         # A slice is a new tensor object at each step of a compiled graph: found by address and layout.
         rows = decode_kernels._packed_weight(weight[4:10])
         assert decode_kernels._packed_weight(weight[4:10]) is rows and rows is not first
         torch.testing.assert_close(packed_linear(input, weight[4:10], None), F.linear(input, weight[4:10]))
+        # A weight that is not a parameter (computed in the step, its address reusable) is never kept.
+        computed = weight * 2
+        assert decode_kernels._packed_weight(computed) is not decode_kernels._packed_weight(computed)
+        torch.testing.assert_close(packed_linear(input, computed, None), F.linear(input, computed))
     assert getattr(decode_kernels._cache, "weights", None) is None  # the copies go with the block
     with torch.no_grad():
         weight.mul_(2)  # changed between two generation calls
-    with packed_weight_cache():
+    with torch.no_grad(), packed_weight_cache(layer):
         torch.testing.assert_close(packed_linear(input, weight, None), F.linear(input, weight))
     assert decode_kernels._packed_weight(weight) is not decode_kernels._packed_weight(weight)  # no block
 
@@ -148,11 +153,11 @@ def test_fused_decode_mode_compiles_to_the_same_values():
         key, value = torch.randn(batch, 2, 5, 4), torch.randn(batch, 2, 5, 4)  # (B, H, L, Dh)
         mask = torch.rand(batch, 1, 1, 5) > 0.3
         mask[..., 0] = True
-        with torch.no_grad(), packed_weight_cache():
+        with torch.no_grad(), packed_weight_cache(torch.nn.ModuleList([layer, head])):
             query = layer(hidden).view(batch, 2, 1, 4)
             attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
             expected = F.linear(attended.reshape(batch, 1, 8), head.weight[3:])
             for _ in range(2):  # the second call finds the packed copies of the first
                 torch.testing.assert_close(compiled(hidden, key, value, mask), expected, rtol=1e-5, atol=1e-5)
             if batch > decode_kernels.MAX_FUSED_LINEAR_ROWS and PACKED_LINEAR_DTYPES:
-                assert len(decode_kernels._cache.weights) == 2  # the layer's weight and the head slice
+                assert len(decode_kernels._cache.weights.copies) == 2  # the layer's weight and the head slice

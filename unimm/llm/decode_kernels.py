@@ -20,17 +20,19 @@ import contextlib
 import math
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch._inductor import inductor_prims
 from torch.overrides import TorchFunctionMode
 
 # Above this many rows the BLAS kernel wins again: on the EPYC, the 29 linears of the benchmark's default
 # model took 2.7 against 4.6 ms as fused reductions at 8 rows, and 6.6 against 5.5 ms at 16.
 MAX_FUSED_LINEAR_ROWS = 8
-# Weight dtypes oneDNN's packed linear takes on the CPU, where this PyTorch build has oneDNN (read here, as
-# dynamo cannot trace the query inside a graph).
+# Weight dtypes oneDNN's packed linear takes on the CPU, where this PyTorch build has oneDNN (asked once here:
+# dynamo cannot trace the question inside a graph).
 PACKED_LINEAR_DTYPES = (torch.float32, torch.bfloat16) if torch.backends.mkldnn.is_available() else ()
 # Queries per row up to which attention is written out (a decode step feeds one or two tokens).
 MAX_FUSED_ATTENTION_QUERIES = 2
@@ -54,19 +56,29 @@ def rowwise_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return output.reshape(*input.shape[:-1], weight.shape[0])
 
 
-# Per thread, while a `packed_weight_cache` block runs: (address, shape, strides, dtype) of a weight -> its
-# packed copy.
+@dataclass
+class _PackedWeights:
+    parameter_storages: set[int]  # addresses of the storages of the module's parameters
+    copies: dict[tuple, torch.Tensor] = field(
+        default_factory=dict
+    )  # (address, shape, strides, dtype) -> copy
+
+
+# Per thread: the active `packed_weight_cache` block's copies, or None.
 _cache = threading.local()
 
 
 @contextlib.contextmanager
-def packed_weight_cache() -> Iterator[None]:
-    """Keep the packed weight copies :func:`packed_linear` makes until the block ends (one generation call,
-    during which the weights do not change); outside such a block every call packs its weight anew. Like
-    inductor's weight freezing, the copies sit next to the weights: while the block runs, the linear weights
-    the compiled CPU step multiplies take twice their memory."""
+def packed_weight_cache(module: nn.Module) -> Iterator[None]:
+    """Keep the packed copies :func:`packed_linear` makes of ``module``'s parameters (and of slices of them)
+    until the block ends, one generation call during which the parameters neither change nor go away. Other
+    weights, such as one computed inside the step, are packed anew at every call. Like inductor's weight
+    freezing, the copies sit next to the weights: while the block runs, the linear weights the compiled CPU
+    step multiplies take twice their memory."""
     previous = getattr(_cache, "weights", None)
-    _cache.weights = {}
+    _cache.weights = _PackedWeights(
+        {parameter.untyped_storage().data_ptr() for parameter in module.parameters()}
+    )
     try:
         yield
     finally:
@@ -74,16 +86,17 @@ def packed_weight_cache() -> Iterator[None]:
 
 
 def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """oneDNN's reordered copy of ``weight`` (an ``mkldnn`` tensor), from the active
-    :func:`packed_weight_cache`. Keyed by address and layout, not by tensor: inside a compiled graph a slice of
-    a weight, such as the head's image rows, is a new view at every call."""
+    """oneDNN's reordered copy of ``weight`` (an ``mkldnn`` tensor), kept by the active
+    :func:`packed_weight_cache` when ``weight`` lies in a parameter's storage. Keyed by address and layout, not
+    by tensor: inside a compiled graph a slice of a weight, such as the head's image rows, is a new view at
+    every call."""
     weights = getattr(_cache, "weights", None)
+    if weights is None or weight.untyped_storage().data_ptr() not in weights.parameter_storages:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
     key = (weight.data_ptr(), weight.shape, weight.stride(), weight.dtype)
-    packed = None if weights is None else weights.get(key)
+    packed = weights.copies.get(key)
     if packed is None:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-        if weights is not None:
-            weights[key] = packed
+        packed = weights.copies[key] = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
     return packed
 
 

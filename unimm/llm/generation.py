@@ -364,7 +364,7 @@ class UniMMGenerationMixin:
         limit = max(COMPILED_STEP_KINDS, torch._dynamo.config.recompile_limit)
         with (
             torch._dynamo.config.patch(recompile_limit=limit) if compile else contextlib.nullcontext(),
-            packed_weight_cache() if compile else contextlib.nullcontext(),
+            packed_weight_cache(self) if compile else contextlib.nullcontext(),
         ):
             generated, lengths = self._decode_loop(
                 sequences,
