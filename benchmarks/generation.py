@@ -36,12 +36,14 @@ KV caches ~4.3 ms, the custom op's dispatch ~0.7 ms, sampling and the rest ~2 ms
 
 Figures, a quiet 2-core AMD EPYC (Zen 4, AVX-512), default configuration (hidden 256, MLP 1024, 4 layers,
 8 heads, codebook 4096, 16x16, guidance 5), fp32, one thread, ``--repeats 3``; image tokens per CPU-second
-of compiled unimm over Janus's, two runs of the same code (Janus's own rate moves by 10-15% between runs):
+of compiled unimm over Janus's, three runs (the third on the final code, which only narrowed which weights are
+kept packed; Janus's own rate moves by 10-20% between runs):
 
 | | batch 1 | batch 4 | batch 16 | text, batch 1 / 16 |
 |---|---|---|---|---|
 | run 1 | 3.65x (518 against 142 tok/s) | 2.09x | 1.56x (1216 against 780) | 3.36x / 1.74x |
 | run 2 | 3.40x (476 against 140) | 2.01x | 1.75x (1335 against 762) | 3.41x / 1.66x |
+| run 3 | 3.43x (563 against 164) | 2.02x | 1.70x (1448 against 854) | 3.58x / 1.71x |
 
 Eager unimm: 1.13-1.34x. The path there, same machine: before the fused kernels 1.51x / 1.43x / 1.32x at batch
 1 / 4 / 16; with fused few-row linears and attention 3.16x / 1.42x / 1.39x; then oneDNN for more rows, and the
