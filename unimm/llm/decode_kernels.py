@@ -58,10 +58,10 @@ def rowwise_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 @dataclass
 class _PackedWeights:
-    parameter_storages: set[int]  # addresses of the storages of the module's parameters
-    copies: dict[tuple, torch.Tensor] = field(
-        default_factory=dict
-    )  # (address, shape, strides, dtype) -> copy
+    # addresses of the storages of the module's parameters
+    parameter_storages: set[int]
+    # (address, shape, strides, dtype) of a weight -> its packed copy
+    copies: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
 
 # Per thread: the active `packed_weight_cache` block's copies, or None.
@@ -91,20 +91,22 @@ def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
     by tensor: inside a compiled graph a slice of a weight, such as the head's image rows, is a new view at
     every call."""
     weights = getattr(_cache, "weights", None)
-    if weights is None or weight.untyped_storage().data_ptr() not in weights.parameter_storages:
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+    kept = weights is not None and weight.untyped_storage().data_ptr() in weights.parameter_storages
     key = (weight.data_ptr(), weight.shape, weight.stride(), weight.dtype)
-    packed = weights.copies.get(key)
+    packed = weights.copies.get(key) if kept else None
     if packed is None:
-        packed = weights.copies[key] = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        if kept:
+            weights.copies[key] = packed
     return packed
 
 
 @torch.library.custom_op("unimm::packed_linear", mutates_args=(), device_types="cpu")
 def packed_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear`` through oneDNN on a packed copy of ``weight`` (kept for the duration of a
-    :func:`packed_weight_cache` block). A custom op, so that ``torch.compile`` calls it as one opaque kernel: the packed
-    copy is an ``mkldnn`` tensor, which a graph cannot take as an input. Inference only (no gradient)."""
+    :func:`packed_weight_cache` block). A custom op, so that ``torch.compile`` calls it as one opaque
+    kernel: the packed copy is an ``mkldnn`` tensor, which a graph cannot take as an input. Inference only
+    (no gradient)."""
     rows = input.reshape(-1, input.shape[-1]).contiguous()  # (M, in)
     output = torch.ops.mkldnn._linear_pointwise(rows, _packed_weight(weight), bias, "none", [], "")
     return output.reshape(*input.shape[:-1], weight.shape[0])

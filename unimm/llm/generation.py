@@ -758,7 +758,7 @@ class UniMMGenerationMixin:
         if compiled is None:
 
             def decode_and_choose(*args):
-                # Few-row linears and short attention as fused reductions (decode_kernels.py).
+                # CPU linears and short attention as fused reductions or packed oneDNN (decode_kernels.py).
                 with FusedDecodeMode():
                     return self._decode_and_choose(*args)
 
