@@ -7,6 +7,7 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 
+from unimm.data.bad_records import BadRecords
 from unimm.data.loaders import (
     load_image_folder,
     load_interleaved,
@@ -179,3 +180,45 @@ def test_missing_data_file_is_a_clear_error(files):
     files.png("folder/a.png", 1)
     with pytest.raises(FileNotFoundError, match="no metadata.jsonl or metadata.csv under"):
         load_image_folder(files.root / "folder")
+
+
+def test_relative_image_paths_cannot_leave_the_dataset_folder(files):
+    files.png("outside/secret.png", 7)
+    files.png("data/images/0.png", 0)
+    path = files.jsonl(
+        "data/pairs.jsonl",
+        [
+            {"image": "images/0.png", "caption": "inside"},
+            {"image": "../outside/secret.png", "caption": "escapes"},
+            {"image": "images/../../outside/secret.png", "caption": "escapes too"},
+        ],
+    )
+    bad_records = BadRecords()
+    assert _pairs(load_jsonl(path, bad_records=bad_records), files) == [(0, "inside")]
+    assert dict(bad_records.counts) == {"outside_root": 2}
+    # The image folder layout: file_name in metadata.jsonl follows the same rule.
+    files.png("folder/cat.png", 3)
+    files.jsonl(
+        "folder/metadata.jsonl",
+        [{"file_name": "cat.png", "text": "a cat"}, {"file_name": "../outside/secret.png", "text": "no"}],
+    )
+    bad_records = BadRecords()
+    assert _pairs(load_image_folder(files.root / "folder", bad_records=bad_records), files) == [(3, "a cat")]
+    assert dict(bad_records.counts) == {"outside_root": 1}
+
+
+def test_relative_data_folder_is_joined_once(files, monkeypatch):
+    files.png("data/shapes/cat.png", 3)
+    files.jsonl("data/shapes/metadata.jsonl", [{"file_name": "cat.png", "text": "a cat"}])
+    files.jsonl("data/shapes/sub/pairs.jsonl", [{"image": "cat.png", "caption": "a cat"}])
+    files.jsonl("data/pairs.jsonl", [{"image": "shapes/cat.png", "caption": "a cat"}])
+    monkeypatch.chdir(files.root)
+    # "data/shapes" was joined twice ("data/data/shapes/cat.png"), so every row was missing.
+    bad_records = BadRecords()
+    assert _pairs(load_image_folder("data/shapes", bad_records=bad_records), files) == [(3, "a cat")]
+    assert bad_records.total == 0
+    assert _pairs(load_jsonl("data/pairs.jsonl"), files) == [(3, "a cat")]
+    # A data file's root is its own folder unless image_root says otherwise.
+    assert _pairs(load_jsonl("data/shapes/sub/pairs.jsonl", image_root="data/shapes"), files) == [
+        (3, "a cat")
+    ]

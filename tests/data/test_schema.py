@@ -1,7 +1,22 @@
+import io
+
+import numpy as np
+import PIL.ExifTags
+import PIL.Image
 import pytest
 
 from unimm.data.bad_records import BadRecordError
-from unimm.data.schema import drop_text, image_segment, image_tokens_segment, text_segment, validate_sample
+from unimm.data.schema import (
+    MAX_IMAGE_PIXELS_ENV,
+    ImageTooLargeError,
+    drop_text,
+    image_segment,
+    image_tokens_segment,
+    max_image_pixels,
+    open_image,
+    text_segment,
+    validate_sample,
+)
 
 
 def test_drop_text_keeps_roles_images_and_columns():
@@ -53,3 +68,69 @@ def test_invalid_samples_say_what_and_where(sample, reason, message):
     with pytest.raises(BadRecordError, match=message) as raised:
         validate_sample(sample)
     assert raised.value.reason == reason
+
+
+def _png(image: PIL.Image.Image, **save_options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **save_options)
+    return buffer.getvalue()
+
+
+def test_exif_orientation_is_applied():
+    # A 2-wide, 3-tall image with a red top-left pixel, stored with "rotate 90° clockwise to view" (6).
+    pixels = np.zeros((3, 2, 3), dtype=np.uint8)
+    pixels[0, 0] = (255, 0, 0)
+    exif = PIL.Image.Exif()
+    exif[PIL.ExifTags.Base.Orientation] = 6
+    opened = open_image(_png(PIL.Image.fromarray(pixels), exif=exif))
+    assert opened.size == (3, 2)
+    # Rotating 90° clockwise moves the top-left pixel to the top-right.
+    assert np.asarray(opened)[0, 2].tolist() == [255, 0, 0]
+    assert np.asarray(opened)[0, 0].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    ("mode", "values", "expected"),
+    [
+        ("I;16", [0, 257, 32896, 65535], [0, 1, 128, 255]),
+        ("I", [0, 257, 32896, 65535], [0, 1, 128, 255]),
+        ("F", [0.0, 0.25, 0.5, 1.0], [0, 64, 128, 255]),
+        ("F", [-1.0, 0.0, 1.0, 3.0], [0, 64, 128, 255]),  # outside [0, 1]: its own range
+    ],
+)
+def test_high_bit_depth_greyscale_is_scaled_not_clipped(mode, values, expected):
+    dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+    image = PIL.Image.fromarray(np.array([values], dtype=dtype))
+    assert image.mode == mode
+    opened = open_image(image)
+    assert opened.mode == "L"
+    assert np.asarray(opened)[0].tolist() == expected
+    # The path through a file: a 16-bit PNG, which Pillow's RGB conversion turned almost white.
+    if mode == "I;16":
+        assert np.asarray(open_image(_png(image)).convert("RGB"))[0, :, 0].tolist() == expected
+
+
+def test_pixel_limit_is_checked_before_decoding(monkeypatch):
+    bomb = _png(PIL.Image.new("L", (10_000, 6_000)))  # 60 Mpx of zeros: ~60 KB of PNG
+    with pytest.raises(
+        ImageTooLargeError, match=r"10000x6000 = 60000000 pixels, more than the limit of 50000000"
+    ):
+        open_image(bomb)
+    assert open_image(bomb, max_pixels=60_000_000).size == (10_000, 6_000)
+    small = _png(PIL.Image.new("RGB", (40, 30)))
+    monkeypatch.setenv(MAX_IMAGE_PIXELS_ENV, "1000")
+    assert max_image_pixels() == 1000
+    with pytest.raises(ImageTooLargeError, match="40x30 = 1200 pixels"):
+        open_image(small)
+    with pytest.raises(ImageTooLargeError, match="40x30"):  # an already decoded image too
+        open_image(PIL.Image.new("RGB", (40, 30)))
+    monkeypatch.setenv(MAX_IMAGE_PIXELS_ENV, "lots")
+    with pytest.raises(ValueError, match="whole number"):
+        max_image_pixels()
+
+
+def test_too_large_image_is_a_bad_record(monkeypatch):
+    monkeypatch.setenv(MAX_IMAGE_PIXELS_ENV, "63")
+    with pytest.raises(BadRecordError) as caught:
+        validate_sample({"segments": [image_segment(_png(PIL.Image.new("L", (8, 8)))), text_segment("x")]})
+    assert caught.value.reason == "image_too_large"

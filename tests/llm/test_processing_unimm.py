@@ -115,6 +115,9 @@ def test_save_and_load_round_trip(processor, tmp_path, tiny):
         (lambda p: p({"segments": [text_segment("hi")]}, loss_on="prompt"), "loss_on"),
         (lambda p: p(messages=[{"content": "hi"}]), "role"),
         (lambda p: p({"segments": [text_segment("hi")]}, padding_side="up"), "padding_side"),
+        # The HF tokenizer raises TypeError on a lone surrogate; the server answered 500.
+        (lambda p: p(messages=[{"role": "user", "content": "a \ud800 b"}]), "cannot be encoded as UTF-8"),
+        (lambda p: p({"segments": [{**text_segment("x"), "text": 3}]}), "text must be a string"),
     ],
 )
 def test_bad_input(processor, call, match):

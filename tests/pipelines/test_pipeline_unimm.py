@@ -2,6 +2,7 @@ import json
 import shutil
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -9,6 +10,7 @@ from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModel, AutoModelForCausalLM, AutoProcessor
 
 import unimm
+from unimm.data import ImageTooLargeError
 from unimm.detokenizer import DetokenizerPipeline, TokenDiffusionDecoder
 from unimm.llm import ModalitySampling, UniMMForCausalLM, UniMMProcessor
 from unimm.pipelines import UniMMPipeline
@@ -225,6 +227,18 @@ def test_dtype_and_device_reach_every_component(tiny_checkpoint):
     assert {module.dtype for module in modules} == {torch.float32}
 
 
+def test_default_dtype_is_float32_whatever_the_checkpoint_stores(tiny_checkpoint, tmp_path):
+    # The demo checkpoint stores its LLM in bfloat16; the pipeline kept that while `unimm serve` loaded
+    # float32, so one seed drew different images in the two.
+    stored = UniMMPipeline.from_pretrained(tiny_checkpoint)
+    stored.llm.to(torch.bfloat16)
+    stored.save_pretrained(tmp_path / "bf16")
+    loaded = UniMMPipeline.from_pretrained(tmp_path / "bf16")
+    modules = (loaded.llm, loaded.visual_tokenizer, loaded.detokenizer.decoder)
+    assert {module.dtype for module in modules} == {torch.float32}
+    assert UniMMPipeline.from_pretrained(tmp_path / "bf16", dtype=None).llm.dtype == torch.bfloat16
+
+
 def test_attn_implementation_reaches_the_language_model(tiny_pipeline, tiny_checkpoint):
     pipeline = UniMMPipeline.from_pretrained(tiny_checkpoint, attn_implementation="eager")
     assert pipeline.llm.config.text_config._attn_implementation == "eager"
@@ -310,3 +324,22 @@ def test_an_unreachable_hub_repo_fails_with_one_line(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="could not be downloaded from the Hugging Face Hub") as error:
         UniMMPipeline.from_pretrained("unimm-tests/no-such-repo", cache_dir=tmp_path / "hub")
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("call", ["chat", "reconstruct"])
+def test_the_pixel_limit_guards_chat_and_reconstruct(tiny_pipeline, tmp_path, call):
+    # 165 KB on disk, 144 Mpx decoded: only Pillow's own 179 Mpx guard stood in the way (+1.4 GiB, 9 s).
+    path = tmp_path / "bomb.png"
+    PIL.Image.new("L", (12_000, 12_000)).save(path)
+    with pytest.raises(
+        ImageTooLargeError, match=r"images\[0\].*12000x12000 = 144000000 pixels.*limit of 50000000"
+    ):
+        if call == "chat":
+            tiny_pipeline.chat("what is this?", images=[path], max_new_tokens=2)
+        else:
+            tiny_pipeline.reconstruct([path])
+
+
+def test_chat_text_that_cannot_be_encoded_is_a_value_error(tiny_pipeline):
+    with pytest.raises(ValueError, match="cannot be encoded as UTF-8"):
+        tiny_pipeline.chat("what is \ud800 this?", max_new_tokens=2)

@@ -15,9 +15,13 @@ from unimm.data.loaders import (
 from unimm.data.packing import PackedCollator, pack_dataset, pack_examples
 from unimm.data.pretokenize import load_pretokenized, pretokenize_images
 from unimm.data.schema import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageTooLargeError,
+    check_image_pixels,
     drop_text,
     image_segment,
     image_tokens_segment,
+    max_image_pixels,
     open_image,
     sample_features,
     text_segment,
@@ -25,12 +29,15 @@ from unimm.data.schema import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "FASHION_MNIST_CLASSES",
     "BadRecordError",
+    "ImageTooLargeError",
     "BadRecords",
     "PackedCollator",
     "PaddingCollator",
     "TextDropout",
+    "check_image_pixels",
     "drop_text",
     "image_segment",
     "image_tokens_segment",
@@ -43,6 +50,7 @@ __all__ = [
     "load_parquet",
     "load_pretokenized",
     "load_webdataset",
+    "max_image_pixels",
     "mix_datasets",
     "open_image",
     "pack_dataset",

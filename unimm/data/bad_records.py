@@ -21,6 +21,8 @@ WRONG_TYPE = "wrong_type"
 EMPTY_TEXT = "empty_text"
 MISSING_IMAGE = "missing_image"
 UNREADABLE_IMAGE = "unreadable_image"
+IMAGE_TOO_LARGE = "image_too_large"  # more pixels than ``unimm.data.schema.max_image_pixels()``
+OUTSIDE_ROOT = "outside_root"  # a relative image path that leaves the dataset's folder
 UNREADABLE_FILE = "unreadable_file"  # a whole data file (a truncated tar, a parquet that does not open)
 TOO_LONG = "too_long"
 REASONS = (
@@ -30,6 +32,8 @@ REASONS = (
     EMPTY_TEXT,
     MISSING_IMAGE,
     UNREADABLE_IMAGE,
+    IMAGE_TOO_LARGE,
+    OUTSIDE_ROOT,
     UNREADABLE_FILE,
     TOO_LONG,
 )

@@ -387,7 +387,8 @@ def _image_value(value: Any, root: str) -> Any:
     if isinstance(value, (bytes, bytearray)):
         return {"bytes": bytes(value), "path": None}
     if isinstance(value, str) and value:
-        path = value if os.path.isabs(value) else os.path.join(root, value)
+        # An absolute path is the data file's own choice; a relative one must stay inside the root.
+        path = value if os.path.isabs(value) else readers.resolve_inside(root, value)
         return {"bytes": None, "path": path}
     raise BadRecordError(WRONG_TYPE, f"an image must be a path or bytes, got {type(value).__name__}")
 

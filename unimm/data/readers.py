@@ -18,12 +18,34 @@ from typing import Any
 
 import pyarrow.parquet
 
-from unimm.data.bad_records import BAD_JSON, MISSING_FIELD, UNREADABLE_FILE, WRONG_TYPE, BadRecordError
+from unimm.data.bad_records import (
+    BAD_JSON,
+    MISSING_FIELD,
+    OUTSIDE_ROOT,
+    UNREADABLE_FILE,
+    WRONG_TYPE,
+    BadRecordError,
+)
 
 RawRecord = tuple[str, "dict[str, Any] | BadRecordError"]
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
 PARQUET_BATCH_ROWS = 256
+
+
+def resolve_inside(root: str | os.PathLike, relative: str, base: str | os.PathLike | None = None) -> str:
+    """The absolute path of ``relative`` (taken from a data file) joined to ``base`` (default ``root``).
+
+    A data record must not reach files outside its dataset's folder: a path that climbs out of ``root``
+    with ``..`` is a bad record (``outside_root``). The check is on the path as written, so a symlink the
+    dataset's owner put inside the folder still works."""
+    root = os.path.abspath(root)
+    path = os.path.abspath(os.path.join(base if base is not None else root, relative))
+    if os.path.commonpath([root, path]) != root:
+        raise BadRecordError(
+            OUTSIDE_ROOT, f"the image path {relative!r} leads outside the dataset folder {root}"
+        )
+    return path
 
 
 def read_jsonl(path: str) -> Iterator[RawRecord]:
@@ -116,20 +138,24 @@ def read_tar(path: str) -> Iterator[RawRecord]:
 def read_image_folder(data_dir: str) -> Iterator[RawRecord]:
     """Images with captions in ``metadata.jsonl`` / ``metadata.csv`` files (the ``imagefolder`` layout).
 
-    ``file_name`` is resolved against the metadata file's folder into an absolute path; an image that
-    no metadata file lists is a bad record (it has no caption), so no file is skipped silently."""
+    ``file_name`` is resolved against the metadata file's folder into an absolute path (one that leaves
+    ``data_dir`` is a bad record); an image that no metadata file lists is a bad record (it has no
+    caption), so no file is skipped silently."""
     listed: set[str] = set()
     for metadata_path in metadata_files(data_dir):
-        folder = metadata_path.parent
         for location, record in _read_metadata(metadata_path):
             if isinstance(record, dict) and isinstance(record.get("file_name"), str):
-                record["file_name"] = str(folder / record["file_name"])
-                listed.add(os.path.normpath(record["file_name"]))
+                try:
+                    record["file_name"] = resolve_inside(data_dir, record["file_name"], metadata_path.parent)
+                except BadRecordError as error:
+                    record = error.at(location)
+                else:
+                    listed.add(record["file_name"])
             yield location, record
     for image_path in sorted(Path(data_dir).rglob("*")):
         if (
             image_path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
-            and os.path.normpath(image_path) not in listed
+            and os.path.abspath(image_path) not in listed
         ):
             location = str(image_path)
             yield location, BadRecordError(MISSING_FIELD, "no metadata file lists this image", location)

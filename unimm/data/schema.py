@@ -17,10 +17,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import datasets
+import numpy as np
+import PIL.ExifTags
 import PIL.Image
+import PIL.ImageOps
 
 from unimm.data.bad_records import (
     EMPTY_TEXT,
+    IMAGE_TOO_LARGE,
     MISSING_FIELD,
     MISSING_IMAGE,
     UNREADABLE_IMAGE,
@@ -32,6 +36,12 @@ TEXT = "text"
 IMAGE = "image"
 SEGMENT_TYPES = (TEXT, IMAGE)
 ROLES = ("", "system", "user", "assistant")
+
+# 50 Mpx: an 8K frame (33 Mpx) or a 48 Mpx phone photo passes; Pillow's own guard is 179 Mpx.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+MAX_IMAGE_PIXELS_ENV = "UNIMM_MAX_IMAGE_PIXELS"
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+UINT16_MAX = 65535
 
 SEGMENT_FEATURES = {
     "type": datasets.Value("string"),
@@ -97,12 +107,51 @@ def drop_text(sample: dict[str, Any]) -> dict[str, Any]:
     return {**sample, "segments": segments}
 
 
-def open_image(image: Any) -> PIL.Image.Image:
+class ImageTooLargeError(BadRecordError):
+    """An image with more pixels than allowed (``max_image_pixels()`` or a caller's own limit)."""
+
+    def __init__(self, detail: str, location: str = "") -> None:
+        super().__init__(IMAGE_TOO_LARGE, detail, location)
+
+    def at(self, location: str) -> ImageTooLargeError:
+        return ImageTooLargeError(self.detail, location)
+
+
+def max_image_pixels() -> int:
+    """The most pixels (width × height) an image may have: ``$UNIMM_MAX_IMAGE_PIXELS``, else
+    ``DEFAULT_MAX_IMAGE_PIXELS``. Checked from the file's header, before any pixel is decoded."""
+    value = os.environ.get(MAX_IMAGE_PIXELS_ENV)
+    if value is None:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        limit = int(value)
+    except ValueError:
+        raise ValueError(f"${MAX_IMAGE_PIXELS_ENV} must be a whole number of pixels, got {value!r}") from None
+    if limit <= 0:
+        raise ValueError(f"${MAX_IMAGE_PIXELS_ENV} must be positive, got {limit}")
+    return limit
+
+
+def check_image_pixels(width: int, height: int, max_pixels: int | None = None) -> None:
+    """Raise ``ImageTooLargeError`` when ``width × height`` exceeds the limit."""
+    limit = max_image_pixels() if max_pixels is None else max_pixels
+    if width * height > limit:
+        raise ImageTooLargeError(
+            f"the image is {width}x{height} = {width * height} pixels, more than the limit of {limit} "
+            f"(set ${MAX_IMAGE_PIXELS_ENV} to allow more)",
+        )
+
+
+def open_image(image: Any, max_pixels: int | None = None) -> PIL.Image.Image:
     """Decode an image value as the schema stores it (PIL image, path, bytes, or ``{"bytes", "path"}``).
 
-    The whole image is decoded, so a truncated file fails here rather than in the middle of training."""
+    The size is checked against ``max_pixels`` (default ``max_image_pixels()``) from the header, before
+    decoding, so a decompression bomb costs nothing. The whole image is then decoded, so a truncated file
+    fails here rather than in the middle of training; the EXIF orientation is applied (a phone photo is
+    seen upright) and high-bit-depth greyscale is scaled to 8 bits (see ``to_8_bit``)."""
     if isinstance(image, PIL.Image.Image):
-        return image
+        check_image_pixels(*image.size, max_pixels)
+        return _upright_8_bit(image)
     if isinstance(image, dict):
         image = image["bytes"] if image.get("bytes") is not None else image.get("path")
     if isinstance(image, (str, os.PathLike)):
@@ -116,11 +165,41 @@ def open_image(image: Any) -> PIL.Image.Image:
             WRONG_TYPE, f"an image must be a PIL image, a path or bytes, got {type(image).__name__}"
         )
     try:
-        decoded = PIL.Image.open(source)
-        decoded.load()
+        decoded = PIL.Image.open(source)  # reads the header only
     except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
         raise BadRecordError(UNREADABLE_IMAGE, f"{type(error).__name__}: {error}") from None
-    return decoded
+    check_image_pixels(*decoded.size, max_pixels)
+    try:
+        decoded.load()
+        return _upright_8_bit(decoded)
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+        raise BadRecordError(UNREADABLE_IMAGE, f"{type(error).__name__}: {error}") from None
+
+
+def to_8_bit(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A 16-bit, 32-bit integer or float greyscale image as 8-bit ``L``; other modes unchanged.
+
+    Pillow's own conversion clips these modes at 255, which turns a 16-bit scan almost white. Integer
+    images whose values fit 16 bits are scaled by 255/65535 (the full 16-bit range maps to the full 8-bit
+    range); float images in [0, 1] by 255; anything else by its own minimum and maximum."""
+    if image.mode not in HIGH_BIT_DEPTH_MODES:
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode == "F" and low >= 0.0 and high <= 1.0:
+        scaled = values * 255.0
+    elif image.mode != "F" and low >= 0.0 and high <= UINT16_MAX:
+        scaled = values * (255.0 / UINT16_MAX)
+    else:
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return PIL.Image.fromarray(np.rint(scaled).clip(0, 255).astype(np.uint8), mode="L")
+
+
+def _upright_8_bit(image: PIL.Image.Image) -> PIL.Image.Image:
+    # exif_transpose copies even an upright image; look at the tag first.
+    if image.getexif().get(PIL.ExifTags.Base.Orientation, 1) != 1:
+        image = PIL.ImageOps.exif_transpose(image)
+    return to_8_bit(image)
 
 
 def validate_sample(sample: dict[str, Any], decode_images: bool = True) -> None:

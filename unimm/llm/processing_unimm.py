@@ -151,6 +151,9 @@ class UniMMProcessor(ProcessorMixin):
         segments = sample.get("segments") if isinstance(sample, dict) else None
         if not segments:
             raise ValueError("`samples`: every sample needs a non-empty 'segments' list.")
+        for index, segment in enumerate(segments):
+            if segment.get("type") == TEXT:
+                _check_text(segment.get("text"), f"segment {index}")
         if any(segment.get("role") for segment in segments):
             pieces = self._chat_pieces(segments, add_generation_prompt, loss_on)
         else:
@@ -357,3 +360,18 @@ class UniMMProcessor(ProcessorMixin):
 
 
 __all__ = ["UniMMProcessor"]
+
+
+def _check_text(text: Any, where: str) -> None:
+    """A clear ``ValueError`` for text the tokenizer cannot take (it raises ``TypeError`` on these)."""
+    if text is None:
+        return
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: text must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{where}: the text cannot be encoded as UTF-8 ({error.reason} {text[error.start]!r} at "
+            f"character {error.start}); lone surrogates usually come from a bad decode of the input"
+        ) from None

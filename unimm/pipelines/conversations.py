@@ -12,7 +12,7 @@ from typing import Any
 
 import PIL.Image
 
-from unimm.data.schema import open_image
+from unimm.data.schema import ImageTooLargeError, open_image
 
 
 def conversations_with_images(messages: Any, images: Any) -> list[list[dict]]:
@@ -49,14 +49,17 @@ def _user(text: str) -> dict:
     return {"role": "user", "content": text}
 
 
-def open_image_argument(image: Any, argument: str) -> PIL.Image.Image:
-    """Open an image with a one-line error that says what to pass instead."""
+def open_image_argument(image: Any, argument: str, max_pixels: int | None = None) -> PIL.Image.Image:
+    """Open an image (at most ``max_pixels``, default ``unimm.data.max_image_pixels()``) with a one-line
+    error that says what to pass instead."""
     if isinstance(image, (str, os.PathLike)) and not os.path.isfile(image):
         raise FileNotFoundError(
             f"{argument}: no image file at {os.fspath(image)!r}; pass the path of an existing image"
         )
     try:
-        return open_image(image)
+        return open_image(image, max_pixels=max_pixels)
+    except ImageTooLargeError as error:
+        raise ImageTooLargeError(f"{argument}: {error.detail}") from None
     except ValueError as error:  # unimm.data's BadRecordError: unreadable or of the wrong type
         raise ValueError(
             f"{argument}: cannot read the image ({error}); pass a PNG/JPEG file, bytes or a PIL image"

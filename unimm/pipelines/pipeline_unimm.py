@@ -128,14 +128,18 @@ class UniMMPipeline(DiffusionPipeline):
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = torch.float32,
         device: str | torch.device | None = None,
         attn_implementation: str | None = None,
         **kwargs: Any,
     ) -> UniMMPipeline:
         """Load a checkpoint folder or Hub repo; ``dtype`` and ``device`` apply to every component,
         ``attn_implementation`` (``"sdpa"``, ``"flash_attention_2"``, ...) to the language model; other
-        keyword arguments go to ``DiffusionPipeline.from_pretrained`` (``device_map``, ``variant``, ...)."""
+        keyword arguments go to ``DiffusionPipeline.from_pretrained`` (``device_map``, ``variant``, ...).
+
+        ``dtype`` defaults to float32 whatever the checkpoint stores (as diffusers and ``unimm serve`` do),
+        so the same seed gives the same image everywhere; ``dtype=None`` keeps each component's saved
+        dtype (the demo checkpoint stores its LLM in bfloat16)."""
         # 1. A local folder, else a Hub repo id (downloaded by diffusers).
         download_options = {name: kwargs.pop(name) for name in DOWNLOAD_OPTIONS if name in kwargs}
         folder = _resolve_folder(cls, os.fspath(pretrained_model_name_or_path), download_options)
