@@ -262,3 +262,18 @@ def test_two_processes_share_the_shards(tmp_path):
     assert sorted(encoded["encoded-1"]) == [2, 3, 6, 7, 10, 11]
     result = load_pretokenized(shards)
     assert [row["segments"][0]["image_token_ids"] for row in result] == [[value] * 4 for value in range(12)]
+
+
+def test_a_shard_of_only_bad_rows_and_a_job_of_only_bad_rows(files, tmp_path):
+    good, bad = image_segment(files.png_bytes(1)), image_segment(b"not an image")
+    rows = [{"segments": [bad, text_segment("bad")]}] * 2 + [{"segments": [good, text_segment("good")]}]
+    dataset = datasets.Dataset.from_list(rows, features=sample_features())
+    # The first shard has no good row: its empty parquet file broke loading the whole job.
+    result = pretokenize_images(dataset, ColourEncoder(), _processor(), tmp_path / "some", rows_per_shard=2)
+    assert [row["segments"][1]["text"] for row in result] == ["good"]
+    assert len(load_pretokenized(tmp_path / "some")) == 1
+
+    all_bad = dataset.select([0, 1])
+    with pytest.raises(ValueError, match=r"(?s)none of the 2 rows could be tokenized.*unreadable_image: 2"):
+        pretokenize_images(all_bad, ColourEncoder(), _processor(), tmp_path / "none", rows_per_shard=1)
+    assert list((tmp_path / "none").iterdir()) == []  # a rerun on repaired data starts over

@@ -101,7 +101,17 @@ def pretokenize_images(
         tally.log(f"pre-tokenizing {len(dataset)} rows into {output_dir}")
     shard_files = [str(_shard_path(output_dir, index, shard_count)) for index in range(shard_count)]
     with state.main_process_first():  # the first load writes the ``datasets`` cache, the others read it
-        return datasets.load_dataset("parquet", data_files=shard_files, split="train")
+        result = _load_shards(shard_files, features=dataset.features)
+    if len(dataset) and not len(result):
+        # Nothing worth keeping: clear the job so that a rerun on repaired data starts over.
+        state.wait_for_everyone()
+        if state.is_main_process:
+            for path in [output_dir / MANIFEST_NAME, *output_dir.glob("shard-*")]:
+                path.unlink()
+        raise ValueError(
+            f"none of the {len(dataset)} rows could be tokenized ({output_dir}): {tally.report()}"
+        )
+    return result
 
 
 def load_pretokenized(output_dir: str | os.PathLike, **load_options: Any) -> datasets.Dataset:
@@ -109,7 +119,18 @@ def load_pretokenized(output_dir: str | os.PathLike, **load_options: Any) -> dat
     shard_files = sorted(str(path) for path in Path(output_dir).glob("shard-*.parquet"))
     if not shard_files:
         raise FileNotFoundError(f"no pre-tokenized shards (shard-*.parquet) in {output_dir}")
-    return datasets.load_dataset("parquet", data_files=shard_files, split="train", **load_options)
+    return _load_shards(shard_files, **load_options)
+
+
+def _load_shards(shard_files: list[str], features: datasets.Features | None = None, **load_options: Any):
+    """The shards as one dataset. A shard whose rows were all bad holds none, and ``datasets`` cannot
+    read an empty parquet file, so those are left out (an empty dataset when every shard is empty)."""
+    filled = [path for path in shard_files if pyarrow.parquet.ParquetFile(path).metadata.num_rows]
+    if filled:
+        return datasets.load_dataset("parquet", data_files=filled, split="train", **load_options)
+    if features is None:  # the features every shard's schema carries
+        features = datasets.Features.from_arrow_schema(pyarrow.parquet.read_schema(shard_files[0]))
+    return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
 
 
 class _ShardJob:
@@ -162,7 +183,10 @@ class _ShardJob:
         tally = {"counts": dict(self.bad_records.counts), "examples": self.bad_records.examples}
         _atomic_write(tally_path, lambda path: path.write_text(json.dumps(tally)))
         # The table's schema carries the ``datasets`` features, so the shard loads with the same columns.
-        table = datasets.Dataset.from_list(rows, features=self.dataset.features).data.table
+        # ``from_list([])`` would give a table without columns, which ``datasets`` refuses to load.
+        columns = rows or {name: [] for name in self.dataset.features}
+        build = datasets.Dataset.from_list if rows else datasets.Dataset.from_dict
+        table = build(columns, features=self.dataset.features).data.table
         # The shard file is renamed into place last: its existence means the shard is done.
         _atomic_write(self.path, lambda path: pyarrow.parquet.write_table(table, path))
 
