@@ -223,6 +223,13 @@ def test_dtype_and_device_reach_every_component(tiny_checkpoint):
     assert {module.dtype for module in modules} == {torch.bfloat16}
     output = pipeline.generate_images("a cat", seed=0, num_inference_steps=1)
     assert len(output.images) == 1
+    # Image understanding in half precision crashed ("mat1 and mat2 must have the same dtype"), also with
+    # the teacher kept in float32 as the demo checkpoint's is.
+    for teacher_dtype in (torch.bfloat16, torch.float32):
+        pipeline.visual_tokenizer.teacher.to(teacher_dtype)
+        image = PIL.Image.new("RGB", (20, 20), "red")
+        assert len(pipeline.chat("what is this?", images=[image], max_new_tokens=2).texts) == 1
+        assert pipeline.reconstruct([image]).images[0].size == (16, 16)
     pipeline.to(torch.float32)
     assert {module.dtype for module in modules} == {torch.float32}
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModel, ViTConfig, ViTModel
@@ -85,6 +87,20 @@ def test_teacher_under_bf16_autocast_gives_float32_features_close_to_float32(tin
     assert features.dtype == torch.float32 and features.shape == expected.shape == (2, 4, 6, 32)
     assert not torch.equal(features, expected)  # bf16 matmuls did run
     torch.testing.assert_close(features, expected, atol=0.1, rtol=0.05)  # bf16 keeps ~3 significant digits
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("teacher_dtype", [None, torch.float32])
+def test_half_precision_encode_and_decode(tiny_tokenizer, pixel_values, dtype, teacher_dtype):
+    # from_pretrained(dtype=bfloat16) crashed in encode ("mat1 and mat2 must have the same dtype"): the
+    # features left the teacher as float32; a real checkpoint's teacher also stays float32.
+    half = copy.deepcopy(tiny_tokenizer).to(dtype)
+    if teacher_dtype is not None:
+        half.teacher.to(teacher_dtype)
+    ids = half.encode(pixel_values)  # float32 pixels: each branch casts to its own dtype
+    assert ids.shape == (2, 4, 6)
+    assert (ids == tiny_tokenizer.encode(pixel_values)).float().mean() > 0.5
+    assert half.decode(ids).dtype == dtype
 
 
 def test_save_pretrained_round_trip_gives_identical_ids_and_images(tiny_tokenizer, pixel_values, tmp_path):

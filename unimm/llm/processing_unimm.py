@@ -312,11 +312,12 @@ class UniMMProcessor(ProcessorMixin):
     @torch.no_grad()
     def encode_images(self, images: Sequence[Any]) -> list[torch.Tensor]:
         """Images (PIL, paths, bytes) to their ``(h, w)`` code grids, one at a time (sizes may differ)."""
-        parameter = next(self.vq_model.parameters())
+        device = next(self.vq_model.parameters()).device
         grids = []
         for image in images:
             pixel_values = self.image_processor(open_image(image), return_tensors="pt")["pixel_values"]
-            grids.append(self.vq_model.encode(pixel_values.to(parameter))[0].cpu())  # (h, w)
+            # The visual tokenizer casts to each branch's own dtype (its teacher may stay float32).
+            grids.append(self.vq_model.encode(pixel_values.to(device))[0].cpu())  # (h, w)
         return grids
 
     def _pad(self, examples: list[dict[str, list[int]]], padding_side: str) -> dict[str, torch.Tensor]:

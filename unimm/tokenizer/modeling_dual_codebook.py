@@ -461,7 +461,8 @@ class DualCodebookTokenizer(DualCodebookPreTrainedModel):
             size = (self.teacher_image_size, self.teacher_image_size)
         if tuple(images.shape[-2:]) != size:
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
-        return images
+        # A teacher may keep its own dtype (e.g. float32 under a bfloat16 tokenizer): inputs follow it.
+        return images.to(self.teacher.dtype)
 
     def teacher_features(
         self, pixel_values: torch.Tensor, grid: tuple[int, int], all_layers: bool = False
@@ -481,8 +482,9 @@ class DualCodebookTokenizer(DualCodebookPreTrainedModel):
         layer = self.config.teacher_feature_layer
         selected = outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
         layers = [*outputs.hidden_states[1:-1], selected] if all_layers else [selected]
-        # Features leave in float32 whatever the autocast dtype: the losses and the adapter are float32.
-        return [self._to_grid(hidden_states.float(), grid) for hidden_states in layers]
+        # Features leave in the adapter's dtype whatever the teacher's or the autocast dtype.
+        dtype = next(self.semantic_adapter.parameters()).dtype
+        return [self._to_grid(hidden_states.to(dtype), grid) for hidden_states in layers]
 
     def _to_grid(self, hidden_states: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         batch_size, sequence_length, channels = hidden_states.shape
@@ -516,7 +518,8 @@ class DualCodebookTokenizer(DualCodebookPreTrainedModel):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_teacher):
             teacher_layers = self.teacher_features(pixel_values, grid, all_layers=all_layers)
         semantic_codes = self.semantic_adapter(teacher_layers[-1])  # (B, h, w, Ds)
-        pixel_codes = self.pixel_encoder(pixel_values).permute(0, 2, 3, 1)  # (B, h, w, Dp)
+        pixel_dtype = next(self.pixel_encoder.parameters()).dtype  # the teacher's may differ
+        pixel_codes = self.pixel_encoder(pixel_values.to(pixel_dtype)).permute(0, 2, 3, 1)  # (B, h, w, Dp)
         return semantic_codes, pixel_codes, teacher_layers
 
     def _decode_embeddings(
