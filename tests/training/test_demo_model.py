@@ -150,7 +150,7 @@ def test_build_llm_data_and_assemble(tmp_path: Path) -> None:
     assert Image.open(lora_grid).size == (3 * 16, 2 * 16)
 
     assemble(tmp_path / "demo", tmp_path / "tokenizer", tmp_path / "data/init", tmp_path / "data/init", None)
-    pipeline = UniMMPipeline.from_pretrained(tmp_path / "demo")
+    pipeline = UniMMPipeline.from_pretrained(tmp_path / "demo", dtype=None)  # as stored
     assert pipeline.llm.dtype == torch.bfloat16 and pipeline.detokenizer is None
     end_of_turn = pipeline.processor.tokenizer.convert_tokens_to_ids("<|end|>")
     assert end_of_turn in pipeline.llm.generation_config.eos_token_id  # answers stop at the turn's end

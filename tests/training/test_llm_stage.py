@@ -310,3 +310,17 @@ def test_text_kl_anchor_trains_through_the_deepspeed_engine(tmp_path, deepspeed_
     assert train_kl[0] == pytest.approx(0.0, abs=1e-6)  # the adapters start as the identity
     assert 0.0 < train_kl[-1] < 10.0  # the tuned model moved away from its base, and the KL says how far
     assert evaluation["text_kl"] > 0.0
+
+
+def test_export_carries_the_processor_of_the_initial_folder(tmp_path):
+    from unimm.llm import UniMMProcessor
+    from unimm.pipelines.testing import build_random_pipeline
+
+    pipeline = build_random_pipeline("tiny", seed=0)
+    pipeline.llm.save_pretrained(tmp_path / "init")
+    pipeline.processor.save_pretrained(tmp_path / "init")  # as `prepare` writes the LLM's initial folder
+    stage = LlmSftStage(LlmArguments(model_name_or_path=str(tmp_path / "init"), random_tokens=4))
+    stage.export(stage.build_model(), tmp_path / "export")
+    processor = UniMMProcessor.from_pretrained(tmp_path / "export")
+    assert processor.tokenizer.get_vocab() == pipeline.processor.tokenizer.get_vocab()
+    assert processor.codebook_size == pipeline.processor.codebook_size

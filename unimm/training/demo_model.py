@@ -60,7 +60,8 @@ from unimm.evaluation.text_questions import (
 )
 from unimm.llm import UniMMForCausalLM, UniMMProcessor
 from unimm.llm.processing_unimm import IGNORE_INDEX
-from unimm.llm.text_tokenizer import END_OF_TURN, build_word_level_tokenizer
+from unimm.llm.text_tokenizer import build_word_level_tokenizer
+from unimm.pipelines.assembly import assemble_pipeline, stop_at_end_of_turn
 from unimm.tokenizer import DualCodebookImageProcessor, DualCodebookTokenizer
 
 logger = logging.getLogger(__name__)
@@ -199,15 +200,6 @@ class SequenceBuilder:
             + (image_ids if trained else [IGNORE_INDEX] * self.image_length)
             + labels[end:],
         }
-
-
-def stop_at_end_of_turn(llm: UniMMForCausalLM, tokenizer: Any) -> None:
-    """Chat answers of the word-level template end with its end-of-turn marker, not with EOS: generation
-    stops at both. (A pretrained chat tokenizer's EOS already ends its turns.)"""
-    if END_OF_TURN not in tokenizer.get_vocab():
-        return
-    end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    llm.generation_config.eos_token_id = [tokenizer.eos_token_id, end_of_turn]
 
 
 def generation_sample(prompt: str) -> dict:
@@ -388,18 +380,15 @@ def assemble(
     output: Path, tokenizer_dir: Path, llm_init_dir: Path, llm_dir: Path, detokenizer_dir: Path | None
 ) -> None:
     """The pipeline folder from the trained parts; the LM stored in bf16 to keep the folder small."""
-    from unimm.detokenizer import DetokenizerPipeline
-    from unimm.pipelines import UniMMPipeline
-
-    visual_tokenizer = DualCodebookTokenizer.from_pretrained(tokenizer_dir).eval()
-    llm = UniMMForCausalLM.from_pretrained(llm_dir, dtype=torch.bfloat16).eval()
-    processor = UniMMProcessor.from_pretrained(llm_init_dir)
-    stop_at_end_of_turn(llm, processor.tokenizer)
-    detokenizer = DetokenizerPipeline.from_pretrained(detokenizer_dir) if detokenizer_dir else None
-    pipeline = UniMMPipeline(
-        llm=llm, processor=processor, visual_tokenizer=visual_tokenizer, detokenizer=detokenizer
+    assemble_pipeline(
+        llm_dir,
+        tokenizer_dir,
+        output,
+        processor=llm_init_dir,
+        detokenizer=detokenizer_dir,
+        dtype=torch.bfloat16,
+        training_data=list(TRAINING_DATA),
     )
-    pipeline.save_pretrained(output, training_data=list(TRAINING_DATA))
 
 
 def compare_text_skills(pipeline: Any, text_model_name_or_path: str, output_dir: Path) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from unimm.data.collators import PaddingCollator
 from unimm.data.packing import IGNORE_INDEX, PACKED_COLUMNS, PackedCollator, pack_dataset
-from unimm.llm import UniMMForCausalLM  # importing unimm.llm registers it with AutoModelForCausalLM
+from unimm.llm import UniMMForCausalLM, UniMMProcessor  # importing unimm.llm registers the Auto classes
 from unimm.llm.lora import apply_lora
 from unimm.training.stages.base import TrainingStage
 
@@ -42,6 +42,7 @@ LABELS_COLUMN = "labels"
 # Per-modality losses a UniMMForCausalLM output carries, logged next to the loss.
 MODALITY_LOSSES = ("text_loss", "image_loss")
 TABLE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+PROCESSOR_CONFIG = "processor_config.json"  # a UniMMProcessor saved next to the initial model
 
 
 @dataclass
@@ -418,12 +419,15 @@ class LlmStage(TrainingStage):
 
     # ---------------------------------------------------------------------------------- export
     def export(self, model: nn.Module, output_dir: Path) -> None:
-        """A plain model folder (LoRA merged into the weights), with the tokenizer when there is one."""
+        """A plain model folder (LoRA merged into the weights), with the processor it was prepared with
+        (``unimm assemble`` takes it from there), else the text tokenizer when there is one."""
         if isinstance(model, PeftModel):
             model = model.merge_and_unload()
         model.save_pretrained(output_dir)
         source = self.args.model_name_or_path
-        if source is not None and (self.args.gguf_file or (Path(source) / "tokenizer_config.json").is_file()):
+        if source is not None and (Path(source) / PROCESSOR_CONFIG).is_file():
+            UniMMProcessor.from_pretrained(source).save_pretrained(output_dir)
+        elif source is not None and (self.args.gguf_file or (Path(source) / "tokenizer_config.json").is_file()):
             gguf = {"gguf_file": self.args.gguf_file} if self.args.gguf_file else {}
             AutoTokenizer.from_pretrained(source, **gguf).save_pretrained(output_dir)
 
