@@ -2,26 +2,39 @@
 
 A checkpoint folder ``checkpoints/step-00000100`` holds DeepSpeed's files (module, optimizer and
 scheduler states, sharded per rank under ZeRO), one RNG file and one stage-state file per rank, and
-``trainer_state.json`` (step, data position, the resolved recipe and a fingerprint of the run). It is
-written under a temporary name and renamed when complete, so a run killed at any moment leaves either
-a whole checkpoint or none; ``latest`` names the newest one; only the last K are kept.
+``trainer_state.json`` (step, data position, the resolved recipe and a fingerprint of the run), and
+``manifest.json`` (the size and sha256 of every other file). It is written under a temporary name and
+renamed when complete, so a run killed at any moment leaves either a whole checkpoint or none; ``latest``
+names the newest one; only the last K are kept.
+
+Reading a checkpoint trusts neither its bytes nor its pickles. The manifest is verified before a
+checkpoint is chosen, so a damaged newest one (a full disk, a bad copy) is skipped for the newest intact
+one. Every ``.pt`` file, DeepSpeed's included, is read with ``torch.load(weights_only=True)`` and an
+allow-list of the few DeepSpeed types its optimizer states hold, so a crafted checkpoint cannot run code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
 
 from unimm.training import distributed
@@ -30,11 +43,24 @@ from unimm.training.arguments import RESUME_AUTO, RESUME_NEVER
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
 PREFIX = "step-"
 TEMPORARY_PREFIX = ".tmp-"
 STEP_PATTERN = re.compile(rf"^{PREFIX}(\d+)$")
 STEP_DIGITS = 8
+HASH_CHUNK_BYTES = 1 << 24
+
+# The non-tensor types in DeepSpeed's ZeRO optimizer states (bf16 or fp32; fp16 is refused by the
+# recipe checks), found with torch.serialization.get_unsafe_globals_in_checkpoint on every ZeRO stage.
+DEEPSPEED_GLOBALS = (LossScaler, ZeroStageEnum, fragment_address)
+# RNG files written before the RNG state was saved as plain values hold numpy's state as an ndarray.
+# (``_reconstruct`` is taken from ndarray's own reduce: numpy 1 and 2 keep it in different modules.)
+LEGACY_RNG_GLOBALS = (np.empty(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32)))
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint (or one of its files) that is damaged, missing, or would run code when loaded."""
 
 
 @dataclass
@@ -73,13 +99,17 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values, so that it loads with ``weights_only=True``."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()  # set_state takes it back as a list
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`capture_rng_state` returned (or the numpy tuple of older checkpoints)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -95,23 +125,19 @@ class CheckpointManager:
         self.keep_last = keep_last
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+        """Checkpoint folders (complete or damaged), oldest first."""
         if not self.directory.is_dir():
             return []
-        found = [path for path in self.directory.iterdir() if STEP_PATTERN.match(path.name)]
-        return sorted(found, key=lambda path: int(STEP_PATTERN.match(path.name).group(1)))
+        return sorted((path for path in self.directory.iterdir() if STEP_PATTERN.match(path.name)), key=_step)
 
     def resolve(self, resume_from: str) -> Path | None:
-        """The checkpoint to resume from: ``auto`` -> the newest here (if any), ``never`` -> none, or a
-        given checkpoint folder / run folder."""
+        """The checkpoint to resume from: ``auto`` -> the newest intact one here (if any), ``never`` ->
+        none, or a given checkpoint folder (which must be intact) / run folder (its newest intact one)."""
         if resume_from == RESUME_NEVER:
             return None
         if resume_from == RESUME_AUTO:
             return latest_checkpoint(self.directory)
-        path = Path(resume_from)
-        if (path / STATE_FILE).is_file():
-            return path
-        found = latest_checkpoint(path) or latest_checkpoint(path / "checkpoints")
+        found = locate_checkpoint(resume_from)
         if found is None:
             raise FileNotFoundError(
                 f"resume_from_checkpoint {resume_from!r}: no checkpoint there (expected a folder with "
@@ -124,9 +150,13 @@ class CheckpointManager:
         name = f"{PREFIX}{state.global_step:0{STEP_DIGITS}d}"
         final, temporary = self.directory / name, self.directory / f"{TEMPORARY_PREFIX}{name}"
         if final.exists():
-            return final
-        if distributed.is_main_process() and temporary.exists():
-            shutil.rmtree(temporary)  # left by a run killed while saving
+            if _is_intact(final):
+                return final  # a finished run started again: this step is saved already
+            logger.warning("rewriting the damaged checkpoint %s", final)
+            distributed.barrier()  # every rank has verified it before it is removed
+        if distributed.is_main_process():
+            for stale in (temporary, final):  # left by a run killed while saving / damaged
+                shutil.rmtree(stale, ignore_errors=True)
         distributed.barrier()
         engine.save_checkpoint(str(self.directory), tag=temporary.name, save_latest=False)
         rank = distributed.rank()
@@ -135,9 +165,10 @@ class CheckpointManager:
         distributed.barrier()
         if distributed.is_main_process():
             _write_json_atomic(temporary / STATE_FILE, {"state": asdict(state), **metadata})
+            write_manifest(temporary)  # every rank's files are in the shared folder by now
             os.replace(temporary, final)
             _write_text_atomic(self.directory / LATEST_FILE, name)
-            self._prune()
+            self._prune(final)
         distributed.barrier()
         return final
 
@@ -154,43 +185,182 @@ class CheckpointManager:
 
     def load(self, engine: Any, stage: Any, checkpoint: Path) -> TrainState:
         """Restore module, optimizer, scheduler, RNG, stage state and data position from ``checkpoint``."""
-        load_path, _ = engine.load_checkpoint(
-            str(checkpoint.parent),
-            tag=checkpoint.name,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
+        with _deepspeed_loads_weights_only(engine):
+            load_path, _ = engine.load_checkpoint(
+                str(checkpoint.parent),
+                tag=checkpoint.name,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {checkpoint}")
         rank = distributed.rank()
-        stage.load_state_dict(torch.load(checkpoint / f"stage_state_rank{rank}.pt", weights_only=False))
-        restore_rng_state(torch.load(checkpoint / f"rng_state_rank{rank}.pt", weights_only=False))
+        stage.load_state_dict(load_file(checkpoint / f"stage_state_rank{rank}.pt"))
+        restore_rng_state(load_file(checkpoint / f"rng_state_rank{rank}.pt", LEGACY_RNG_GLOBALS))
         state = TrainState(**read_trainer_state(checkpoint)["state"])
         logger.info("resumed from %s at step %d", checkpoint, state.global_step)
         return state
 
-    def _prune(self) -> None:
-        for old in self.checkpoints()[: -self.keep_last]:
+    def _prune(self, saved: Path) -> None:
+        # Checkpoints newer than the one just saved (damaged ones that resume skipped) do not count
+        # towards the limit: the run rewrites them when it gets there.
+        done = [path for path in self.checkpoints() if _step(path) <= _step(saved)]
+        for old in done[: -self.keep_last]:
             shutil.rmtree(old)
 
 
+def locate_checkpoint(path: str | Path) -> Path | None:
+    """``path`` if it is a checkpoint (verified: a damaged one raises, nothing else is taken instead),
+    else the newest intact checkpoint of the run folder ``path`` (in ``path/checkpoints``)."""
+    path = Path(path)
+    if path.is_dir() and (STEP_PATTERN.match(path.name) or (path / STATE_FILE).exists()):
+        verify_checkpoint(path)
+        return path
+    return latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete checkpoint in ``directory`` (the one ``latest`` names, if it exists)."""
-    directory = Path(directory)
-    latest = directory / LATEST_FILE
-    if latest.is_file() and (directory / latest.read_text().strip() / STATE_FILE).is_file():
-        return directory / latest.read_text().strip()
-    complete = [
-        path for path in CheckpointManager(directory, 1).checkpoints() if (path / STATE_FILE).is_file()
-    ]
-    return complete[-1] if complete else None
+    """The newest intact checkpoint in ``directory`` (the one ``latest`` names, first), skipping damaged
+    ones with a warning: None if there is no checkpoint, CheckpointError if none is intact."""
+    problems = []
+    for checkpoint in _newest_first(Path(directory)):
+        try:
+            verify_checkpoint(checkpoint)
+        except CheckpointError as error:
+            logger.warning("skipping a damaged checkpoint, trying the one before: %s", error)
+            problems.append(str(error))
+            continue
+        return checkpoint
+    if problems:
+        raise CheckpointError(f"no intact checkpoint in {directory}: {'; '.join(problems)}")
+    return None
+
+
+def write_manifest(checkpoint: Path) -> None:
+    """Record the size and sha256 of every file of ``checkpoint`` in its ``manifest.json``."""
+    files = {
+        path.relative_to(checkpoint).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(checkpoint.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_FILE
+    }
+    _write_json_atomic(checkpoint / MANIFEST_FILE, {"files": files})
+
+
+def verify_checkpoint(checkpoint: Path) -> None:
+    """Raise CheckpointError naming the first file of ``checkpoint`` that is missing or differs from its
+    manifest. One written before manifests existed passes, with a warning, if its state file reads."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / MANIFEST_FILE).is_file():
+        read_trainer_state(checkpoint)
+        logger.warning(
+            "%s has no %s (an older unimm wrote it): its files are not verified", checkpoint, MANIFEST_FILE
+        )
+        return
+    for name, expected in _read_manifest(checkpoint).items():
+        path = checkpoint / name
+        if not path.is_file():
+            problem = "is missing"
+        elif (size := path.stat().st_size) != expected["size"]:
+            problem = f"has {size} bytes where {expected['size']} were written"
+        elif _sha256(path) != expected["sha256"]:
+            problem = "differs from what was written (sha256)"
+        else:
+            continue
+        raise CheckpointError(f"checkpoint {checkpoint} is damaged: {name} {problem}")
 
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     path = Path(checkpoint) / STATE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a unimm checkpoint (no {STATE_FILE})")
-    return json.loads(path.read_text())
+        raise CheckpointError(f"{checkpoint} is not a unimm checkpoint (no {STATE_FILE})")
+    return _read_json(path)
+
+
+def load_file(path: Path, allowed: Sequence[Any] = (), **kwargs: Any) -> Any:
+    """``torch.load(path, weights_only=True, **kwargs)`` letting through only the globals in ``allowed``;
+    a damaged file, or one whose pickle asks for anything else (it could run code), raises a one-line
+    CheckpointError that names it."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as error:
+        # torch's message spans paragraphs and suggests allow-listing; the refused global is what matters.
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        what = f"asks for {found.group(1)}" if found else "holds more than tensors and plain values"
+        raise CheckpointError(
+            f"refusing to load {path}: its pickle {what}, and loading it could run code "
+            "(checkpoints hold only tensors and plain values)"
+        ) from error
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        summary = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else repr(error)
+        raise CheckpointError(f"cannot read {path}: {summary}") from error
+
+
+class _WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, loading through :func:`load_file` (its own load passes
+    ``weights_only=False``)."""
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return load_file(Path(path), DEEPSPEED_GLOBALS, map_location=map_location)
+
+
+@contextlib.contextmanager
+def _deepspeed_loads_weights_only(engine: Any) -> Iterator[None]:
+    """``engine.load_checkpoint`` reads every file through ``engine.checkpoint_engine.load``: swap in one
+    that loads weights only, and give the configured one (which also saves) back afterwards."""
+    configured, engine.checkpoint_engine = engine.checkpoint_engine, _WeightsOnlyCheckpointEngine()
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = configured
+
+
+def _read_manifest(checkpoint: Path) -> dict[str, dict[str, Any]]:
+    try:
+        files = json.loads((checkpoint / MANIFEST_FILE).read_text())["files"]
+        return {
+            name: {"size": int(entry["size"]), "sha256": str(entry["sha256"])}
+            for name, entry in files.items()
+        }
+    except (OSError, ValueError, LookupError, TypeError, AttributeError) as error:
+        # half a file, or a bit flip that left JSON of another shape
+        raise CheckpointError(
+            f"checkpoint {checkpoint} is damaged: {MANIFEST_FILE} does not read ({error!r})"
+        ) from error
+
+
+def _is_intact(checkpoint: Path) -> bool:
+    try:
+        verify_checkpoint(checkpoint)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _newest_first(directory: Path) -> list[Path]:
+    found = CheckpointManager(directory, 1).checkpoints()[::-1]
+    latest = directory / LATEST_FILE
+    named = directory / latest.read_text().strip() if latest.is_file() else None
+    return ([named] if named in found else []) + [path for path in found if path != named]
+
+
+def _step(checkpoint: Path) -> int:
+    return int(STEP_PATTERN.match(checkpoint.name).group(1))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK_BYTES):  # (hashlib.file_digest needs Python 3.11)
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:  # ValueError: half a file, or bytes that are not UTF-8 JSON
+        raise CheckpointError(f"cannot read {path}: {error}") from error
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

@@ -4,6 +4,8 @@ DeepSpeed's ``zero_to_fp32`` utilities consolidate the sharded fp32 master weigh
 checkpoint into one state dict (ZeRO-0 keeps the whole module in one file); a fresh model built by
 the stage receives them, and the stage's ``export`` writes it (``save_pretrained``, safetensors). The
 recipe saved in the checkpoint rebuilds the stage, so ``unimm export CHECKPOINT`` needs nothing else.
+The checkpoint is verified against its manifest first, and no file of it is unpickled beyond tensors
+and plain values (see ``checkpoint.load_file``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,13 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from torch import nn
 
 from unimm.training.arguments import Recipe, parse_recipe
-from unimm.training.checkpoint import TEMPORARY_PREFIX, latest_checkpoint, read_trainer_state
+from unimm.training.checkpoint import (
+    DEEPSPEED_GLOBALS,
+    TEMPORARY_PREFIX,
+    load_file,
+    locate_checkpoint,
+    read_trainer_state,
+)
 from unimm.training.stages.base import TrainingStage
 
 logger = logging.getLogger(__name__)
@@ -29,11 +38,9 @@ ZERO_0_MODEL_FILE = "mp_rank_00_model_states.pt"
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """``path`` itself if it is a checkpoint, else the newest checkpoint of the run folder ``path``."""
-    path = Path(path)
-    if (path / "trainer_state.json").is_file():
-        return path
-    found = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
+    """``path`` itself if it is an intact checkpoint, else the newest intact checkpoint of the run
+    folder ``path`` (a damaged one raises ``CheckpointError`` naming the file)."""
+    found = locate_checkpoint(path)
     if found is None:
         raise FileNotFoundError(f"{path} is neither a unimm checkpoint nor a run folder with checkpoints")
     return found
@@ -49,7 +56,11 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The full (unsharded) module state dict stored in a DeepSpeed checkpoint folder."""
     zero_stage = read_trainer_state(checkpoint)["zero_stage"]
     if zero_stage == 0:
-        return torch.load(checkpoint / ZERO_0_MODEL_FILE, map_location="cpu", weights_only=False)["module"]
+        return load_file(checkpoint / ZERO_0_MODEL_FILE, DEEPSPEED_GLOBALS, map_location="cpu")["module"]
+    # zero_to_fp32 unpickles its files with weights_only=False: each must first load with weights only
+    # (memory-mapped, so the tensors are not read twice).
+    for path in sorted(checkpoint.glob("*_states.pt")):
+        load_file(path, DEEPSPEED_GLOBALS, map_location="cpu", mmap=zipfile.is_zipfile(path))
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
 
 
@@ -57,7 +68,7 @@ def load_trained_model(checkpoint: Path, stage: TrainingStage) -> nn.Module:
     """Build the stage's model and load the checkpoint's weights and stage state into it."""
     model = stage.build_model()
     load_full_state_dict(model, consolidated_state_dict(checkpoint))
-    stage.load_state_dict(torch.load(checkpoint / "stage_state_rank0.pt", weights_only=False))
+    stage.load_state_dict(load_file(checkpoint / "stage_state_rank0.pt"))
     return model
 
 
