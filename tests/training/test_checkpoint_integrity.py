@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from unimm.cli import main as unimm_main
 from unimm.training.arguments import parse_recipe
 from unimm.training.checkpoint import CheckpointError, verify_checkpoint, write_manifest
 from unimm.training.export import export_checkpoint
@@ -132,4 +133,6 @@ def test_a_crafted_checkpoint_runs_no_code_on_resume_or_export(finished_run, tmp
     if name != "rng_state_rank0.pt":  # export reads no RNG state
         with pytest.raises(CheckpointError, match=refusal):
             export_checkpoint(run, tmp_path / "export")
+        # The command: one logged line and exit status 1, no traceback.
+        assert unimm_main(["export", str(run), "--output", str(tmp_path / "export")]) == 1
     assert not marker.exists()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from unimm.commands.pipeline_arguments import report_error
+
 logger = logging.getLogger(__name__)
 
 
@@ -18,8 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from unimm.training.checkpoint import CheckpointError
     from unimm.training.export import export_checkpoint
 
-    output = export_checkpoint(args.checkpoint, args.output)
+    try:
+        output = export_checkpoint(args.checkpoint, args.output)
+    except (CheckpointError, FileNotFoundError) as error:
+        return report_error(error)
     logger.info("exported to %s", output)
     return 0

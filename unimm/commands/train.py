@@ -12,6 +12,8 @@ import logging
 import os
 import warnings
 
+from unimm.commands.pipeline_arguments import report_error
+
 logger = logging.getLogger(__name__)
 
 
@@ -24,12 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from unimm.training.arguments import load_recipe
+    from unimm.training.checkpoint import CheckpointError
     from unimm.training.loop import train
 
     quiet_deepspeed()
 
     recipe = load_recipe(args.recipe, args.overrides)
-    result = train(recipe)
+    try:
+        result = train(recipe)
+    except CheckpointError as error:  # no intact checkpoint to resume, or one that would run code
+        return report_error(error)
     if os.environ.get("RANK", "0") != "0":
         return 0
     logger.info(
