@@ -124,6 +124,11 @@ def test_pixel_limit_is_checked_before_decoding(monkeypatch):
         open_image(small)
     with pytest.raises(ImageTooLargeError, match="40x30"):  # an already decoded image too
         open_image(PIL.Image.new("RGB", (40, 30)))
+    # Past Pillow's own guard (179 Mpx), refused at open: still a size error, not an unreadable image.
+    with pytest.raises(ImageTooLargeError, match=r"225000000 pixels.*the limit here is 1000 pixels"):
+        open_image(_png(PIL.Image.new("1", (15_000, 15_000))))
+    with pytest.raises(ImageTooLargeError, match=r"more than the limit of 10$"):  # a caller's own limit
+        open_image(small, max_pixels=10)
     monkeypatch.setenv(MAX_IMAGE_PIXELS_ENV, "lots")
     with pytest.raises(ValueError, match="whole number"):
         max_image_pixels()

@@ -7,6 +7,7 @@ import io
 import json
 
 import PIL.Image
+import PIL.ImageFile
 import pytest
 
 
@@ -188,6 +189,66 @@ def test_bad_images_in_chat_get_openai_errors(client):
     assert_openai_error(ask(too_many_pixels), 400, param, "image_too_large")
     too_many_bytes = "data:image/png;base64," + "A" * 100_000  # > 64 KiB once decoded
     assert_openai_error(ask(too_many_bytes), 400, param, "image_too_large")
+    assert "not valid base64" in assert_openai_error(
+        ask("data:image/png;base64,é"), 400, param, "invalid_image"
+    )
+
+
+def png_data_url(image: PIL.Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header(make_app, monkeypatch):
+    from starlette.testclient import TestClient
+
+    huge = png_data_url(PIL.Image.new("L", (12000, 12000)))  # 144 Mpx in about 140 KB
+    bomb = png_data_url(PIL.Image.new("1", (15000, 15000)))  # past Pillow's own limit (179 Mpx)
+
+    def decoded(self):
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "load", decoded)
+    param = "messages[0].content[0].image_url"
+    with TestClient(make_app(max_image_bytes=256 * 1024)) as client:
+        for url, size in ((huge, "12000x12000"), (bomb, "225000000 pixels")):
+            response = client.post("/v1/chat/completions", json={"messages": user([image_part(url)])})
+            message = assert_openai_error(response, 400, param, "image_too_large")
+            assert size in message and "65536" in message  # the size and the app's limit
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", {"messages": user("hi \ud800")}, "messages[0].content"),
+        ("/v1/chat/completions", {"messages": user("\udfff"), "stream": True}, "messages[0].content"),
+        ("/v1/chat/completions", {"messages": user([{"type": "text", "text": "a\ud83d"}])}, "messages[0].content[0].text"),
+        ("/v1/chat/completions", {"messages": user([image_part("data:\ud800")])}, "messages[0].content[0].image_url.url"),
+        ("/v1/chat/completions", {"model": "\ud800", "messages": user("hi")}, "model"),
+        ("/v1/images/generations", {"prompt": "a cat \ud800"}, "prompt"),
+        ("/v1/images/generations", {"prompt": "a cat", "size": "16x16\ud800"}, "size"),
+    ],
+)  # fmt: skip
+def test_text_with_a_lone_surrogate_gets_a_400_naming_its_field(client, path, body, param):
+    # JSON's \uXXXX escapes carry a lone surrogate, which UTF-8 and the tokenizer cannot.
+    def post(body: dict):
+        content = json.dumps(body, ensure_ascii=True)
+        return client.post(path, content=content, headers={"Content-Type": "application/json"})
+
+    message = assert_openai_error(post(body), 400, param, "invalid_unicode")
+    assert "lone surrogate" in message and "more problems" not in message  # union members are one problem
+    with_another_problem = post({**body, "seed": -1})
+    assert "(and 1 more problems)" in assert_openai_error(with_another_problem, 400, param, "invalid_unicode")
+
+
+def test_an_error_message_echoing_a_lone_surrogate_still_encodes():
+    from starlette.responses import JSONResponse
+
+    from unimm.serving.schemas import error_body
+
+    assert b"\\ud800" in JSONResponse(error_body("no model '\ud800'")).body
 
 
 @pytest.mark.parametrize(

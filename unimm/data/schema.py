@@ -136,9 +136,10 @@ def check_image_pixels(width: int, height: int, max_pixels: int | None = None) -
     """Raise ``ImageTooLargeError`` when ``width × height`` exceeds the limit."""
     limit = max_image_pixels() if max_pixels is None else max_pixels
     if width * height > limit:
+        # The environment variable is the way out only where the library's own limit applies.
+        hint = f" (set ${MAX_IMAGE_PIXELS_ENV} to allow more)" if max_pixels is None else ""
         raise ImageTooLargeError(
-            f"the image is {width}x{height} = {width * height} pixels, more than the limit of {limit} "
-            f"(set ${MAX_IMAGE_PIXELS_ENV} to allow more)",
+            f"the image is {width}x{height} = {width * height} pixels, more than the limit of {limit}{hint}"
         )
 
 
@@ -166,7 +167,15 @@ def open_image(image: Any, max_pixels: int | None = None) -> PIL.Image.Image:
         )
     try:
         decoded = PIL.Image.open(source)  # reads the header only
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+    except PIL.Image.DecompressionBombError as error:  # past Pillow's own limit, refused at open
+        pillow_size = str(error).partition(", could be")[
+            0
+        ]  # "Image size (N pixels) exceeds limit of M pixels"
+        limit = max_image_pixels() if max_pixels is None else max_pixels
+        raise ImageTooLargeError(
+            f"{pillow_size} (Pillow's guard); the limit here is {limit} pixels"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as error:
         raise BadRecordError(UNREADABLE_IMAGE, f"{type(error).__name__}: {error}") from None
     check_image_pixels(*decoded.size, max_pixels)
     try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import io
 import json
 import logging
@@ -35,6 +34,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from unimm.data import ImageTooLargeError
 from unimm.pipelines import UniMMPipeline
 from unimm.pipelines.conversations import open_image_argument
 
@@ -46,7 +46,7 @@ from .schemas import ChatCompletionRequest, ChatMessage, ImageGenerationRequest,
 logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-SIZE = re.compile(r"(\d+)x(\d+)")
+SIZE = re.compile(r"([0-9]+)x([0-9]+)")
 IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 _END = object()  # end of a streamed answer
 
@@ -242,7 +242,8 @@ def _conversation(messages: list[ChatMessage], config: ServingConfig) -> list[di
 
 
 def _decode_image(url: str, config: ServingConfig, param: str) -> PIL.Image.Image:
-    """A ``data:image/...;base64,...`` URL to an RGB image, within the size limits."""
+    """A ``data:image/...;base64,...`` URL to an RGB image, within the size limits: the bytes before
+    decoding the base64, the pixels (``config.max_image_pixels``) from the file's header."""
     param = f"{param}.image_url"
     header, comma, data = url.partition(",")
     if not header.startswith("data:") or not comma:
@@ -252,7 +253,7 @@ def _decode_image(url: str, config: ServingConfig, param: str) -> PIL.Image.Imag
             param,
             "invalid_image_url",
         )
-    if not header.endswith(";base64"):
+    if not header.lower().endswith(";base64"):
         raise APIError(400, "image_url: only base64 data URLs are supported", param, "invalid_image_url")
     data = "".join(data.split())
     if len(data) * 3 // 4 > config.max_image_bytes:
@@ -264,26 +265,16 @@ def _decode_image(url: str, config: ServingConfig, param: str) -> PIL.Image.Imag
         )
     try:
         raw = base64.b64decode(data, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or a character outside ASCII
         raise APIError(400, "image_url: the data is not valid base64", param, "invalid_image") from None
     try:
-        with PIL.Image.open(io.BytesIO(raw)) as probe:  # reads the header only
-            width, height = probe.size
-    except (OSError, ValueError, PIL.Image.DecompressionBombError):
+        return open_image_argument(raw, param, max_pixels=config.max_image_pixels).convert("RGB")
+    except ImageTooLargeError as error:
+        raise APIError(400, error.detail, param, "image_too_large") from None
+    except (OSError, ValueError):
         raise APIError(
             400, "cannot decode the image: send a PNG, JPEG, GIF or WebP file", param, "invalid_image"
         ) from None
-    if width * height > config.max_image_pixels:
-        raise APIError(
-            400,
-            f"the image is {width}x{height} pixels, more than the limit of {config.max_image_pixels} pixels",
-            param,
-            "image_too_large",
-        )
-    try:
-        return open_image_argument(raw, param).convert("RGB")
-    except ValueError as error:
-        raise APIError(400, str(error), param, "invalid_image") from None
 
 
 def _image_grid(pipeline: UniMMPipeline, size: str | None) -> tuple[int, int]:
@@ -435,6 +426,13 @@ class _BodyLimit:
         await self.app(scope, counted, send)
 
 
+def _encloses(outer: str | None, inner: str | None) -> bool:
+    """Whether the parameter ``outer`` is ``inner`` or holds it (``None``: the whole body)."""
+    if outer is None or outer == inner:
+        return True
+    return inner is not None and inner.startswith((f"{outer}.", f"{outer}["))
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
@@ -450,8 +448,14 @@ def _add_error_handlers(app: FastAPI) -> None:
             return JSONResponse(error_body(message, code="invalid_json"), 400)
         param = parameter_path(first.get("loc", ()))
         message = f"{param or 'body'}: {first.get('msg')}"
-        if len(problems) > 1:
-            message += f" (and {len(problems) - 1} more problems)"
+        # The union members that failed on the way to ``first`` are not other problems.
+        others = [
+            problem
+            for problem in problems
+            if problem is not first and not _encloses(parameter_path(problem.get("loc", ())), param)
+        ]
+        if others:
+            message += f" (and {len(others)} more problems)"
         return JSONResponse(error_body(message, param=param, code=first.get("type")), 400)
 
     @app.exception_handler(HTTPException)

@@ -16,8 +16,11 @@ class ServingConfig:
         default=4000, metadata={"help": "most characters of text in one request's prompt or messages"}
     )
     max_image_bytes: int = field(default=8 * MIB, metadata={"help": "largest uploaded image, in bytes"})
+    # The server's own limit, passed to unimm.data.open_image (so $UNIMM_MAX_IMAGE_PIXELS, the library's
+    # default, does not apply): checked from the file's header, before any pixel is decoded.
     max_image_pixels: int = field(
-        default=4096 * 4096, metadata={"help": "largest uploaded image, in pixels (width x height)"}
+        default=4096 * 4096,
+        metadata={"help": "largest uploaded image, in pixels (width x height), read from its header"},
     )
     max_images_per_request: int = field(
         default=8, metadata={"help": "largest `n` of an image request, and most images in one chat request"}

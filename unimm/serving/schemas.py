@@ -1,17 +1,40 @@
 """Request bodies of the OpenAI-compatible API (pydantic) and the OpenAI error shape.
 
 Only the fields the model can honour are declared; other OpenAI fields (``user``, ``stream_options``,
-``presence_penalty``, ...) are accepted and ignored, so existing clients and SDKs work unchanged.
+``presence_penalty``, ...) are accepted and ignored, so existing clients and SDKs work unchanged. Every
+string the server reads must be valid Unicode text (``Text``): a lone surrogate is a 400 here, not a
+failure of the tokenizer later.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 # torch.Generator.manual_seed takes at most 64 bits; JSON clients mostly stay under 2**53 anyway.
 MAX_SEED = 2**63 - 1
+
+
+def _encodable(value: Any) -> Any:
+    # JSON's "\ud800" escape decodes to a lone surrogate, which UTF-8 (the tokenizer, the logs) cannot
+    # carry; pydantic itself only notices on some fields (those with a length limit).
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise PydanticCustomError(
+                "invalid_unicode",
+                "the text holds a lone surrogate ({character} at character {position}), which is not a "
+                "Unicode character: send the character itself or a complete surrogate pair",
+                {"character": ascii(value[error.start]), "position": error.start},
+            ) from None
+    return value
+
+
+# A string the server reads: checked before any other constraint of the field.
+Text = Annotated[str, BeforeValidator(_encodable)]
 
 
 class _Lenient(BaseModel):
@@ -20,12 +43,12 @@ class _Lenient(BaseModel):
 
 class TextPart(_Lenient):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImageURL(_Lenient):
-    url: str
-    detail: str | None = None
+    url: Text
+    detail: Text | None = None
 
 
 class ImageURLPart(_Lenient):
@@ -45,14 +68,14 @@ ContentPart = Annotated[TextPart | ImageURLPart, Field(discriminator="type")]
 class ChatMessage(_Lenient):
     # "developer" is OpenAI's newer name for "system".
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
 
 
 class ChatCompletionRequest(_Lenient):
     """``POST /v1/chat/completions``. ``temperature`` omitted or 0 decodes greedily (unlike OpenAI's
     default of 1): the answers of an untrained-for-sampling model are best greedy."""
 
-    model: str | None = None
+    model: Text | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None  # {"include_usage": true} adds a last chunk with usage
@@ -68,10 +91,10 @@ class ImageGenerationRequest(_Lenient):
     """``POST /v1/images/generations`` with two fields of our own: ``guidance_scale`` (classifier-free
     guidance of the language model, 1 turns it off) and ``seed``."""
 
-    prompt: str = Field(min_length=1)
-    model: str | None = None
+    prompt: Text = Field(min_length=1)
+    model: Text | None = None
     n: int = Field(default=1, ge=1)
-    size: str | None = None  # "WIDTHxHEIGHT" in pixels, or "auto"/None for the model's default
+    size: Text | None = None  # "WIDTHxHEIGHT" in pixels, or "auto"/None for the model's default
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: Literal["png", "jpeg", "webp"] = "png"
     guidance_scale: float = Field(default=3.0, ge=1.0, le=50.0)
@@ -81,7 +104,9 @@ class ImageGenerationRequest(_Lenient):
 def error_body(
     message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
 ) -> dict[str, dict[str, str | None]]:
-    """The OpenAI error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    """The OpenAI error shape: ``{"error": {"message", "type", "param", "code"}}``. A lone surrogate
+    echoed from the request is escaped, or the UTF-8 answer itself would fail."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
