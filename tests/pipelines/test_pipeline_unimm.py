@@ -350,3 +350,20 @@ def test_the_pixel_limit_guards_chat_and_reconstruct(tiny_pipeline, tmp_path, ca
 def test_chat_text_that_cannot_be_encoded_is_a_value_error(tiny_pipeline):
     with pytest.raises(ValueError, match="cannot be encoded as UTF-8"):
         tiny_pipeline.chat("what is \ud800 this?", max_new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        # NaN slipped through a plain `< 1` check and drew from NaN logits; inf crashed in decoding.
+        (lambda p: p.generate_images("a cat", guidance_scale=float("nan")), "finite number >= 1"),
+        (lambda p: p.generate_images("a cat", guidance_scale=float("inf")), "finite number >= 1"),
+        (lambda p: p.generate_images("a cat", seed=2**70), "64-bit integer"),  # was "Overflow when unpacking"
+        (lambda p: p.generate_images(["a cat"], seed=[-(2**64)]), "64-bit integer"),
+        (lambda p: p.chat(5), "messages must be a question"),  # was a TypeError
+        (lambda p: p.chat([]), "messages must be a question"),
+    ],
+)
+def test_bad_arguments_are_value_errors_that_say_what_to_pass(tiny_pipeline, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(tiny_pipeline)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
@@ -104,8 +105,18 @@ def _positive_ints(value, count: int, argument: str) -> list[int]:
     return [int(item) for item in values]
 
 
+# What ``torch.Generator.manual_seed`` takes: any 64-bit integer, signed or unsigned.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
 def _is_seed(value) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool)
+    if not isinstance(value, Integral) or isinstance(value, bool):
+        return False
+    if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise ValueError(
+            f"a seed must be a 64-bit integer (in {SEED_RANGE[0]}..{SEED_RANGE[1]}), got {value}."
+        )
+    return True
 
 
 def _request_noise(
@@ -397,9 +408,9 @@ class UniMMGenerationMixin:
         requested, budgets = [], []
         for index in range(len(prompts)):
             self._validate_prompt(prompts[index], f"input_ids[{index}]")
-            if scales[index] < 1.0:
+            if not math.isfinite(scales[index]) or scales[index] < 1.0:  # NaN passes a plain `< 1`
                 raise ValueError(
-                    f"`guidance_scale[{index}]`={scales[index]} must be >= 1 (1 disables guidance)."
+                    f"`guidance_scale[{index}]`={scales[index]} must be a finite number >= 1 (1 disables guidance)."
                 )
             if scales[index] > 1.0:
                 if unconditional[index] is None:

@@ -17,11 +17,12 @@ from unimm.data.schema import ImageTooLargeError, open_image
 
 def conversations_with_images(messages: Any, images: Any) -> list[list[dict]]:
     """Normalise ``messages`` to a batch of conversations with every image opened as a PIL image."""
+    is_list = isinstance(messages, (list, tuple)) and len(messages) > 0
     if isinstance(messages, str):
         conversations, batched = [[_user(messages)]], False
-    elif messages and all(isinstance(message, dict) for message in messages):
+    elif is_list and all(isinstance(message, dict) for message in messages):
         conversations, batched = [list(messages)], False
-    elif messages and all(isinstance(entry, (str, list, tuple)) for entry in messages):
+    elif is_list and all(isinstance(entry, (str, list, tuple)) for entry in messages):
         conversations = [[_user(entry)] if isinstance(entry, str) else list(entry) for entry in messages]
         batched = True
     else:
