@@ -60,3 +60,21 @@ def test_two_process_zero3_shards_data_and_exports_the_same_model(
     with torch.no_grad():
         logits = exported(input_ids=sharded["input_ids"]).logits
     torch.testing.assert_close(logits, sharded["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_the_first_cpu_run_says_that_deepspeed_compiles_its_op(tmp_path, monkeypatch, caplog):
+    from deepspeed.accelerator import get_accelerator
+
+    from unimm.training.distributed import _announce_shm_op_build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    with caplog.at_level("WARNING", logger="unimm.training.distributed"):
+        _announce_shm_op_build(get_accelerator())
+    assert "compiling deepspeed_shm_comm" in caplog.text
+    caplog.clear()
+    built = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
+    built.parent.mkdir(parents=True)
+    built.touch()
+    with caplog.at_level("WARNING", logger="unimm.training.distributed"):
+        _announce_shm_op_build(get_accelerator())
+    assert caplog.text == ""

@@ -7,8 +7,10 @@ runs do not clash) and let DeepSpeed initialise the group as usual.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 import deepspeed
@@ -16,7 +18,10 @@ import deepspeed.comm as dist
 import torch
 from deepspeed.accelerator import get_accelerator
 
+logger = logging.getLogger(__name__)
+
 LOCALHOST = "127.0.0.1"
+SHM_OP_BUILDER = "ShareMemCommBuilder"  # DeepSpeed's CPU op for collectives, built on first use
 
 
 def find_free_port() -> int:
@@ -36,7 +41,27 @@ def init_distributed() -> None:
         os.environ.setdefault("MASTER_PORT", str(find_free_port()))
     accelerator = get_accelerator()
     backend = "gloo" if accelerator.device_name() == "cpu" else accelerator.communication_backend_name()
+    if accelerator.device_name() == "cpu":
+        _announce_shm_op_build(accelerator)
     deepspeed.init_distributed(dist_backend=backend)
+
+
+def _announce_shm_op_build(accelerator: Any) -> None:
+    """DeepSpeed compiles its shared-memory op on a machine's first CPU run (with gcc; a minute or two)
+    and says nothing meanwhile: say it, so the wait does not look like a hang."""
+    builder = accelerator.create_op_builder(SHM_OP_BUILDER)
+    if builder is None:
+        return
+    extensions = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    if not any(extensions.glob(f"*/{builder.NAME}/*.so")) and not any(
+        extensions.glob(f"{builder.NAME}/*.so")
+    ):
+        logger.warning(
+            "DeepSpeed is compiling %s (first CPU run on this machine only: a minute or two with gcc; "
+            "cached under %s)",
+            builder.NAME,
+            extensions,
+        )
 
 
 def rank() -> int:
