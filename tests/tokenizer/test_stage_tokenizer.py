@@ -1,16 +1,24 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
+from unimm.data.schema import image_segment, sample_features
 from unimm.tokenizer import DualCodebookTokenizer
 from unimm.training.stages import get_stage_class
-from unimm.training.stages.tokenizer import TokenizerStage, TokenizerStageArguments
+from unimm.training.stages.tokenizer import (
+    TokenizerStage,
+    TokenizerStageArguments,
+    labelled_subset,
+    num_labels,
+)
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "tokenizer"
 
@@ -65,8 +73,8 @@ def test_codebooks_get_no_weight_decay(stage):
 
 
 def test_bad_stage_arguments():
-    with pytest.raises(ValueError, match="dataset='cifar'"):
-        TokenizerStageArguments(dataset="cifar")
+    with pytest.raises(ValueError, match="dataset.format: unknown format 'cifar'"):
+        TokenizerStageArguments(dataset={"format": "cifar", "path": "data"})
     with pytest.raises(ValueError, match="unknown tokenizer config"):
         TokenizerStage(TokenizerStageArguments(tokenizer_config="huge", dataset="synthetic"))
 
@@ -130,3 +138,113 @@ def test_tiny_recipe_runs_in_the_shared_loop(tmp_path):
     model = DualCodebookTokenizer.from_pretrained(result.export_dir)
     assert model.config.codebook_size == 16
     assert list(tmp_path.rglob("reconstructions-*.png"))
+
+
+def make_image_folder(folder: Path, count: int = 8) -> Path:
+    """A user's captioned image folder: mixed modes (RGB, RGBA, greyscale, palette) and sizes, none 16 px."""
+    modes = ("RGB", "RGBA", "L", "P")
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    records = []
+    for index in range(count):
+        size = (12 + 7 * index, 30 - 2 * index)
+        pixels = rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)
+        Image.fromarray(pixels, "RGBA").convert(modes[index % len(modes)]).save(folder / f"{index}.png")
+        records.append({"file_name": f"{index}.png", "text": f"picture {index}"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    return folder
+
+
+def test_stage_trains_on_a_user_image_folder(tmp_path):
+    """A folder spec with an eval fraction: mixed modes and sizes become 16 px RGB, and a few steps train."""
+    folder = make_image_folder(tmp_path / "pictures")
+    args = TokenizerStageArguments(
+        tokenizer_config="tiny",
+        dataset={"path": str(folder), "eval_fraction": 0.25},
+        image_size=16,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    stage = TokenizerStage(args)
+    train_set, eval_set = stage.build_datasets()
+    assert (len(train_set), len(eval_set)) == (6, 2)
+    items = [train_set[index] for index in range(len(train_set))]
+    assert all(item["pixel_values"].shape == (3, 16, 16) and item["labels"] == -1 for item in items)
+    model = stage.build_model().train()
+    optimizer = torch.optim.AdamW(stage.parameter_groups(model), lr=1e-3)
+    batch = stage.collate(items)
+    for step in range(3):
+        loss, _ = stage.compute_loss(model, batch, step)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert torch.isfinite(loss)
+    results = stage.evaluate(
+        model, torch.utils.data.DataLoader(eval_set, batch_size=2, collate_fn=stage.collate)
+    )
+    assert np.isfinite(results["psnr"])
+
+
+def test_recipe_takes_the_dataset_as_a_mapping_or_a_json_string(tmp_path):
+    from unimm.training.arguments import parse_overrides, parse_recipe
+
+    mapping = {"format": "images", "path": str(tmp_path), "eval_fraction": 0.1}
+    recipe = parse_recipe({"stage": "tokenizer", "dataset": mapping})
+    assert recipe.stage_args.dataset == mapping  # HfArgumentParser.parse_dict passes the mapping unchanged
+    for override in (f"dataset={json.dumps(mapping)}", f"dataset='{json.dumps(mapping)}'"):
+        recipe = parse_recipe({"stage": "tokenizer", **parse_overrides([override])})
+        assert recipe.stage_args.dataset in (mapping, json.dumps(mapping))
+    with pytest.raises(ValueError, match=r"recipe <dict>: dataset.format: unknown format 'png'"):
+        parse_recipe({"stage": "tokenizer", "dataset": {"format": "png", "path": "x"}})
+    with pytest.raises(ValueError, match="streaming: this stage reads its images by index"):
+        parse_recipe({"stage": "tokenizer", "dataset": {"path": "x", "streaming": True}})
+
+
+def test_teacher_pretraining_needs_a_label_column(tmp_path):
+    args = TokenizerStageArguments(
+        tokenizer_config="tiny",
+        dataset=str(make_image_folder(tmp_path / "pictures")),
+        image_size=16,
+        teacher_name_or_path=str(tmp_path / "teacher"),
+        pretrain_teacher_epochs=1.0,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    with pytest.raises(ValueError, match="pretrain_teacher_epochs=1.0 .* needs a 'label' column"):
+        TokenizerStage(args).build_datasets()
+
+
+def test_teacher_pretraining_uses_the_labelled_rows(tmp_path):
+    """A save_to_disk dataset with a label column; rows labelled -1 (unlabelled) are left out."""
+    image = Image.new("RGB", (16, 16))
+    rows = {"segments": [[image_segment(image)]] * 6, "label": [0, -1, 2, 0, -1, 1]}
+    features = sample_features(label=datasets.Value("int64"))
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(tmp_path / "labelled")
+    args = TokenizerStageArguments(
+        tokenizer_config="tiny",
+        dataset={"path": str(tmp_path / "labelled"), "eval_fraction": 0.5},
+        image_size=16,
+        teacher_name_or_path=str(tmp_path / "teacher"),
+        pretrain_teacher_epochs=1.0,
+    )
+    train_set, _ = TokenizerStage(args).build_datasets()
+    labelled = labelled_subset(train_set)
+    assert sorted(int(labelled[index]["labels"]) for index in range(len(labelled))) == sorted(
+        label for label in train_set.dataset["label"] if label >= 0
+    )
+    assert num_labels(labelled) == max(train_set.dataset["label"]) + 1
+
+
+def test_tiny_recipe_runs_on_an_image_folder(tmp_path):
+    """recipes/tokenizer/tiny.yaml with `dataset` overridden by a YAML mapping, through the shared loop."""
+    from unimm.training.arguments import load_recipe
+    from unimm.training.loop import train
+
+    folder = make_image_folder(tmp_path / "pictures", count=12)
+    overrides = [
+        f"output_dir={tmp_path / 'run'}",
+        f"dataset={{path: {folder}, eval_fraction: 0.25}}",
+        f"cache_dir={tmp_path / 'cache'}",
+    ]
+    result = train(load_recipe(RECIPES / "tiny.yaml", overrides=overrides))
+    assert result.global_step == 4 and np.isfinite(result.last_loss)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(record["split"] == "eval" and np.isfinite(record["psnr"]) for record in records)

@@ -1,4 +1,5 @@
-"""Data: the sample schema, loaders, pre-tokenization, packing, collators and the offline demo datasets."""
+"""Data: the sample schema, loaders, dataset specs, pre-tokenization, packing, collators and the offline
+demo datasets."""
 
 from unimm.data.bad_records import BadRecordError, BadRecords
 from unimm.data.collators import PaddingCollator, TextDropout
@@ -27,11 +28,22 @@ from unimm.data.schema import (
     text_segment,
     validate_sample,
 )
+from unimm.data.spec import (
+    DatasetSpec,
+    DatasetSpecError,
+    load_dataset_spec,
+    load_image_splits,
+    load_images,
+    parse_dataset_spec,
+    resolve_spec_paths,
+)
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "FASHION_MNIST_CLASSES",
     "BadRecordError",
+    "DatasetSpec",
+    "DatasetSpecError",
     "ImageTooLargeError",
     "BadRecords",
     "PackedCollator",
@@ -41,9 +53,12 @@ __all__ = [
     "drop_text",
     "image_segment",
     "image_tokens_segment",
+    "load_dataset_spec",
     "load_emoji",
     "load_fashion_mnist",
     "load_image_folder",
+    "load_image_splits",
+    "load_images",
     "load_interleaved",
     "load_jsonl",
     "load_llava",
@@ -55,7 +70,9 @@ __all__ = [
     "open_image",
     "pack_dataset",
     "pack_examples",
+    "parse_dataset_spec",
     "pretokenize_images",
+    "resolve_spec_paths",
     "sample_features",
     "text_segment",
     "validate_sample",

@@ -39,15 +39,16 @@ from diffusers.utils import make_image_grid
 from torch import nn
 from tqdm.auto import tqdm
 
-from unimm.data.demo_datasets import DEMO_DATASETS, load_demo_dataset
+from unimm.data.schema import open_image
+from unimm.data.spec import load_image_splits, parse_dataset_spec, resolve_spec_paths
 from unimm.detokenizer import DetokenizerPipeline, TokenDiffusionDecoder
 from unimm.detokenizer.pipeline_detokenizer import autoencoder_scale_and_shift
-from unimm.tokenizer import DualCodebookTokenizer
+from unimm.tokenizer import DualCodebookImageProcessor, DualCodebookTokenizer
 from unimm.training.stages.base import TrainingStage
 
 logger = logging.getLogger(__name__)
 
-DATASETS = DEMO_DATASETS
+IMAGE_MODES = {1: "L", 3: "RGB"}  # PIL mode of a tokenizer's num_channels
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 
 
@@ -56,9 +57,16 @@ class DetokenizerArguments:
     """Recipe fields of the ``detokenizer`` stage."""
 
     tokenizer_path: str = field(metadata={"help": "folder of a trained DualCodebookTokenizer (kept frozen)"})
-    dataset: str = field(default="fashion_mnist", metadata={"help": f"one of {DATASETS}"})
-    image_size: int = field(default=32, metadata={"help": "training image side in pixels"})
-    dataset_cache_dir: str | None = field(default=None, metadata={"help": "cache of the demo datasets"})
+    dataset: str | dict[str, Any] = field(
+        default="fashion_mnist",
+        metadata={"help": "a dataset spec: a demo name, a path or a mapping (see recipes/README.md)"},
+    )
+    image_size: int = field(
+        default=32, metadata={"help": "training image side in pixels (images of any size are resized)"}
+    )
+    dataset_cache_dir: str | None = field(
+        default=None, metadata={"help": "the `datasets` cache (demo datasets: ~/.cache/unimm/datasets)"}
+    )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "use only the first N training images"}
     )
@@ -122,8 +130,9 @@ class DetokenizerArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        parse_dataset_spec(self.dataset, random_access=True)  # a malformed spec fails with the recipe
+        # Paths resolve against the working directory and are kept absolute in the saved recipe.
+        self.dataset = resolve_spec_paths(self.dataset, base_dir=None)
         if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ValueError(
                 f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {self.timestep_sampling!r}"
@@ -161,12 +170,22 @@ class TokenImageDataset(torch.utils.data.Dataset):
 
 def images_to_tensor(images: Sequence[Any], num_channels: int) -> torch.Tensor:
     """PIL images → uint8 tensor (N, C, H, W) with the tokenizer's channel count."""
-    mode = {1: "L", 3: "RGB"}[num_channels]
+    mode = IMAGE_MODES[num_channels]
     arrays = [
         np.asarray(image.convert(mode), dtype=np.uint8).reshape(image.height, image.width, num_channels)
         for image in images
     ]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+
+
+def fit_image(image: Any, processor: DualCodebookImageProcessor, size: int, mode: str) -> Any:
+    """A decoded image of ``size`` × ``size`` pixels in PIL ``mode``: as it is when it already is one, else
+    through the tokenizer's image processor (RGB with alpha over white, resized)."""
+    image = open_image(image)  # EXIF orientation and high bit depths, as the loaders checked them
+    if image.mode == mode and image.size == (size, size):
+        return image
+    pixel_values = processor(image, return_tensors="np").pixel_values  # (1, C, size, size)
+    return processor.postprocess(pixel_values)[0].convert(mode)
 
 
 def to_tokenizer_range(pixel_values: torch.Tensor, tokenizer: nn.Module) -> torch.Tensor:
@@ -259,18 +278,27 @@ class DetokenizerStage(TrainingStage):
         )
 
     def _load_split_images(self) -> tuple[list[Any], list[Any]]:
+        """The first image of each training and eval row of the dataset spec, fitted to ``image_size``
+        (see ``load_image_splits`` for the eval split held out when the spec names none)."""
         args = self.args
-        splits = load_demo_dataset(args.dataset, args.image_size, cache_dir=args.dataset_cache_dir)
+        train, held_out = load_image_splits(
+            args.dataset,
+            image_size=args.image_size,
+            cache_dir=args.dataset_cache_dir,
+            max_train_samples=args.max_train_samples,
+            max_eval_samples=args.max_eval_samples,
+        )
+        size = {"height": args.image_size, "width": args.image_size}
+        processor = DualCodebookImageProcessor.from_tokenizer_config(self.tokenizer.config, size=size)
+        mode = IMAGE_MODES[self.tokenizer.config.num_channels]
         result = []
-        for split, limit in (("train", args.max_train_samples), ("test", args.max_eval_samples)):
-            dataset = splits[split]
-            if limit is not None:
-                dataset = dataset.select(range(min(limit, len(dataset))))
-            result.append([row["segments"][0]["image"] for row in dataset])
+        for rows in (train, held_out):
+            images = [_first_image(row) for row in rows] if rows is not None else []
+            result.append([fit_image(image, processor, args.image_size, mode) for image in images])
         return result[0], result[1]
 
     def build_datasets(self) -> tuple[TokenImageDataset, TokenImageDataset | None]:
-        """The demo dataset's images and their ids, tokenized once by the frozen tokenizer."""
+        """The dataset's images and their ids, tokenized once by the frozen tokenizer."""
         train_images, eval_images = self._load_split_images()
         return self.datasets_from_images(train_images, eval_images)
 
@@ -524,6 +552,10 @@ class _EMAWeights:
     def __exit__(self, *exc_info: Any) -> None:
         if self.ema is not None:
             self.ema.restore(self.parameters)
+
+
+def _first_image(row: dict[str, Any]) -> Any:
+    return next(segment["image"] for segment in row["segments"] if segment["image"] is not None)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

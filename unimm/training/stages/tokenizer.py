@@ -1,13 +1,15 @@
 """Training stage ``tokenizer``: the dual-codebook visual tokenizer on an image dataset.
 
+The ``dataset`` field takes any dataset spec (``unimm.data.spec``: a demo name, a path, a mapping), or
+``synthetic`` (random shapes, for tests and smoke runs).
+
 Also home of :func:`pretrain_teacher_classifier`, which gives the small built-in ViT teacher real
-semantics on a labelled demo dataset (a random frozen teacher carries none), saved as a normal
+semantics on a labelled dataset (a random frozen teacher carries none), saved as a normal
 transformers folder that a tokenizer recipe loads as ``teacher_name_or_path``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 from PIL import Image
@@ -22,7 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForImageClassification
 
-from unimm.data.demo_datasets import DEMO_DATASETS, load_demo_dataset
+from unimm.data.schema import open_image
+from unimm.data.spec import load_image_splits, parse_dataset_spec, resolve_spec_paths
 from unimm.evaluation import metrics
 from unimm.tokenizer import DualCodebookConfig, DualCodebookImageProcessor, DualCodebookTokenizer
 
@@ -30,7 +34,8 @@ from .base import TrainingStage
 
 logger = logging.getLogger(__name__)
 
-DATASETS = (*DEMO_DATASETS, "synthetic")
+SYNTHETIC = "synthetic"
+LABEL_COLUMN = "label"
 
 
 @dataclass
@@ -38,11 +43,12 @@ class TokenizerStageArguments:
     """Recipe fields of the ``tokenizer`` stage (model size, data, loss switches)."""
 
     tokenizer_config: str = "demo"  # a named config of DualCodebookConfig.named(): tiny | demo | base
-    dataset: str = "fashion_mnist"  # fashion_mnist | emoji | demo (both) | synthetic
-    image_size: int = 32
+    # A dataset spec (a demo name, a path, or a mapping: see recipes/README.md), or `synthetic`.
+    dataset: str | dict[str, Any] = "fashion_mnist"
+    image_size: int = 32  # images of any size are resized to it
     teacher_name_or_path: str | None = None  # e.g. a folder written by pretrain_teacher_classifier
     # > 0: if `teacher_name_or_path` is a local folder that does not exist yet, first train the built-in
-    # ViT as a classifier on the labelled training set for this many epochs and save it there.
+    # ViT as a classifier on the training set's `label` column for this many epochs and save it there.
     pretrain_teacher_epochs: float = 0.0
     # The teacher's own input normalisation (e.g. ImageNet statistics for DINOv2); default: the tokenizer's.
     teacher_image_mean: list[float] | None = None
@@ -56,23 +62,29 @@ class TokenizerStageArguments:
     max_train_samples: int | None = None
     max_eval_samples: int | None = 1000
     num_synthetic_samples: int = 64  # size of each split of the synthetic dataset (tests, smoke runs)
-    cache_dir: str | None = None
+    cache_dir: str | None = None  # the `datasets` cache (demo datasets: ~/.cache/unimm/datasets)
     num_sample_images: int = 16  # images in the reconstruction grid
 
     def __post_init__(self) -> None:
         if self.teacher_name_or_path and self.teacher_name_or_path.startswith("~"):
             self.teacher_name_or_path = os.path.expanduser(self.teacher_name_or_path)
-        if self.dataset not in DATASETS:
-            raise ValueError(f"TokenizerStageArguments.dataset={self.dataset!r}: expected one of {DATASETS}")
+        if self.dataset != SYNTHETIC:
+            parse_dataset_spec(self.dataset, random_access=True)  # a malformed spec fails with the recipe
+            # Paths resolve against the working directory and are kept absolute in the saved recipe, so
+            # export and resume work from any directory.
+            self.dataset = resolve_spec_paths(self.dataset, base_dir=None)
 
 
 class TokenizerImageDataset(torch.utils.data.Dataset):
-    """Items ``{"pixel_values": (C, H, W), "labels": int}`` from a sample-schema dataset (image = segment 0)."""
+    """Items ``{"pixel_values": (C, H, W), "labels": int}`` from a sample-schema dataset (its first image).
+
+    Images of any mode and size: EXIF orientation and high bit depths are handled as the loaders check
+    them (``open_image``), then the processor converts to RGB (alpha over white) and resizes."""
 
     def __init__(self, dataset: Any, processor: DualCodebookImageProcessor) -> None:
         self.dataset = dataset
         self.processor = processor
-        self.has_labels = "label" in dataset.column_names
+        self.has_labels = LABEL_COLUMN in dataset.column_names
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -82,8 +94,8 @@ class TokenizerImageDataset(torch.utils.data.Dataset):
         images = [segment["image"] for segment in row["segments"] if segment["image"] is not None]
         if not images:
             raise ValueError(f"dataset row {index} has no image segment")
-        pixel_values = self.processor(images[0], return_tensors="pt").pixel_values[0]
-        label = int(row["label"]) if self.has_labels else -1
+        pixel_values = self.processor(open_image(images[0]), return_tensors="pt").pixel_values[0]
+        label = int(row[LABEL_COLUMN]) if self.has_labels and row[LABEL_COLUMN] is not None else -1
         return {"pixel_values": pixel_values, "labels": torch.tensor(label)}
 
 
@@ -110,24 +122,59 @@ class SyntheticShapesDataset(torch.utils.data.Dataset):
         return {"pixel_values": self.images[index], "labels": self.labels[index]}
 
 
-def _take(dataset: Any, limit: int | None) -> Any:
-    return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset
-
-
 def load_image_datasets(
     args: TokenizerStageArguments, processor: DualCodebookImageProcessor, num_channels: int = 3
-) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
-    """``(train, test)`` image datasets for the stage's ``dataset`` choice."""
-    if args.dataset == "synthetic":
+) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None]:
+    """``(train, eval)`` image datasets for the stage's ``dataset`` spec (see ``load_image_splits`` for
+    the eval split held out when the spec names none)."""
+    if args.dataset == SYNTHETIC:
         return (
             SyntheticShapesDataset(args.num_synthetic_samples, args.image_size, num_channels, seed=0),
             SyntheticShapesDataset(args.num_synthetic_samples, args.image_size, num_channels, seed=1),
         )
-    splits = load_demo_dataset(args.dataset, args.image_size, cache_dir=args.cache_dir)
-    return (
-        TokenizerImageDataset(_take(splits["train"], args.max_train_samples), processor),
-        TokenizerImageDataset(_take(splits["test"], args.max_eval_samples), processor),
+    train, held_out = load_image_splits(
+        args.dataset,
+        image_size=args.image_size,
+        cache_dir=args.cache_dir,
+        max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
     )
+    return (
+        TokenizerImageDataset(train, processor),
+        None if held_out is None else TokenizerImageDataset(held_out, processor),
+    )
+
+
+def labelled_subset(dataset: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
+    """The rows of ``dataset`` with a class label (>= 0: the demo mixture marks its unlabelled rows -1)."""
+    if isinstance(dataset, SyntheticShapesDataset):
+        return dataset
+    rows = dataset.dataset.filter(
+        lambda label: label is not None and label >= 0, input_columns=LABEL_COLUMN, keep_in_memory=True
+    )
+    return TokenizerImageDataset(rows, dataset.processor)
+
+
+def require_labels(dataset: torch.utils.data.Dataset, epochs: float) -> None:
+    """Teacher pre-training is classification: fail before any training when there is nothing to classify."""
+    if isinstance(dataset, SyntheticShapesDataset) or dataset.has_labels:
+        return
+    raise ValueError(
+        f"pretrain_teacher_epochs={epochs} trains the teacher as a classifier and needs a "
+        f"{LABEL_COLUMN!r} column of class ids, but the dataset has the columns "
+        f"{dataset.dataset.column_names}: give an existing teacher_name_or_path, or set "
+        "pretrain_teacher_epochs: 0"
+    )
+
+
+def num_labels(dataset: torch.utils.data.Dataset) -> int:
+    """The number of classes of a labelled dataset: its ``ClassLabel``'s, else the largest label + 1."""
+    if isinstance(dataset, SyntheticShapesDataset):
+        return int(dataset.labels.max()) + 1
+    feature = dataset.dataset.features[LABEL_COLUMN]
+    if isinstance(feature, datasets.ClassLabel):
+        return feature.num_classes
+    return max(dataset.dataset[LABEL_COLUMN]) + 1
 
 
 class TokenizerStage(TrainingStage):
@@ -140,6 +187,7 @@ class TokenizerStage(TrainingStage):
         super().__init__(stage_args)
         self.config = self._build_config()
         self.processor = DualCodebookImageProcessor.from_tokenizer_config(self.config)
+        self.train_dataset: torch.utils.data.Dataset | None = None
         self.eval_dataset: torch.utils.data.Dataset | None = None
 
     def _build_config(self) -> DualCodebookConfig:
@@ -167,7 +215,7 @@ class TokenizerStage(TrainingStage):
 
     def build_model(self) -> nn.Module:
         teacher_path = self.args.teacher_name_or_path
-        if teacher_path and self.args.pretrain_teacher_epochs > 0 and not Path(teacher_path).exists():
+        if self._will_pretrain_teacher():
             self._pretrain_teacher(Path(teacher_path))
         try:
             return DualCodebookTokenizer(self.config)
@@ -178,24 +226,27 @@ class TokenizerStage(TrainingStage):
                 "pretrain-teacher`, or give a Hub id"
             ) from error
 
+    def _will_pretrain_teacher(self) -> bool:
+        teacher_path = self.args.teacher_name_or_path
+        return (
+            bool(teacher_path) and self.args.pretrain_teacher_epochs > 0 and not Path(teacher_path).exists()
+        )
+
     def _pretrain_teacher(self, output_dir: Path) -> None:
         if self.builtin_teacher_config is None:
             raise ValueError("pretrain_teacher_epochs needs a named config with a built-in teacher_config")
-        if self.eval_dataset is None:
+        if self.train_dataset is None:
             self.build_datasets()
-        train_dataset, eval_dataset = self.train_dataset, self.eval_dataset
-        if self.args.dataset == "demo":  # only the Fashion-MNIST part has class labels
-            fashion_args = dataclasses.replace(self.args, dataset="fashion_mnist")
-            train_dataset, eval_dataset = load_image_datasets(
-                fashion_args, self.processor, self.config.num_channels
-            )
+        train_dataset = labelled_subset(self.train_dataset)
+        # Without an eval split the classifier's accuracy is measured on its training rows.
+        eval_dataset = labelled_subset(self.eval_dataset) if self.eval_dataset is not None else train_dataset
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if not distributed or torch.distributed.get_rank() == 0:
             pretrain_teacher_classifier(
                 self.builtin_teacher_config,
                 train_dataset,
                 eval_dataset,
-                num_labels=int(max(int(item["labels"]) for item in eval_dataset)) + 1,
+                num_labels=num_labels(train_dataset),
                 output_dir=output_dir,
                 epochs=self.args.pretrain_teacher_epochs,
                 log_path=output_dir / "log.jsonl",
@@ -207,6 +258,8 @@ class TokenizerStage(TrainingStage):
         self.train_dataset, self.eval_dataset = load_image_datasets(
             self.args, self.processor, self.config.num_channels
         )
+        if self._will_pretrain_teacher():
+            require_labels(self.train_dataset, self.args.pretrain_teacher_epochs)
         return self.train_dataset, self.eval_dataset
 
     def compute_loss(
