@@ -427,7 +427,9 @@ class LlmStage(TrainingStage):
         source = self.args.model_name_or_path
         if source is not None and (Path(source) / PROCESSOR_CONFIG).is_file():
             UniMMProcessor.from_pretrained(source).save_pretrained(output_dir)
-        elif source is not None and (self.args.gguf_file or (Path(source) / "tokenizer_config.json").is_file()):
+        elif source is not None and (
+            self.args.gguf_file or (Path(source) / "tokenizer_config.json").is_file()
+        ):
             gguf = {"gguf_file": self.args.gguf_file} if self.args.gguf_file else {}
             AutoTokenizer.from_pretrained(source, **gguf).save_pretrained(output_dir)
 
