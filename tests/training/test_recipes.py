@@ -6,18 +6,45 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from unimm.training.arguments import TrainingArguments, load_recipe
 from unimm.training.deepspeed_config import fill_deepspeed_config, load_deepspeed_config
 
 REPOSITORY = Path(__file__).resolve().parents[2]
-# Stage recipes; recipes/demo/llm_data.yaml configures the demo's data step (tests/training/test_demo_model.py).
-RECIPES = sorted(
-    path
-    for path in (REPOSITORY / "recipes").rglob("*.yaml")
-    if "accelerate" not in path.parts and path.name != "llm_data.yaml"
+YAML_FILES = sorted((REPOSITORY / "recipes").rglob("*.yaml"))
+# What each kind of recipe holds, by a key only it has; recipes/demo|smollm2/llm_data.yaml configure the demo
+# driver's data step (tests/training/test_demo_model.py), accelerate/ holds accelerate's own configs.
+RECIPES = sorted(path for path in YAML_FILES if "stage" in yaml.safe_load(path.read_text()))
+BUILD_RECIPES = sorted(path for path in YAML_FILES if "steps" in yaml.safe_load(path.read_text()))
+PREPARE_RECIPES = sorted(
+    path for path in YAML_FILES if "visual_tokenizer" in yaml.safe_load(path.read_text())
 )
+OTHER_YAML = sorted(path for path in YAML_FILES if "accelerate" in path.parts or path.name == "llm_data.yaml")
 DEEPSPEED_CONFIGS = sorted((REPOSITORY / "recipes" / "deepspeed").glob("*.json"))
+
+
+def test_every_yaml_file_is_a_recipe_of_a_known_kind():
+    kinds = (RECIPES, BUILD_RECIPES, PREPARE_RECIPES, OTHER_YAML)
+    assert sorted(path for kind in kinds for path in kind) == YAML_FILES
+
+
+@pytest.mark.parametrize(
+    "path", PREPARE_RECIPES, ids=lambda path: str(path.relative_to(REPOSITORY / "recipes"))
+)
+def test_prepare_recipe_is_valid(path):
+    from unimm.training.prepare import PrepareArguments, load_prepare_recipe
+
+    assert isinstance(load_prepare_recipe(path), PrepareArguments)
+
+
+@pytest.mark.parametrize(
+    "path", BUILD_RECIPES, ids=lambda path: str(path.relative_to(REPOSITORY / "recipes"))
+)
+def test_build_recipe_is_valid(path):
+    from unimm.training.build import load_build_recipe
+
+    assert load_build_recipe(path).steps
 
 
 def test_recipes_are_found():

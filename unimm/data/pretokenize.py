@@ -181,14 +181,14 @@ class _ShardJob:
     def _write(self, rows: list[dict]) -> None:
         tally_path = self.path.with_name(self.path.name + BAD_RECORDS_SUFFIX)
         tally = {"counts": dict(self.bad_records.counts), "examples": self.bad_records.examples}
-        _atomic_write(tally_path, lambda path: path.write_text(json.dumps(tally)))
+        atomic_write(tally_path, lambda path: path.write_text(json.dumps(tally)))
         # The table's schema carries the ``datasets`` features, so the shard loads with the same columns.
         # ``from_list([])`` would give a table without columns, which ``datasets`` refuses to load.
         columns = rows or {name: [] for name in self.dataset.features}
         build = datasets.Dataset.from_list if rows else datasets.Dataset.from_dict
         table = build(columns, features=self.dataset.features).data.table
         # The shard file is renamed into place last: its existence means the shard is done.
-        _atomic_write(self.path, lambda path: pyarrow.parquet.write_table(table, path))
+        atomic_write(self.path, lambda path: pyarrow.parquet.write_table(table, path))
 
 
 def _decode(segment: dict[str, Any], segment_index: int):
@@ -245,7 +245,7 @@ def _check_manifest(output_dir: Path, num_rows: int, rows_per_shard: int) -> Non
             )
         return
     output_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(manifest)))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(manifest)))
 
 
 def _remove_partial_files(output_dir: Path) -> None:
@@ -273,7 +273,8 @@ def _shard_path(output_dir: Path, index: int, count: int) -> Path:
     return output_dir / SHARD_PATTERN.format(index=index, count=count)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(temporary path)``, then the file renamed into place: readers see it whole or not at all."""
     temporary = path.with_name(f".{path.name}{TEMPORARY_MARK}{os.getpid()}")
     write(temporary)
     os.replace(temporary, path)

@@ -44,7 +44,8 @@ from unimm.data.demo_datasets import (
     load_emoji,
     load_fashion_mnist,
 )
-from unimm.data.schema import IMAGE, TEXT, drop_text
+from unimm.data.schema import IMAGE, drop_text
+from unimm.data.templates import DEFAULT_QUESTIONS, generation_sample, understanding_sample
 from unimm.data.text_replay import (
     generate_text_replay,
     load_text_replay,
@@ -72,14 +73,6 @@ STEPS = ("tokenizer", "llm_data", "detokenizer", "llm", "assemble", "eval")
 TRAINING_DATA = (
     "Fashion-MNIST (60,000 train images; Debian dataset-fashion-mnist) with templated captions",
     "Noto Color Emoji (1,696 train glyphs; Debian fonts-noto-color-emoji) captioned with their names",
-)
-DEFAULT_QUESTIONS = (
-    "What is this?",
-    "What is in the picture?",
-    "What do you see?",
-    "What is shown in this image?",
-    "Describe the image.",
-    "Name the object in this picture.",
 )
 
 
@@ -200,22 +193,6 @@ class SequenceBuilder:
             + (image_ids if trained else [IGNORE_INDEX] * self.image_length)
             + labels[end:],
         }
-
-
-def generation_sample(prompt: str) -> dict:
-    return {
-        "segments": [{"type": TEXT, "role": "user", "text": prompt}, {"type": IMAGE, "role": "assistant"}]
-    }
-
-
-def understanding_sample(question: str, answer: str) -> dict:
-    return {
-        "segments": [
-            {"type": IMAGE, "role": "user"},
-            {"type": TEXT, "role": "user", "text": question},
-            {"type": TEXT, "role": "assistant", "text": answer},
-        ]
-    }
 
 
 def build_llm_data(args: DemoLlmDataArguments) -> None:
