@@ -1,6 +1,10 @@
-"""Evaluation metrics: PSNR/SSIM, codebook usage and perplexity, bits per image, linear probes; the
-Fashion-MNIST judge and the quality report of `unimm eval`."""
+"""Evaluation: metrics (PSNR/SSIM, codebook usage and perplexity, bits per image, linear probes), answer
+scoring, prompt judges, feature spaces for Fréchet distances, and the evaluation tasks of ``unimm eval``
+(understanding, reconstruction, prompt following, Fréchet distance, and the demo report)."""
 
+from .answers import contains_match, exact_match, normalize_answer, score_answer, token_f1
+from .demo_task import DemoTask
+from .feature_spaces import FeatureSpace, load_feature_space
 from .judge import FashionMNISTJudge, load_judge
 from .metrics import (
     bits_per_image,
@@ -11,19 +15,48 @@ from .metrics import (
     psnr,
     ssim,
 )
+from .prompt_judges import PromptJudge, load_prompt_judge
 from .report import EvaluationReport, answer_to_class, evaluate_pipeline
+from .task_base import EvalTask, TaskContext, TaskResult
+from .task_data import load_task_data, vocabulary_warning
+from .task_runner import EvaluationRun, build_task, load_task_file, run_tasks
+from .tasks import TASKS, FrechetTask, PromptFollowingTask, ReconstructionTask, UnderstandingTask
 
 __all__ = [
+    "TASKS",
+    "DemoTask",
+    "EvalTask",
     "EvaluationReport",
+    "EvaluationRun",
     "FashionMNISTJudge",
+    "FeatureSpace",
+    "FrechetTask",
+    "PromptFollowingTask",
+    "PromptJudge",
+    "ReconstructionTask",
+    "TaskContext",
+    "TaskResult",
+    "UnderstandingTask",
     "answer_to_class",
     "bits_per_image",
+    "build_task",
     "codebook_counts",
     "codebook_perplexity",
     "codebook_usage",
+    "contains_match",
     "evaluate_pipeline",
+    "exact_match",
     "linear_probe_accuracy",
+    "load_feature_space",
     "load_judge",
+    "load_prompt_judge",
+    "load_task_data",
+    "load_task_file",
+    "normalize_answer",
     "psnr",
+    "run_tasks",
+    "score_answer",
     "ssim",
+    "token_f1",
+    "vocabulary_warning",
 ]

@@ -124,6 +124,8 @@ class EvaluationReport:
     emoji_reference_total: int
     emoji_real_total: int
     understanding_examples: list[dict[str, Any]] = field(default_factory=list)
+    # Unknown words, data the checkpoint did not train on (see DemoTask): read before the figures.
+    warnings: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
     timings_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -306,6 +308,7 @@ def evaluate_pipeline(
     batch_size: int = 250,
     judge: FashionMNISTJudge | None = None,
     checkpoint_name: str | None = None,
+    warnings: Sequence[str] = (),
 ) -> EvaluationReport:
     """Evaluate ``pipeline`` on the demo data and write ``report.md``, ``report.json`` and PNG grids.
 
@@ -320,6 +323,7 @@ def evaluate_pipeline(
         guidance_scale, num_inference_steps: of generation (the LM's guidance; the diffusion decoder's steps).
         batch_size: images or conversations per pipeline call.
         judge: the Fashion-MNIST judge (default: the packaged one).
+        warnings: shown at the top of ``report.md`` (``DemoTask`` checks vocabulary and training data).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -439,6 +443,7 @@ def evaluate_pipeline(
         emoji_reference_total=reference_count if emoji_generated else 0,
         emoji_real_total=len(emoji_test_images),
         understanding_examples=listed,
+        warnings=list(warnings),
         files=files,
         timings_seconds=timings,
     )
@@ -500,6 +505,12 @@ def render_markdown(report: EvaluationReport) -> str:
         f"Seed {report.seed}; generated images decoded with the {report.decoder} decoder, "
         f"language-model guidance {report.guidance_scale:g}.",
         "",
+    ]
+    if report.warnings:
+        lines += ["**Read the warnings before the figures:**", ""]
+        lines += [f"- {warning}" for warning in report.warnings]
+        lines.append("")
+    lines += [
         "| metric | value | images | target |",
         "|---|---|---|---|",
         f'| understanding accuracy ("{QUESTION}", Fashion-MNIST test) | {_percent(report.understanding_accuracy)} '
