@@ -19,8 +19,8 @@ A build recipe (YAML) names a working folder and its steps, in order::
         ...
         group: train
 
-Each step runs as its own process (``python -m unimm.cli COMMAND [RECIPE] ARGS``, or ``python -m MODULE
-ARGS`` with ``module:``), its output goes to ``${work_dir}/logs/NAME.log``, and ``${work_dir}/build.json``
+Each step runs as its own process (``python -m unimm.cli COMMAND [RECIPE] ARGS``, ``python -m MODULE ARGS``
+with ``module:``, or ``python SCRIPT ARGS`` with ``script:``, a file next to the recipe), its output goes to ``${work_dir}/logs/NAME.log``, and ``${work_dir}/build.json``
 records what ran, how long it took and how it ended. Every unimm step writes its output atomically, so an
 existing ``output`` means a finished step: a rerun resumes at the first unfinished one (and the training
 steps themselves resume from their last checkpoint). ``${work_dir}`` and ``${recipe_dir}`` are replaced in
@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -47,7 +48,19 @@ logger = logging.getLogger(__name__)
 
 STATUS_FILE = "build.json"
 LOG_FOLDER = "logs"
-STEP_KEYS = ("name", "command", "module", "recipe", "args", "output", "launcher", "group", "threads")
+STEP_KEYS = (
+    "name",
+    "command",
+    "module",
+    "script",
+    "recipe",
+    "args",
+    "output",
+    "launcher",
+    "group",
+    "threads",
+)
+RUNNERS = ("command", "module", "script")  # what a step runs: exactly one of them
 RECIPE_KEYS = ("work_dir", "steps")
 
 
@@ -63,6 +76,7 @@ class BuildStep:
     output: str
     command: str | None = None
     module: str | None = None
+    script: str | None = None  # a Python file, relative to the build recipe's folder
     recipe: str | None = None
     args: list[str] = field(default_factory=list)
     launcher: list[str] = field(default_factory=list)
@@ -71,11 +85,23 @@ class BuildStep:
 
     def argv(self) -> list[str]:
         """The step's command line."""
-        target = ["-m", "unimm.cli", self.command] if self.command else ["-m", self.module]
+        if self.command:
+            target = ["-m", "unimm.cli", self.command]
+        else:
+            target = ["-m", self.module] if self.module else [self.script]
         # A launcher (torchrun, deepspeed) starts Python itself and takes the module after `-m`.
-        program = list(self.launcher) if self.launcher else [sys.executable]
+        program = [_executable(self.launcher[0]), *self.launcher[1:]] if self.launcher else [sys.executable]
         recipe = [self.recipe] if self.recipe else []
         return [*program, *target, *recipe, *self.args]
+
+
+def _executable(name: str) -> str:
+    """``name`` on the PATH, else next to this Python (a virtual environment's ``torchrun`` is there even
+    when the environment is not activated)."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        raise BuildError(f"launcher {name!r} not found on the PATH nor next to {sys.executable}")
+    return found
 
 
 @dataclass
@@ -114,7 +140,8 @@ def load_build_recipe(path: str | os.PathLike, work_dir: str | None = None) -> B
     work = _substitute(str(work), {"recipe_dir": recipe_dir})
     variables = {"work_dir": work, "recipe_dir": recipe_dir}
     steps = [
-        _parse_step(step, index, variables, path.parent, source) for index, step in enumerate(values["steps"])
+        _parse_step(step, index, variables, path.parent.resolve(), source)
+        for index, step in enumerate(values["steps"])
     ]
     names = [step.name for step in steps]
     if len(set(names)) != len(names):
@@ -134,17 +161,22 @@ def _parse_step(
     for key in ("name", "output"):
         if not isinstance(values.get(key), str) or not values[key]:
             raise BuildError(f"{where}: `{key}` is required (a string)")
-    if (values.get("command") is None) == (values.get("module") is None):
-        raise BuildError(f"{where} ({values['name']}): give exactly one of `command` (unimm) and `module`")
+    if sum(values.get(key) is not None for key in RUNNERS) != 1:
+        raise BuildError(
+            f"{where} ({values['name']}): give exactly one of `command` (unimm), `module`, `script`"
+        )
     for key in ("args", "launcher"):
         if not isinstance(values.get(key, []), list):
             raise BuildError(f"{where} ({values['name']}): `{key}` must be a list of strings")
     step = BuildStep(**{key: _substitute(value, variables) for key, value in values.items()})
-    if step.recipe is not None:
-        recipe = Path(step.recipe)
-        step.recipe = str(recipe if recipe.is_absolute() else recipe_dir / recipe)
-        if not Path(step.recipe).is_file():
-            raise BuildError(f"{where} ({step.name}): recipe {step.recipe} does not exist")
+    for key in ("recipe", "script"):  # files of the build, next to its recipe
+        value = getattr(step, key)
+        if value is None:
+            continue
+        path = Path(value) if Path(value).is_absolute() else recipe_dir / value
+        if not path.is_file():
+            raise BuildError(f"{where} ({step.name}): {key} {path} does not exist")
+        setattr(step, key, str(path))
     return step
 
 
