@@ -8,11 +8,11 @@ from unimm.evaluation.text_questions import (
     TextQuestion,
     evaluate_text_questions,
     first_sentence,
-    greedy_chat_replies,
     is_correct,
     judge_replies,
     load_text_questions,
 )
+from unimm.llm.text_chat import greedy_chat_replies
 
 NUMBER_OF_QUESTIONS = 20
 

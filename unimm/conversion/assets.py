@@ -24,7 +24,7 @@ from unimm.conversion.onnx_dinov2 import (
     max_abs_difference_vs_onnxruntime,
 )
 from unimm.conversion.packages import DINOV2_SMALL, SMOLLM2_135M_INSTRUCT, default_models_dir, packaged_file
-from unimm.evaluation.text_questions import greedy_chat_replies
+from unimm.llm.text_chat import greedy_chat_replies
 
 logger = logging.getLogger(__name__)
 

@@ -104,7 +104,7 @@ def generate_text_replay(
 ) -> list[dict[str, str]]:
     """``[{"question", "answer"}]``: the model's greedy chat reply to each question. Replies that do not end
     within ``max_new_tokens`` are left out: trained on, a cut reply would teach the model to stop mid-sentence."""
-    from unimm.evaluation.text_questions import chat_replies
+    from unimm.llm.text_chat import chat_replies  # a model is only needed here
 
     replies = chat_replies(model, tokenizer, list(questions), max_new_tokens, batch_size, progress=True)
     chats = [
