@@ -35,6 +35,7 @@ from unimm.tokenizer import DualCodebookImageProcessor, DualCodebookTokenizer
 from unimm.training.stages.tokenizer import (
     TokenizerStage,
     TokenizerStageArguments,
+    TokenizerTrainingModel,
     collect_codes,
     pretrain_teacher_classifier,
     save_reconstruction_grid,
@@ -81,7 +82,10 @@ def train(args: argparse.Namespace) -> None:
     )
     train_set, eval_set = stage.build_datasets()
     if (checkpoint_dir / "model.safetensors").exists():
-        model = DualCodebookTokenizer.from_pretrained(checkpoint_dir)
+        # The checkpoint is the exported tokenizer: the loss has no state without a discriminator.
+        model = TokenizerTrainingModel(
+            DualCodebookTokenizer.from_pretrained(checkpoint_dir), stage.build_loss()
+        )
         state = torch.load(checkpoint_dir / "trainer_state.pt", weights_only=False)
         logger.info("resuming from step %d", state["step"])
     else:

@@ -1,4 +1,4 @@
-"""The dual-codebook visual tokenizer (shared indices, semantic + pixel codebooks).
+"""The dual-codebook visual tokenizer (shared indices, semantic + pixel codebooks), and its training loss.
 
 Importing this package registers `DualCodebookConfig`, `DualCodebookTokenizer` and
 `DualCodebookImageProcessor` with `AutoConfig`, `AutoModel` and `AutoImageProcessor`.
@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from .configuration_dual_codebook import DualCodebookConfig
 from .image_processing_dual_codebook import DualCodebookImageProcessor
+from .losses import DualCodebookLoss, DualCodebookLossOutput
 from .modeling_dual_codebook import (
     DualCodebookEmbeddingOutput,
     DualCodebookPreTrainedModel,
@@ -25,6 +26,8 @@ __all__ = [
     "DualCodebookConfig",
     "DualCodebookEmbeddingOutput",
     "DualCodebookImageProcessor",
+    "DualCodebookLoss",
+    "DualCodebookLossOutput",
     "DualCodebookPreTrainedModel",
     "DualCodebookTokenizer",
     "DualCodebookTokenizerOutput",

@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 from transformers import PretrainedConfig
 
-RECONSTRUCTION_LOSSES = ("l1", "l2")
+logger = logging.getLogger(__name__)
+
 CODEBOOK_UPDATES = ("gradient", "ema")
 TEACHER_AUTOCAST_DTYPES = (None, "bfloat16", "float16")
+
+# Loss settings that configs written before the loss left the model still carry; they are now arguments of
+# `unimm.tokenizer.losses.DualCodebookLoss` (the `tokenizer` training stage's fields) and are dropped here.
+TRAINING_ONLY_KEYS = (
+    "reconstruction_loss",
+    "reconstruction_weight",
+    "perceptual_weight",
+    "codebook_weight",
+    "commitment_weight",
+    "semantic_weight",
+    "adversarial_weight",
+    "adversarial_start_step",
+    "discriminator_channels",
+    "discriminator_layers",
+)
 
 # The built-in semantic teacher when no pretrained one is given: a small ViT whose patch equals the
 # tokenizer's downsampling factor, so its patch grid is the token grid (sizes scaled per config).
@@ -62,10 +79,9 @@ class DualCodebookConfig(PretrainedConfig):
         dead_code_threshold (`float`): entries whose EMA usage (hits per batch) falls below this fraction
             of the average entry's are restarted from random encoder outputs of the current batch.
         dead_code_restart_interval (`int`): training forwards between restarts (0 disables).
-        reconstruction_loss (`str`): `"l1"` or `"l2"`.
-        *_weight (`float`): loss weights; `commitment_weight` is beta of VQ-VAE.
-        adversarial_start_step (`int`): PatchGAN losses switch on at this training step.
-        discriminator_channels, discriminator_layers (`int`): the PatchGAN discriminator's size.
+
+    Loss weights and the PatchGAN discriminator are training settings, not architecture: see
+    `unimm.tokenizer.losses.DualCodebookLoss`. Their keys in older config.json files are ignored.
     """
 
     model_type = "unimm_dual_codebook"
@@ -99,18 +115,13 @@ class DualCodebookConfig(PretrainedConfig):
         ema_decay: float = 0.99,
         dead_code_threshold: float = 0.1,
         dead_code_restart_interval: int = 50,
-        reconstruction_loss: str = "l1",
-        reconstruction_weight: float = 1.0,
-        perceptual_weight: float = 0.1,
-        codebook_weight: float = 1.0,
-        commitment_weight: float = 0.25,
-        semantic_weight: float = 1.0,
-        adversarial_weight: float = 0.0,
-        adversarial_start_step: int = 0,
-        discriminator_channels: int = 32,
-        discriminator_layers: int = 2,
         **kwargs: Any,
     ) -> None:
+        dropped = [key for key in TRAINING_ONLY_KEYS if kwargs.pop(key, None) is not None]
+        if dropped:
+            logger.info(
+                "DualCodebookConfig: ignoring the training-only keys %s (DualCodebookLoss's now)", dropped
+            )
         self.codebook_size = codebook_size
         self.semantic_code_dim = semantic_code_dim
         self.pixel_code_dim = pixel_code_dim
@@ -150,16 +161,6 @@ class DualCodebookConfig(PretrainedConfig):
         self.ema_decay = ema_decay
         self.dead_code_threshold = dead_code_threshold
         self.dead_code_restart_interval = dead_code_restart_interval
-        self.reconstruction_loss = reconstruction_loss
-        self.reconstruction_weight = reconstruction_weight
-        self.perceptual_weight = perceptual_weight
-        self.codebook_weight = codebook_weight
-        self.commitment_weight = commitment_weight
-        self.semantic_weight = semantic_weight
-        self.adversarial_weight = adversarial_weight
-        self.adversarial_start_step = adversarial_start_step
-        self.discriminator_channels = discriminator_channels
-        self.discriminator_layers = discriminator_layers
         super().__init__(**kwargs)
         self._validate()
 
@@ -192,8 +193,6 @@ class DualCodebookConfig(PretrainedConfig):
             fail("image_mean", f"image_mean and image_std with num_channels={self.num_channels} values")
         if self.teacher_autocast_dtype not in TEACHER_AUTOCAST_DTYPES:
             fail("teacher_autocast_dtype", f"one of {TEACHER_AUTOCAST_DTYPES}")
-        if self.reconstruction_loss not in RECONSTRUCTION_LOSSES:
-            fail("reconstruction_loss", f"one of {RECONSTRUCTION_LOSSES}")
         if self.codebook_update not in CODEBOOK_UPDATES:
             fail("codebook_update", f"one of {CODEBOOK_UPDATES}")
         if not 0.0 < self.ema_decay < 1.0:
@@ -252,7 +251,6 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
         "norm_num_groups": 4,
         "semantic_hidden_size": 32,
         "teacher_config": _TINY_TEACHER,
-        "discriminator_channels": 8,
     },
     "demo": {
         "codebook_size": 1024,
@@ -281,10 +279,6 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
         "teacher_config": None,
         "teacher_image_mean": [0.485, 0.456, 0.406],
         "teacher_image_std": [0.229, 0.224, 0.225],
-        "adversarial_weight": 0.1,
-        "adversarial_start_step": 20000,
-        "discriminator_channels": 64,
-        "discriminator_layers": 3,
     },
 }
 

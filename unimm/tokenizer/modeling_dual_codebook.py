@@ -48,19 +48,20 @@ class DualCodebookEmbeddingOutput(ModelOutput):
 
 @dataclass
 class DualCodebookTokenizerOutput(ModelOutput):
-    """Output of [`DualCodebookTokenizer.forward`]: the weighted total `loss` and each named term."""
+    """Output of [`DualCodebookTokenizer.forward`]: everything a training loss reads, unweighted
+    (`unimm.tokenizer.losses.DualCodebookLoss` weighs the terms and owns the GAN)."""
 
-    loss: torch.FloatTensor | None = None
-    reconstruction_loss: torch.FloatTensor | None = None
-    perceptual_loss: torch.FloatTensor | None = None
-    codebook_loss: torch.FloatTensor | None = None
-    commitment_loss: torch.FloatTensor | None = None
-    semantic_loss: torch.FloatTensor | None = None
-    generator_loss: torch.FloatTensor | None = None
-    discriminator_loss: torch.FloatTensor | None = None
     image_token_ids: torch.LongTensor | None = None  # (B, h, w)
     reconstruction: torch.FloatTensor | None = None  # (B, C, H, W), normalised range
-    codebook_usage: torch.FloatTensor | None = None
+    semantic_embeddings: torch.FloatTensor | None = None  # (B, h, w, Ds), straight-through
+    pixel_embeddings: torch.FloatTensor | None = None  # (B, h, w, Dp), straight-through
+    semantic_prediction: torch.FloatTensor | None = None  # (B, h, w, Dt), the semantic decoder's
+    teacher_features: torch.FloatTensor | None = None  # (B, h, w, Dt), the configured teacher layer
+    # Every teacher layer on the grid, embeddings excluded, configured layer last: each (B, h, w, Dt).
+    teacher_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    codebook_loss: torch.FloatTensor | None = None  # VQ-VAE's terms, from the quantizer's own tensors
+    commitment_loss: torch.FloatTensor | None = None
+    codebook_usage: torch.FloatTensor | None = None  # fraction of the K entries hit in this batch
     perplexity: torch.FloatTensor | None = None
 
 
@@ -144,30 +145,6 @@ class DualCodebookSemanticDecoder(nn.Module):
 
     def forward(self, semantic_maps: torch.Tensor) -> torch.Tensor:
         return self.conv_out(F.silu(self.block(self.conv_in(semantic_maps))))
-
-
-class DualCodebookDiscriminator(nn.Module):
-    """PatchGAN discriminator: one real/fake logit per receptive-field patch."""
-
-    def __init__(self, config: DualCodebookConfig) -> None:
-        super().__init__()
-        width = config.discriminator_channels
-        layers: list[nn.Module] = [
-            nn.Conv2d(config.num_channels, width, 4, stride=2, padding=1),
-            nn.LeakyReLU(0.2),
-        ]
-        for _ in range(config.discriminator_layers - 1):
-            layers += [
-                nn.Conv2d(width, width * 2, 4, stride=2, padding=1),
-                nn.GroupNorm(min(config.norm_num_groups, width * 2), width * 2),
-                nn.LeakyReLU(0.2),
-            ]
-            width *= 2
-        layers.append(nn.Conv2d(width, 1, 3, padding=1))
-        self.layers = nn.Sequential(*layers)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.layers(pixel_values)
 
 
 def shared_index_distances(
@@ -333,6 +310,8 @@ class DualCodebookPreTrainedModel(PreTrainedModel):
     base_model_prefix = "dual_codebook"
     main_input_name = "pixel_values"
     _no_split_modules = ["DualCodebookResnetBlock"]
+    # Checkpoints from before the loss left the model may hold the PatchGAN discriminator's weights.
+    _keys_to_ignore_on_load_unexpected = [r"^discriminator\."]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -388,7 +367,6 @@ class DualCodebookTokenizer(DualCodebookPreTrainedModel):
         self.quantizer = DualCodebookQuantizer(config)
         self.pixel_decoder = DualCodebookPixelDecoder(config)
         self.semantic_decoder = DualCodebookSemanticDecoder(config, self.teacher_hidden_size)
-        self.discriminator = DualCodebookDiscriminator(config) if config.adversarial_weight > 0 else None
         self.post_init()
 
     def train(self, mode: bool = True) -> DualCodebookTokenizer:
@@ -570,65 +548,37 @@ class DualCodebookTokenizer(DualCodebookPreTrainedModel):
         return (0.0 - mean) / std, (1.0 - mean) / std
 
     def forward(
-        self, pixel_values: torch.Tensor, step: int | None = None, return_dict: bool | None = None
+        self,
+        pixel_values: torch.Tensor,
+        output_teacher_hidden_states: bool = False,
+        return_dict: bool | None = None,
     ) -> DualCodebookTokenizerOutput | tuple:
-        """Encode, quantise, decode and compute every loss. ``step`` (the training step) switches the
-        adversarial terms on at ``config.adversarial_start_step``."""
+        """Encode, quantise and decode normalised images (B, C, H, W), returning what a loss reads
+        (`DualCodebookLoss`): the reconstruction, the quantizer's terms, the semantic decoder's prediction
+        and the teacher's features. ``output_teacher_hidden_states`` adds every teacher layer (for the
+        perceptual loss)."""
         self._check_pixel_values(pixel_values)
-        config = self.config
         semantic_codes, pixel_codes, teacher_layers = self._codes(
-            pixel_values, all_layers=config.perceptual_weight > 0
+            pixel_values, all_layers=output_teacher_hidden_states
         )
         quantized = self.quantizer(semantic_codes, pixel_codes)
         reconstruction = self._decode_embeddings(quantized.semantic_embeddings, quantized.pixel_embeddings)
         semantic_maps = quantized.semantic_embeddings.permute(0, 3, 1, 2)  # (B, Ds, h, w)
         semantic_prediction = self.semantic_decoder(semantic_maps).permute(0, 2, 3, 1)  # (B, h, w, Dt)
-        terms = {
-            "reconstruction_loss": losses.reconstruction_loss(
-                reconstruction, pixel_values, config.reconstruction_loss
-            ),
-            "codebook_loss": quantized.codebook_loss,
-            "commitment_loss": quantized.commitment_loss,
-            "semantic_loss": losses.cosine_distillation_loss(semantic_prediction, teacher_layers[-1]),
-        }
-        weights = {
-            "reconstruction_loss": config.reconstruction_weight,
-            "codebook_loss": config.codebook_weight,
-            "commitment_loss": config.commitment_weight,
-            "semantic_loss": config.semantic_weight,
-        }
-        if config.perceptual_weight > 0:
-            grid = tuple(semantic_codes.shape[1:3])
-            reconstruction_layers = self.teacher_features(reconstruction, grid, all_layers=True)
-            terms["perceptual_loss"] = losses.perceptual_loss(reconstruction_layers, teacher_layers)
-            weights["perceptual_loss"] = config.perceptual_weight
-        if self.discriminator is not None and step is not None and step >= config.adversarial_start_step:
-            terms.update(self._adversarial_losses(pixel_values, reconstruction))
-            weights.update({"generator_loss": config.adversarial_weight, "discriminator_loss": 1.0})
-        loss = sum(weights[name] * value for name, value in terms.items())
         output = DualCodebookTokenizerOutput(
-            loss=loss,
-            **terms,
             image_token_ids=quantized.image_token_ids,
             reconstruction=reconstruction,
+            semantic_embeddings=quantized.semantic_embeddings,
+            pixel_embeddings=quantized.pixel_embeddings,
+            semantic_prediction=semantic_prediction,
+            teacher_features=teacher_layers[-1],
+            teacher_hidden_states=tuple(teacher_layers) if output_teacher_hidden_states else None,
+            codebook_loss=quantized.codebook_loss,
+            commitment_loss=quantized.commitment_loss,
             codebook_usage=quantized.codebook_usage,
             perplexity=quantized.perplexity,
         )
         return output if return_dict is not False else output.to_tuple()
-
-    def _adversarial_losses(
-        self, pixel_values: torch.Tensor, reconstruction: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """Both GAN terms for one optimizer: the generator term sees the discriminator through detached
-        parameters (no gradient into it), the discriminator term sees detached reconstructions."""
-        frozen = {name: param.detach() for name, param in self.discriminator.named_parameters()}
-        fake_for_generator = torch.func.functional_call(self.discriminator, frozen, (reconstruction,))
-        real_logits = self.discriminator(pixel_values)
-        fake_logits = self.discriminator(reconstruction.detach())
-        return {
-            "generator_loss": losses.hinge_generator_loss(fake_for_generator),
-            "discriminator_loss": losses.hinge_discriminator_loss(real_logits, fake_logits),
-        }
 
 
 __all__ = [

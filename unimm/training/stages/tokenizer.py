@@ -3,9 +3,13 @@
 The ``dataset`` field takes any dataset spec (``unimm.data.spec``: a demo name, a path, a mapping), or
 ``synthetic`` (random shapes, for tests and smoke runs).
 
-Also home of :func:`pretrain_teacher_classifier`, which gives the small built-in ViT teacher real
-semantics on a labelled dataset (a random frozen teacher carries none), saved as a normal
-transformers folder that a tokenizer recipe loads as ``teacher_name_or_path``.
+The loss (``unimm.tokenizer.losses.DualCodebookLoss``, with the PatchGAN discriminator) is built from this
+stage's fields and trained with the tokenizer inside one ``TokenizerTrainingModel``; the export holds the
+tokenizer alone.
+
+Also home of :func:`pretrain_teacher_classifier` (last section), which gives the small built-in ViT teacher
+real semantics on a labelled dataset, saved as a normal transformers folder that a tokenizer recipe loads as
+``teacher_name_or_path``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +33,15 @@ from transformers import AutoConfig, AutoModelForImageClassification
 from unimm.data.schema import open_image
 from unimm.data.spec import load_image_splits, parse_dataset_spec, resolve_spec_paths
 from unimm.evaluation import metrics
-from unimm.tokenizer import DualCodebookConfig, DualCodebookImageProcessor, DualCodebookTokenizer
+from unimm.tokenizer import (
+    DualCodebookConfig,
+    DualCodebookImageProcessor,
+    DualCodebookLoss,
+    DualCodebookLossOutput,
+    DualCodebookTokenizer,
+    DualCodebookTokenizerOutput,
+)
+from unimm.tokenizer.losses import RECONSTRUCTION_LOSSES
 
 from .base import TrainingStage
 
@@ -36,6 +49,31 @@ logger = logging.getLogger(__name__)
 
 SYNTHETIC = "synthetic"
 LABEL_COLUMN = "label"
+
+# The stage's loss fields that `DualCodebookLoss` takes by the same name.
+LOSS_FIELDS = (
+    "reconstruction_loss",
+    "reconstruction_weight",
+    "perceptual_weight",
+    "codebook_weight",
+    "commitment_weight",
+    "semantic_weight",
+    "adversarial_weight",
+    "adversarial_start_step",
+    "discriminator_channels",
+    "discriminator_layers",
+)
+# Loss settings of a named tokenizer size where they differ from `DualCodebookLoss`'s defaults: a tiny
+# discriminator for tests, the PatchGAN after 20k steps for 256 px photographs.
+NAMED_LOSS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": {"discriminator_channels": 8},
+    "base": {
+        "adversarial_weight": 0.1,
+        "adversarial_start_step": 20000,
+        "discriminator_channels": 64,
+        "discriminator_layers": 3,
+    },
+}
 
 
 @dataclass
@@ -56,9 +94,18 @@ class TokenizerStageArguments:
     teacher_autocast_dtype: str | None = None  # "bfloat16": the frozen teacher under autocast (faster on CPU)
     codebook_size: int | None = None
     hidden_channels: int | None = None
-    perceptual_weight: float | None = None
-    adversarial_weight: float | None = None
-    adversarial_start_step: int | None = None
+    # The loss (DualCodebookLoss's arguments). None: the named size's value in NAMED_LOSS_DEFAULTS, else
+    # DualCodebookLoss's default (shown).
+    reconstruction_loss: str | None = None  # "l1" | "l2"
+    reconstruction_weight: float | None = None  # 1.0
+    perceptual_weight: float | None = None  # 0.1; 0 skips the teacher's forward on reconstructions
+    codebook_weight: float | None = None  # 1.0
+    commitment_weight: float | None = None  # 0.25, beta of VQ-VAE
+    semantic_weight: float | None = None  # 1.0
+    adversarial_weight: float | None = None  # 0.0; > 0 adds the PatchGAN discriminator
+    adversarial_start_step: int | None = None  # 0
+    discriminator_channels: int | None = None  # 32
+    discriminator_layers: int | None = None  # 2
     max_train_samples: int | None = None
     max_eval_samples: int | None = 1000
     num_synthetic_samples: int = 64  # size of each split of the synthetic dataset (tests, smoke runs)
@@ -66,6 +113,10 @@ class TokenizerStageArguments:
     num_sample_images: int = 16  # images in the reconstruction grid
 
     def __post_init__(self) -> None:
+        if self.reconstruction_loss not in (None, *RECONSTRUCTION_LOSSES):
+            raise ValueError(
+                f"reconstruction_loss={self.reconstruction_loss!r}: expected one of {RECONSTRUCTION_LOSSES}"
+            )
         if self.teacher_name_or_path and self.teacher_name_or_path.startswith("~"):
             self.teacher_name_or_path = os.path.expanduser(self.teacher_name_or_path)
         if self.dataset != SYNTHETIC:
@@ -145,36 +196,31 @@ def load_image_datasets(
     )
 
 
-def labelled_subset(dataset: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
-    """The rows of ``dataset`` with a class label (>= 0: the demo mixture marks its unlabelled rows -1)."""
-    if isinstance(dataset, SyntheticShapesDataset):
-        return dataset
-    rows = dataset.dataset.filter(
-        lambda label: label is not None and label >= 0, input_columns=LABEL_COLUMN, keep_in_memory=True
-    )
-    return TokenizerImageDataset(rows, dataset.processor)
+class TokenizerTrainingModel(nn.Module):
+    """What the engine trains: the tokenizer and its loss (which owns the PatchGAN discriminator), so one
+    DeepSpeed engine optimises and checkpoints both; the stage's ``export`` saves only the tokenizer."""
+
+    def __init__(self, tokenizer: DualCodebookTokenizer, loss: DualCodebookLoss) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.loss = loss
+
+    def forward(
+        self, pixel_values: torch.Tensor, step: int | None = None
+    ) -> tuple[DualCodebookTokenizerOutput, DualCodebookLossOutput]:
+        outputs = self.tokenizer(
+            pixel_values, output_teacher_hidden_states=self.loss.needs_teacher_hidden_states
+        )
+        grid = tuple(outputs.image_token_ids.shape[1:])  # (h, w)
+        # The frozen teacher is the perceptual network: reconstructions are compared in its feature space.
+        perceptual_network = partial(self.tokenizer.teacher_features, grid=grid, all_layers=True)
+        return outputs, self.loss(pixel_values, outputs, step=step, perceptual_network=perceptual_network)
 
 
-def require_labels(dataset: torch.utils.data.Dataset, epochs: float) -> None:
-    """Teacher pre-training is classification: fail before any training when there is nothing to classify."""
-    if isinstance(dataset, SyntheticShapesDataset) or dataset.has_labels:
-        return
-    raise ValueError(
-        f"pretrain_teacher_epochs={epochs} trains the teacher as a classifier and needs a "
-        f"{LABEL_COLUMN!r} column of class ids, but the dataset has the columns "
-        f"{dataset.dataset.column_names}: give an existing teacher_name_or_path, or set "
-        "pretrain_teacher_epochs: 0"
-    )
-
-
-def num_labels(dataset: torch.utils.data.Dataset) -> int:
-    """The number of classes of a labelled dataset: its ``ClassLabel``'s, else the largest label + 1."""
-    if isinstance(dataset, SyntheticShapesDataset):
-        return int(dataset.labels.max()) + 1
-    feature = dataset.dataset.features[LABEL_COLUMN]
-    if isinstance(feature, datasets.ClassLabel):
-        return feature.num_classes
-    return max(dataset.dataset[LABEL_COLUMN]) + 1
+def unwrap_tokenizer(model: nn.Module) -> DualCodebookTokenizer:
+    """The tokenizer inside a DeepSpeed engine and/or a ``TokenizerTrainingModel`` (or ``model`` itself)."""
+    model = getattr(model, "module", model)
+    return model.tokenizer if isinstance(model, TokenizerTrainingModel) else model
 
 
 class TokenizerStage(TrainingStage):
@@ -196,16 +242,12 @@ class TokenizerStage(TrainingStage):
         for field in (
             "codebook_size",
             "hidden_channels",
-            "perceptual_weight",
-            "adversarial_weight",
             "teacher_image_mean",
             "teacher_image_std",
             "teacher_autocast_dtype",
         ):
             if getattr(args, field) is not None:
                 overrides[field] = getattr(args, field)
-        if args.adversarial_start_step is not None:
-            overrides["adversarial_start_step"] = args.adversarial_start_step
         self.builtin_teacher_config = DualCodebookConfig.named(
             args.tokenizer_config, **overrides
         ).teacher_config
@@ -213,30 +255,59 @@ class TokenizerStage(TrainingStage):
             overrides.update(teacher_name_or_path=args.teacher_name_or_path, teacher_config=None)
         return DualCodebookConfig.named(args.tokenizer_config, **overrides)
 
-    def build_model(self) -> nn.Module:
+    def build_datasets(self) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None]:
+        self.train_dataset, self.eval_dataset = load_image_datasets(
+            self.args, self.processor, self.config.num_channels
+        )
+        if self._will_pretrain_teacher():
+            # Here rather than in build_model, which the loop runs under ZeRO-3's partitioned init: the
+            # classifier trains whole, in its own plain loop (see `pretrain_teacher_classifier`).
+            require_labels(self.train_dataset, self.args.pretrain_teacher_epochs)
+            self._pretrain_teacher(Path(self.args.teacher_name_or_path))
+        return self.train_dataset, self.eval_dataset
+
+    def build_model(self) -> TokenizerTrainingModel:
         teacher_path = self.args.teacher_name_or_path
         if self._will_pretrain_teacher():
-            self._pretrain_teacher(Path(teacher_path))
+            self.build_datasets()  # which pre-trains it: the loop calls it first, an export does not
         try:
-            return DualCodebookTokenizer(self.config)
+            tokenizer = DualCodebookTokenizer(self.config)
         except OSError as error:
             raise OSError(
                 f"tokenizer stage: cannot load the teacher {teacher_path!r} ({error}); create it with "
                 "`pretrain_teacher_epochs: 1` in the recipe or `python benchmarks/tokenizer_quality.py "
                 "pretrain-teacher`, or give a Hub id"
             ) from error
+        return TokenizerTrainingModel(tokenizer, self.build_loss())
+
+    def build_loss(self) -> DualCodebookLoss:
+        """The recipe's loss: its fields over the named size's defaults over ``DualCodebookLoss``'s."""
+        kwargs = dict(NAMED_LOSS_DEFAULTS.get(self.args.tokenizer_config, {}))
+        kwargs.update(
+            {
+                field: getattr(self.args, field)
+                for field in LOSS_FIELDS
+                if getattr(self.args, field) is not None
+            }
+        )
+        return DualCodebookLoss(
+            num_channels=self.config.num_channels,
+            discriminator_norm_groups=self.config.norm_num_groups,
+            **kwargs,
+        )
 
     def _will_pretrain_teacher(self) -> bool:
         teacher_path = self.args.teacher_name_or_path
+        # config.json comes with the classifier's final save: a folder an interrupted run left is redone.
         return (
-            bool(teacher_path) and self.args.pretrain_teacher_epochs > 0 and not Path(teacher_path).exists()
+            bool(teacher_path)
+            and self.args.pretrain_teacher_epochs > 0
+            and not (Path(teacher_path) / "config.json").exists()
         )
 
     def _pretrain_teacher(self, output_dir: Path) -> None:
         if self.builtin_teacher_config is None:
             raise ValueError("pretrain_teacher_epochs needs a named config with a built-in teacher_config")
-        if self.train_dataset is None:
-            self.build_datasets()
         train_dataset = labelled_subset(self.train_dataset)
         # Without an eval split the classifier's accuracy is measured on its training rows.
         eval_dataset = labelled_subset(self.eval_dataset) if self.eval_dataset is not None else train_dataset
@@ -254,28 +325,18 @@ class TokenizerStage(TrainingStage):
         if distributed:
             torch.distributed.barrier()  # the other ranks load what rank 0 saved
 
-    def build_datasets(self) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None]:
-        self.train_dataset, self.eval_dataset = load_image_datasets(
-            self.args, self.processor, self.config.num_channels
-        )
-        if self._will_pretrain_teacher():
-            require_labels(self.train_dataset, self.args.pretrain_teacher_epochs)
-        return self.train_dataset, self.eval_dataset
-
     def compute_loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        output = model(pixel_values=batch["pixel_values"], step=step if step >= 0 else None)
-        logged = {
-            name: float(value.detach())
-            for name, value in output.items()
-            if name not in ("loss", "image_token_ids", "reconstruction") and value is not None
-        }
+        outputs, losses = model(pixel_values=batch["pixel_values"], step=step if step >= 0 else None)
+        logged = {name: float(value.detach()) for name, value in losses.items() if name != "loss"}
+        logged["codebook_usage"] = float(outputs.codebook_usage)
+        logged["perplexity"] = float(outputs.perplexity)
         data_range = self._data_range()
         logged["psnr"] = float(
-            metrics.psnr(output.reconstruction.detach(), batch["pixel_values"], data_range).mean()
+            metrics.psnr(outputs.reconstruction.detach(), batch["pixel_values"], data_range).mean()
         )
-        return output.loss, logged
+        return losses.loss, logged
 
     def _data_range(self) -> float:
         return float(1.0 / min(self.config.image_std))
@@ -291,7 +352,7 @@ class TokenizerStage(TrainingStage):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, eval_loader: torch.utils.data.DataLoader) -> dict[str, float]:
         """Eval-set PSNR/SSIM of ``decode(encode(x))`` and codebook usage/perplexity over all eval ids."""
-        model = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+        model = unwrap_tokenizer(model)
         was_training = model.training
         model.eval()
         psnrs, ssims, counts = [], [], torch.zeros(model.config.codebook_size, dtype=torch.long)
@@ -324,7 +385,7 @@ class TokenizerStage(TrainingStage):
         """A PNG grid: originals in odd rows, their reconstructions below them."""
         if self.eval_dataset is None or len(self.eval_dataset) == 0:
             return []
-        model = getattr(model, "module", model)
+        model = unwrap_tokenizer(model)
         count = min(self.args.num_sample_images, len(self.eval_dataset))
         pixel_values = torch.stack([self.eval_dataset[i]["pixel_values"] for i in range(count)])
         path = Path(output_dir) / f"reconstructions-{step:07d}.png"
@@ -332,8 +393,8 @@ class TokenizerStage(TrainingStage):
         return [path]
 
     def export(self, model: nn.Module, output_dir: Path) -> None:
-        model = getattr(model, "module", model)
-        model.save_pretrained(output_dir)
+        """The tokenizer alone in its Hub layout (the loss and its discriminator stay in the checkpoints)."""
+        unwrap_tokenizer(model).save_pretrained(output_dir)
         self.processor.save_pretrained(output_dir)
 
 
@@ -361,6 +422,71 @@ def save_reconstruction_grid(
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
     return path
+
+
+def collect_codes(
+    model: DualCodebookTokenizer, dataset: torch.utils.data.Dataset, batch_size: int = 256
+) -> dict[str, torch.Tensor]:
+    """Encode a whole dataset: ids (N, h, w), labels (N,), pixels in [0, 1] and reconstructions in [0, 1]."""
+    model.eval()
+    ids, labels, pixels, reconstructions = [], [], [], []
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    mean = torch.tensor(model.config.image_mean).view(1, -1, 1, 1)
+    std = torch.tensor(model.config.image_std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="encode"):
+            pixel_values = batch["pixel_values"].to(model.device, model.dtype)
+            batch_ids = model.encode(pixel_values)
+            ids.append(batch_ids.cpu())
+            labels.append(batch["labels"])
+            pixels.append((batch["pixel_values"] * std + mean).clamp(0, 1))
+            reconstructions.append((model.decode(batch_ids).float().cpu() * std + mean).clamp(0, 1))
+    return {
+        "image_token_ids": torch.cat(ids),
+        "labels": torch.cat(labels),
+        "pixels": torch.cat(pixels),
+        "reconstructions": torch.cat(reconstructions),
+    }
+
+
+# ----- teacher pre-training ------------------------------------------------------------------------------
+# The built-in ViT teacher trained as a classifier on the tokenizer's labelled images (a random frozen teacher
+# carries no semantics). A plain loop of its own rather than `unimm.training.loop.train`: it runs inside the
+# tokenizer run's setup on rank 0 while the other ranks wait, where a second DeepSpeed engine (a collective)
+# cannot start. Giving the teacher the shared loop means making it a stage and a step of its own before the
+# tokenizer in a multi-step build.
+
+
+def labelled_subset(dataset: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
+    """The rows of ``dataset`` with a class label (>= 0: the demo mixture marks its unlabelled rows -1)."""
+    if isinstance(dataset, SyntheticShapesDataset):
+        return dataset
+    rows = dataset.dataset.filter(
+        lambda label: label is not None and label >= 0, input_columns=LABEL_COLUMN, keep_in_memory=True
+    )
+    return TokenizerImageDataset(rows, dataset.processor)
+
+
+def require_labels(dataset: torch.utils.data.Dataset, epochs: float) -> None:
+    """Teacher pre-training is classification: fail before any training when there is nothing to classify."""
+    if isinstance(dataset, SyntheticShapesDataset) or dataset.has_labels:
+        return
+    raise ValueError(
+        f"pretrain_teacher_epochs={epochs} trains the teacher as a classifier and needs a "
+        f"{LABEL_COLUMN!r} column of class ids, but the dataset has the columns "
+        f"{dataset.dataset.column_names}: give an existing teacher_name_or_path, or set "
+        "pretrain_teacher_epochs: 0"
+    )
+
+
+def num_labels(dataset: torch.utils.data.Dataset) -> int:
+    """The number of classes of a labelled dataset: its ``ClassLabel``'s, else the largest label + 1."""
+    if isinstance(dataset, SyntheticShapesDataset):
+        return int(dataset.labels.max()) + 1
+    feature = dataset.dataset.features[LABEL_COLUMN]
+    if isinstance(feature, datasets.ClassLabel):
+        return feature.num_classes
+    return max(dataset.dataset[LABEL_COLUMN]) + 1
 
 
 def pretrain_teacher_classifier(
@@ -430,36 +556,12 @@ def classifier_accuracy(model: nn.Module, dataset: torch.utils.data.Dataset, bat
     return correct / max(total, 1)
 
 
-def collect_codes(
-    model: DualCodebookTokenizer, dataset: torch.utils.data.Dataset, batch_size: int = 256
-) -> dict[str, torch.Tensor]:
-    """Encode a whole dataset: ids (N, h, w), labels (N,), pixels in [0, 1] and reconstructions in [0, 1]."""
-    model.eval()
-    ids, labels, pixels, reconstructions = [], [], [], []
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-    mean = torch.tensor(model.config.image_mean).view(1, -1, 1, 1)
-    std = torch.tensor(model.config.image_std).view(1, -1, 1, 1)
-    with torch.no_grad():
-        for batch in tqdm(loader, desc="encode"):
-            pixel_values = batch["pixel_values"].to(model.device, model.dtype)
-            batch_ids = model.encode(pixel_values)
-            ids.append(batch_ids.cpu())
-            labels.append(batch["labels"])
-            pixels.append((batch["pixel_values"] * std + mean).clamp(0, 1))
-            reconstructions.append((model.decode(batch_ids).float().cpu() * std + mean).clamp(0, 1))
-    return {
-        "image_token_ids": torch.cat(ids),
-        "labels": torch.cat(labels),
-        "pixels": torch.cat(pixels),
-        "reconstructions": torch.cat(reconstructions),
-    }
-
-
 __all__ = [
     "SyntheticShapesDataset",
     "TokenizerImageDataset",
     "TokenizerStage",
     "TokenizerStageArguments",
+    "TokenizerTrainingModel",
     "classifier_accuracy",
     "collect_codes",
     "pretrain_teacher_classifier",
