@@ -11,7 +11,8 @@ from PIL import Image, ImageDraw
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "demo"
+# The demo model ships inside the package (checkpoints/demo in a source checkout links to it).
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo_checkpoint"
 DTYPES = ("float32", "bfloat16", "float16")
 CAPTION_HEIGHT = 28
 CAPTION_CHARACTER_WIDTH = 6  # pixels per character of PIL's default font

@@ -94,7 +94,7 @@ def assemble_pipeline(
         prompt_format=prompt_format,
     )  # checks that the parts share one codebook and one text vocabulary
 
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir).resolve()  # through a link (checkpoints/demo) to the folder itself
     if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / MODEL_INDEX).is_file():
         raise FileExistsError(
             f"{output_dir} exists and is not a checkpoint folder (no {MODEL_INDEX}); choose another output"

@@ -470,7 +470,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--work-dir", default="outputs/demo", help="training outputs (default: outputs/demo)")
     parser.add_argument(
-        "--output", default="checkpoints/demo", help="the assembled checkpoint (default: checkpoints/demo)"
+        "--output",
+        default="unimm/demo_checkpoint",
+        help="the assembled checkpoint (default: unimm/demo_checkpoint, shipped in the package)",
     )
     parser.add_argument(
         "--num-understanding", type=int, default=None, help="eval: test images asked (default: the report's)"
