@@ -13,12 +13,11 @@ demo: $(INSTALLED) data
 
 # Retrain the committed demo checkpoint from scratch (recipes/demo/README.md); resumes if interrupted.
 demo-model: $(INSTALLED) data
-	$(PY) -m unimm.training.demo_model
+	$(PY) -m unimm.cli build recipes/demo/build.yaml
 
 # SmolLM2-135M-Instruct + a DINOv2-taught tokenizer (recipes/smollm2/README.md); resumes if interrupted.
 smollm2-model: $(INSTALLED) data assets
-	$(PY) -m unimm.training.demo_model --recipes recipes/smollm2 --work-dir outputs/smollm2 \
-		--output outputs/smollm2/checkpoint --num-understanding 500 --images-per-class 20
+	$(PY) -m unimm.cli build recipes/smollm2/build.yaml
 
 test: $(INSTALLED) data lint
 	$(PY) -m pytest -m "not slow" -q --durations=15

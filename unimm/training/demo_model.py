@@ -1,20 +1,17 @@
-"""The embedded demo model: all three components trained on Fashion-MNIST + emoji, assembled into one folder.
+"""The demo model's own steps: its LLM data (Fashion-MNIST answers from the labels, emoji repeated) and its
+report with the model card's figures. The whole build is a multi-step recipe:
 
-    python -m unimm.training.demo_model                  # or `make demo-model`; resumes where it stopped
-    python -m unimm.training.demo_model --steps llm      # run (or redo) one step
+    unimm build recipes/demo/build.yaml                  # or `make demo-model`; resumes where it stopped
+    unimm build recipes/demo/build.yaml --steps llm --force
 
-Steps, each skipped when its output exists (``--force`` redoes the named steps):
-
-1. ``tokenizer``    ``unimm train recipes/demo/tokenizer.yaml`` (teacher classifier first, if missing).
-2. ``llm_data``     the LLM's initial weights (a small Llama + image vocabulary, code rows from the codebook),
-                    its word-level text tokenizer, and chat sequences for both directions, from
-                    ``recipes/demo/llm_data.yaml``: "caption → image" (text dropped 10% of the time, for
-                    guidance) and "image + question → answer".
-3. ``detokenizer``  and ``llm`` side by side, one core each: ``recipes/demo/detokenizer.yaml``,
-                    ``recipes/demo/llm.yaml``.
-4. ``assemble``     ``checkpoints/demo`` (the Hub layout ``UniMMPipeline.from_pretrained`` reads).
-5. ``eval``         the quality report (``unimm eval``) in ``outputs/demo/eval``; its headline figures go
-                    into the checkpoint's model card.
+whose steps are: ``tokenizer`` (``unimm train recipes/demo/tokenizer.yaml``, teacher classifier first),
+``llm_data`` (``python -m unimm.training.demo_model llm_data``: the LLM's initial weights, a small Llama +
+image vocabulary with code rows from the codebook, its word-level text tokenizer, and chat sequences for
+both directions from ``recipes/demo/llm_data.yaml``: "caption → image", text dropped 10% of the time for
+guidance, and "image + question → answer"), ``detokenizer`` and ``llm`` side by side (one core each),
+``assemble`` (``unimm assemble`` into ``unimm/demo_checkpoint``, linked as ``checkpoints/demo``) and
+``eval`` (``python -m unimm.training.demo_model eval``: the quality report, whose headline figures go into
+the checkpoint's model card).
 """
 
 from __future__ import annotations
@@ -24,11 +21,8 @@ import json
 import logging
 import os
 import random
-import shutil
-import subprocess
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +63,7 @@ logger = logging.getLogger(__name__)
 
 DEMO_RECIPES = Path("recipes/demo")
 PLAIN_TEMPLATE = FASHION_MNIST_TEMPLATES.index("{article} {name}")  # "a sneaker"
-STEPS = ("tokenizer", "llm_data", "detokenizer", "llm", "assemble", "eval")
+STEPS = ("llm_data", "eval")  # the demo-specific steps; recipes/demo/build.yaml runs all of them
 TRAINING_DATA = (
     "Fashion-MNIST (60,000 train images; Debian dataset-fashion-mnist) with templated captions",
     "Noto Color Emoji (1,696 train glyphs; Debian fonts-noto-color-emoji) captioned with their names",
@@ -437,43 +431,18 @@ def evaluate_and_card(
     build_model_card(pipeline, list(TRAINING_DATA), metrics).save(checkpoint / "README.md")
 
 
-def run(command: Sequence[str], log_path: Path, threads: int | None = None) -> subprocess.Popen:
-    env = dict(os.environ)
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    logger.info("running %s (log: %s)", " ".join(command), log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(list(command), stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
-
-
-def wait(processes: dict[str, subprocess.Popen]) -> None:
-    failed = [name for name, process in processes.items() if process.wait() != 0]
-    if failed:
-        raise RuntimeError(f"step(s) {failed} failed: see their logs under outputs/demo/")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--steps", nargs="+", choices=STEPS, default=list(STEPS), help="steps to run (default: all)"
-    )
-    parser.add_argument(
-        "--force", action="store_true", help="redo the named steps even if their output exists"
-    )
+    parser.add_argument("step", choices=STEPS, help="llm_data (from RECIPES/llm_data.yaml) or eval")
     parser.add_argument(
         "--recipes",
         default=str(DEMO_RECIPES),
-        help="the recipe folder: tokenizer.yaml, llm_data.yaml, llm.yaml, optional detokenizer.yaml "
-        "(default: recipes/demo; recipes/smollm2 for the SmolLM2 + DINOv2 model)",
+        help="the recipe folder holding llm_data.yaml (default: recipes/demo; recipes/smollm2 for SmolLM2)",
     )
-    parser.add_argument("--work-dir", default="outputs/demo", help="training outputs (default: outputs/demo)")
-    parser.add_argument(
-        "--output",
-        default="unimm/demo_checkpoint",
-        help="the assembled checkpoint (default: unimm/demo_checkpoint, shipped in the package)",
-    )
+    parser.add_argument("--checkpoint", default="unimm/demo_checkpoint", help="eval: the checkpoint folder")
+    parser.add_argument("--output-dir", default="outputs/demo/eval", help="eval: the report's folder")
     parser.add_argument(
         "--num-understanding", type=int, default=None, help="eval: test images asked (default: the report's)"
     )
@@ -484,6 +453,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="eval: images generated per class (default: the report's)",
     )
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    (data_args,) = HfArgumentParser(DemoLlmDataArguments).parse_yaml_file(
+        str(Path(args.recipes) / "llm_data.yaml")
+    )
+    if args.step == "llm_data":
+        build_llm_data(data_args)
+        return 0
     report_options = {
         name: value
         for name, value in (
@@ -492,90 +468,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if value is not None
     }
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    work, recipes = Path(args.work_dir), Path(args.recipes)
-    (data_args,) = HfArgumentParser(DemoLlmDataArguments).parse_yaml_file(str(recipes / "llm_data.yaml"))
-    train = [sys.executable, "-m", "unimm.cli", "train"]
-    outputs = {
-        "tokenizer": work / "tokenizer" / "export",
-        "llm_data": work / "llm-data" / "eval",
-        "detokenizer": work / "detokenizer" / "export",
-        "llm": work / "llm" / "export",
-        "assemble": Path(args.output) / "model_index.json",
-        "eval": work / "eval" / "report.json",
-    }
-
-    def todo(step: str) -> bool:
-        if step not in args.steps:
-            return False
-        if outputs[step].exists() and not args.force:
-            logger.info("step %s: done already (%s)", step, outputs[step])
-            return False
-        return True
-
-    started = time.time()
-    timings: dict[str, float] = {}
-
-    def timed(step: str, action: Callable[[], None]) -> None:
-        begin = time.time()
-        action()
-        timings[step] = time.time() - begin
-        logger.info("step %s: %.1f min", step, timings[step] / 60)
-
-    if todo("tokenizer"):
-        timed(
-            "tokenizer",
-            lambda: wait(
-                {"tokenizer": run([*train, str(recipes / "tokenizer.yaml")], work / "tokenizer.log")}
-            ),
-        )
-    if todo("llm_data"):
-        timed("llm_data", lambda: build_llm_data(data_args))
-    # The detokenizer is optional: without one the pipeline draws with the tokenizer's pixel decoder.
-    parallel = {
-        step: recipes / f"{step}.yaml"
-        for step in ("detokenizer", "llm")
-        if todo(step) and (recipes / f"{step}.yaml").exists()
-    }
-    if parallel:
-        threads = 1 if len(parallel) > 1 else None  # one core each when both run
-        timed(
-            "+".join(parallel),
-            lambda: wait(
-                {
-                    step: run([*train, str(recipe)], work / f"{step}.log", threads)
-                    for step, recipe in parallel.items()
-                }
-            ),
-        )
-    if todo("assemble"):
-        if Path(args.output).exists():
-            shutil.rmtree(args.output)
-        detokenizer = outputs["detokenizer"] if outputs["detokenizer"].exists() else None
-        timed(
-            "assemble",
-            lambda: assemble(
-                Path(args.output),
-                outputs["tokenizer"],
-                work / "llm-data" / "init",
-                outputs["llm"],
-                detokenizer,
-            ),
-        )
-    if todo("eval"):
-        timed(
-            "eval",
-            lambda: evaluate_and_card(
-                Path(args.output),
-                work / "eval",
-                text_model_name_or_path=data_args.text_model_name_or_path,
-                **report_options,
-            ),
-        )
-    logger.info(
-        "demo model: %.1f min in all (%s)",
-        (time.time() - started) / 60,
-        ", ".join(f"{step} {seconds / 60:.1f} min" for step, seconds in timings.items()),
+    evaluate_and_card(
+        Path(args.checkpoint),
+        Path(args.output_dir),
+        text_model_name_or_path=data_args.text_model_name_or_path,
+        **report_options,
     )
     return 0
 
