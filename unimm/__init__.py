@@ -4,37 +4,49 @@ One language model that understands images and generates them: a dual-codebook v
 turns images into discrete tokens, any Hugging Face causal LM with an extended vocabulary models
 interleaved image-text sequences, and a diffusion detokenizer turns generated tokens into pixels.
 
-Importing ``unimm`` registers its configs and models with the transformers Auto classes (done by the
-subpackages' ``__init__``); nothing else happens at import time.
+Importing ``unimm`` registers its configs and models with the transformers Auto classes (the
+``unimm.llm`` and ``unimm.tokenizer`` subpackages do it when imported, so both are imported here); every
+other public name is imported on first use, so the diffusion stack, peft and the data libraries load
+only when a program needs them.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Imported for their side effect: they register UniMMConfig, UniMMForCausalLM, UniMMProcessor,
+# DualCodebookConfig and DualCodebookTokenizer with the Auto classes.
+from . import llm, tokenizer  # noqa: F401
 
 __version__ = "0.1.0.dev0"
 
-from unimm.detokenizer import DetokenizerPipeline, TokenDiffusionDecoder
-from unimm.llm import (
-    ImageVocabulary,
-    ModalitySampling,
-    UniMMConfig,
-    UniMMForCausalLM,
-    UniMMProcessor,
-    apply_lora,
-    merge_lora,
-)
-from unimm.pipelines import UniMMPipeline
-from unimm.tokenizer import DualCodebookConfig, DualCodebookImageProcessor, DualCodebookTokenizer
+# public name -> the subpackage that defines it
+_EXPORTS = {
+    "DetokenizerPipeline": "detokenizer",
+    "TokenDiffusionDecoder": "detokenizer",
+    "DualCodebookConfig": "tokenizer",
+    "DualCodebookImageProcessor": "tokenizer",
+    "DualCodebookTokenizer": "tokenizer",
+    "ImageVocabulary": "llm",
+    "ModalitySampling": "llm",
+    "UniMMConfig": "llm",
+    "UniMMForCausalLM": "llm",
+    "UniMMProcessor": "llm",
+    "apply_lora": "llm",
+    "merge_lora": "llm",
+    "UniMMPipeline": "pipelines",
+}
 
-__all__ = [
-    "DetokenizerPipeline",
-    "DualCodebookConfig",
-    "DualCodebookImageProcessor",
-    "DualCodebookTokenizer",
-    "ImageVocabulary",
-    "ModalitySampling",
-    "TokenDiffusionDecoder",
-    "UniMMConfig",
-    "UniMMForCausalLM",
-    "UniMMPipeline",
-    "UniMMProcessor",
-    "apply_lora",
-    "merge_lora",
-]
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = sorted(_EXPORTS)

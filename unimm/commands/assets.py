@@ -11,7 +11,7 @@ import argparse
 import json
 import logging
 
-from unimm.conversion.assets import ASSET_NAMES, convert_assets
+from unimm.conversion.packages import ASSET_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
+        from unimm.conversion.assets import convert_assets
+
         reports = convert_assets(args.models_dir, tuple(args.only), force=args.force)
     except (FileNotFoundError, ImportError, ValueError) as error:
         logger.error("%s", error)

@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 
-from unimm.data.demo_datasets import load_emoji, load_fashion_mnist
-
 logger = logging.getLogger(__name__)
 
 
@@ -21,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from unimm.data.demo_datasets import load_emoji, load_fashion_mnist
+
     fashion = load_fashion_mnist(image_size=args.image_size, cache_dir=args.cache_dir)
     emoji = load_emoji(image_size=args.image_size, cache_dir=args.cache_dir)
     for name, dataset in (("fashion-mnist", fashion), ("emoji", emoji)):

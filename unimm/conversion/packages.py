@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+ASSET_NAMES = ("smollm2", "dinov2")  # what `unimm assets` converts
+
 
 @dataclass(frozen=True)
 class PackagedAsset:

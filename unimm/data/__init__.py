@@ -1,79 +1,64 @@
 """Data: the sample schema, loaders, dataset specs, pre-tokenization, packing, collators and the offline
-demo datasets."""
+demo datasets.
 
-from unimm.data.bad_records import BadRecordError, BadRecords
-from unimm.data.collators import PaddingCollator, TextDropout
-from unimm.data.demo_datasets import FASHION_MNIST_CLASSES, load_emoji, load_fashion_mnist
-from unimm.data.loaders import (
-    load_image_folder,
-    load_interleaved,
-    load_jsonl,
-    load_llava,
-    load_parquet,
-    load_webdataset,
-    mix_datasets,
-)
-from unimm.data.packing import PackedCollator, pack_dataset, pack_examples
-from unimm.data.pretokenize import load_pretokenized, pretokenize_images
-from unimm.data.schema import (
-    DEFAULT_MAX_IMAGE_PIXELS,
-    ImageTooLargeError,
-    check_image_pixels,
-    drop_text,
-    image_segment,
-    image_tokens_segment,
-    max_image_pixels,
-    open_image,
-    sample_features,
-    text_segment,
-    validate_sample,
-)
-from unimm.data.spec import (
-    DatasetSpec,
-    DatasetSpecError,
-    load_dataset_spec,
-    load_image_splits,
-    load_images,
-    parse_dataset_spec,
-    resolve_spec_paths,
-)
+Names are imported on first use: the sample schema alone does not load the loaders, ``datasets`` or the
+demo data."""
 
-__all__ = [
-    "DEFAULT_MAX_IMAGE_PIXELS",
-    "FASHION_MNIST_CLASSES",
-    "BadRecordError",
-    "DatasetSpec",
-    "DatasetSpecError",
-    "ImageTooLargeError",
-    "BadRecords",
-    "PackedCollator",
-    "PaddingCollator",
-    "TextDropout",
-    "check_image_pixels",
-    "drop_text",
-    "image_segment",
-    "image_tokens_segment",
-    "load_dataset_spec",
-    "load_emoji",
-    "load_fashion_mnist",
-    "load_image_folder",
-    "load_image_splits",
-    "load_images",
-    "load_interleaved",
-    "load_jsonl",
-    "load_llava",
-    "load_parquet",
-    "load_pretokenized",
-    "load_webdataset",
-    "max_image_pixels",
-    "mix_datasets",
-    "open_image",
-    "pack_dataset",
-    "pack_examples",
-    "parse_dataset_spec",
-    "pretokenize_images",
-    "resolve_spec_paths",
-    "sample_features",
-    "text_segment",
-    "validate_sample",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "BadRecordError": "bad_records",
+    "BadRecords": "bad_records",
+    "PaddingCollator": "collators",
+    "TextDropout": "collators",
+    "FASHION_MNIST_CLASSES": "demo_datasets",
+    "load_emoji": "demo_datasets",
+    "load_fashion_mnist": "demo_datasets",
+    "load_image_folder": "loaders",
+    "load_interleaved": "loaders",
+    "load_jsonl": "loaders",
+    "load_llava": "loaders",
+    "load_parquet": "loaders",
+    "load_webdataset": "loaders",
+    "mix_datasets": "loaders",
+    "PackedCollator": "packing",
+    "pack_dataset": "packing",
+    "pack_examples": "packing",
+    "load_pretokenized": "pretokenize",
+    "pretokenize_images": "pretokenize",
+    "DEFAULT_MAX_IMAGE_PIXELS": "schema",
+    "ImageTooLargeError": "schema",
+    "check_image_pixels": "schema",
+    "drop_text": "schema",
+    "image_segment": "schema",
+    "image_tokens_segment": "schema",
+    "max_image_pixels": "schema",
+    "open_image": "schema",
+    "sample_features": "schema",
+    "text_segment": "schema",
+    "validate_sample": "schema",
+    "DatasetSpec": "spec",
+    "DatasetSpecError": "spec",
+    "load_dataset_spec": "spec",
+    "load_image_splits": "spec",
+    "load_images": "spec",
+    "parse_dataset_spec": "spec",
+    "resolve_spec_paths": "spec",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = sorted(_EXPORTS)

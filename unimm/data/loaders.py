@@ -32,7 +32,7 @@ from unimm.data.bad_records import (
 )
 from unimm.data.schema import (
     IMAGE,
-    SEGMENT_FEATURES,
+    SEGMENT_FIELDS,
     image_segment,
     sample_features,
     text_segment,
@@ -342,7 +342,7 @@ def _schema_sample(record: dict[str, Any], root: str) -> dict[str, Any]:
     for segment in segments:
         if not isinstance(segment, dict):
             raise BadRecordError(WRONG_TYPE, f"a segment must be a dict, got {type(segment).__name__}")
-        segment = {name: segment.get(name) for name in SEGMENT_FEATURES}
+        segment = {name: segment.get(name) for name in SEGMENT_FIELDS}
         segment["role"] = segment["role"] or ""
         if segment["type"] == IMAGE and segment["image"] is not None:
             segment["image"] = _image_value(segment["image"], root)

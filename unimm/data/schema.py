@@ -14,9 +14,8 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 import PIL.ExifTags
 import PIL.Image
@@ -32,6 +31,9 @@ from unimm.data.bad_records import (
     BadRecordError,
 )
 
+if TYPE_CHECKING:
+    import datasets
+
 TEXT = "text"
 IMAGE = "image"
 SEGMENT_TYPES = (TEXT, IMAGE)
@@ -43,19 +45,29 @@ MAX_IMAGE_PIXELS_ENV = "UNIMM_MAX_IMAGE_PIXELS"
 HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 UINT16_MAX = 65535
 
-SEGMENT_FEATURES = {
-    "type": datasets.Value("string"),
-    "role": datasets.Value("string"),
-    "text": datasets.Value("string"),
-    "image": datasets.Image(),
-    "image_token_ids": datasets.Sequence(datasets.Value("int32")),
-    "image_grid": datasets.Sequence(datasets.Value("int32"), length=2),
-}
+# Every segment has every field (unused ones None); see sample_features for their types.
+SEGMENT_FIELDS = ("type", "role", "text", "image", "image_token_ids", "image_grid")
+
+
+def segment_features() -> dict[str, Any]:
+    """The ``datasets`` type of each segment field."""
+    import datasets  # here, not at import: the schema's helpers are used where ``datasets`` is not needed
+
+    return {
+        "type": datasets.Value("string"),
+        "role": datasets.Value("string"),
+        "text": datasets.Value("string"),
+        "image": datasets.Image(),
+        "image_token_ids": datasets.Sequence(datasets.Value("int32")),
+        "image_grid": datasets.Sequence(datasets.Value("int32"), length=2),
+    }
 
 
 def sample_features(**extra_columns: datasets.features.FeatureType) -> datasets.Features:
     """``Features`` of the sample schema, plus dataset-specific metadata columns (labels, names)."""
-    return datasets.Features({"segments": [SEGMENT_FEATURES], **extra_columns})
+    import datasets
+
+    return datasets.Features({"segments": [segment_features()], **extra_columns})
 
 
 def text_segment(text: str, role: str = "") -> dict[str, Any]:

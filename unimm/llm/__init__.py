@@ -21,11 +21,12 @@ Training: ``model(input_ids, attention_mask, labels)`` returns ``loss`` plus ``t
 :func:`apply_lora` / :func:`merge_lora` wrap and fold LoRA with the image-token rows trainable.
 """
 
+from typing import Any
+
 from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 
 from .configuration_unimm import UniMMConfig
 from .generation import UniMMGenerationOutput
-from .lora import apply_lora, merge_lora
 from .modeling_unimm import UniMMCausalLMOutput, UniMMForCausalLM, UniMMPreTrainedModel
 from .processing_unimm import UniMMProcessor
 from .sampling import ModalitySampling
@@ -47,3 +48,12 @@ __all__ = [
     "apply_lora",
     "merge_lora",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # LoRA needs peft, which only training and LoRA users should pay for at import.
+    if name in ("apply_lora", "merge_lora"):
+        from . import lora
+
+        return getattr(lora, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
