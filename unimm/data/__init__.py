@@ -6,8 +6,7 @@ demo data."""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from unimm.lazy import lazy_exports
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -51,14 +50,6 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
-
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = sorted(_EXPORTS)

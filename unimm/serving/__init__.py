@@ -12,8 +12,7 @@ Names are imported on first use, so ``unimm --help`` does not load the web frame
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from unimm.lazy import lazy_exports
 
 _EXPORTS = {
     "create_app": "app",
@@ -30,10 +29,6 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = sorted(_EXPORTS)

@@ -120,13 +120,19 @@ class Recipe:
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read a recipe YAML, apply ``key=value`` overrides, and parse it (see :func:`parse_recipe`)."""
     path = Path(path)
+    return parse_recipe(read_recipe_file(path, overrides), source=str(path), base_dir=path.parent)
+
+
+def read_recipe_file(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """A recipe YAML's mapping with ``key=value`` overrides (values read as YAML) applied."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
     values = yaml.safe_load(path.read_text())
     if not isinstance(values, dict):
         raise ValueError(f"recipe {path}: expected a mapping of field: value, got {type(values).__name__}")
     values.update(parse_overrides(overrides))
-    return parse_recipe(values, source=str(path), base_dir=path.parent)
+    return values
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:

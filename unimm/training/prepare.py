@@ -45,7 +45,6 @@ import numpy as np
 import pyarrow
 import pyarrow.compute
 import torch
-import yaml
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -89,7 +88,7 @@ from unimm.llm.text_tokenizer import (
 )
 from unimm.pipelines.assembly import stop_at_end_of_turn
 from unimm.tokenizer import DualCodebookImageProcessor, DualCodebookTokenizer
-from unimm.training.arguments import parse_overrides
+from unimm.training.arguments import read_recipe_file
 
 logger = logging.getLogger(__name__)
 
@@ -241,13 +240,7 @@ def _check_template(name: str, template: str) -> None:
 def load_prepare_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> PrepareArguments:
     """A prepare recipe YAML with ``key=value`` overrides (values read as YAML) applied."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
-    values = yaml.safe_load(path.read_text())
-    if not isinstance(values, dict):
-        raise ValueError(f"recipe {path}: expected a mapping of field: value, got {type(values).__name__}")
-    values.update(parse_overrides(overrides))
-    return parse_prepare_recipe(values, source=str(path), base_dir=path.parent)
+    return parse_prepare_recipe(read_recipe_file(path, overrides), source=str(path), base_dir=path.parent)
 
 
 def parse_prepare_recipe(

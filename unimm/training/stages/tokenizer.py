@@ -41,6 +41,7 @@ from unimm.tokenizer import (
     DualCodebookTokenizer,
     DualCodebookTokenizerOutput,
 )
+from unimm.tokenizer.configuration_dual_codebook import TRAINING_ONLY_KEYS
 from unimm.tokenizer.losses import RECONSTRUCTION_LOSSES
 
 from .base import TrainingStage
@@ -50,19 +51,8 @@ logger = logging.getLogger(__name__)
 SYNTHETIC = "synthetic"
 LABEL_COLUMN = "label"
 
-# The stage's loss fields that `DualCodebookLoss` takes by the same name.
-LOSS_FIELDS = (
-    "reconstruction_loss",
-    "reconstruction_weight",
-    "perceptual_weight",
-    "codebook_weight",
-    "commitment_weight",
-    "semantic_weight",
-    "adversarial_weight",
-    "adversarial_start_step",
-    "discriminator_channels",
-    "discriminator_layers",
-)
+# The stage's loss fields, which `DualCodebookLoss` takes by the same names (the keys old configs still carry).
+LOSS_FIELDS = TRAINING_ONLY_KEYS
 # Loss settings of a named tokenizer size where they differ from `DualCodebookLoss`'s defaults: a tiny
 # discriminator for tests, the PatchGAN after 20k steps for 256 px photographs.
 NAMED_LOSS_DEFAULTS: dict[str, dict[str, Any]] = {
