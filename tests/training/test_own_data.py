@@ -169,12 +169,14 @@ def tiny_build(work_dir: Path) -> dict:
     }
 
 
-def test_own_images_through_every_step(tmp_path: Path):
+def test_own_images_through_every_step(tmp_path: Path, subprocess_env: dict[str, str]):
     work = tmp_path / "shapes"
     recipe = tmp_path / "build.yaml"
     recipe.write_text(json.dumps(tiny_build(work)))  # JSON is YAML
     command = [sys.executable, "-m", "unimm.cli", "build", str(recipe)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
+    # subprocess_env: no rank variables (and port) inherited from the distributed tests run in this process
+    run = {"capture_output": True, "text": True, "timeout": TIMEOUT_SECONDS, "env": subprocess_env}
+    result = subprocess.run(command, **run)
     assert result.returncode == 0, result.stderr[-3000:]
     status = json.loads((work / "build.json").read_text())
     assert {name: entry["status"] for name, entry in status.items()} == dict.fromkeys(status, "ran")
@@ -207,7 +209,7 @@ def test_own_images_through_every_step(tmp_path: Path):
     assert report["reconstruction"]["metrics"]["pixel"]["num_images"] == 6
 
     # A rerun finds every step done.
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
+    rerun = subprocess.run(command, **run)
     assert rerun.returncode == 0
     status = json.loads((work / "build.json").read_text())
     assert {entry["status"] for entry in status.values()} == {"done already"}
