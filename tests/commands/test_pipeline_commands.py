@@ -124,3 +124,12 @@ def test_missing_checkpoint_is_one_logged_line(tmp_path, caplog):
         assert cli.main(["generate", "--prompt", "a cat", "--checkpoint", str(tmp_path / "none")]) == 1
     errors = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
     assert len(errors) == 1 and errors[0].startswith("no checkpoint folder at")
+
+
+def test_grid_captions_wrap_instead_of_losing_their_end():
+    from unimm.commands.pipeline_arguments import _caption_lines
+
+    # "a pair of trouse" was all a 96-pixel cell showed of the demo's caption.
+    assert _caption_lines("a photo of a pair of trousers", 96) == "a photo of a\npair of trousers"
+    assert _caption_lines("a red circle", 96) == "a red circle"
+    assert _caption_lines("one two three four five six seven eight", 48) == "one two\nthree…"

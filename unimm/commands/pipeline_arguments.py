@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import textwrap
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -16,6 +17,7 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo_checkpoint"
 DTYPES = ("float32", "bfloat16", "float16")
 CAPTION_HEIGHT = 28
 CAPTION_CHARACTER_WIDTH = 6  # pixels per character of PIL's default font
+CAPTION_LINES = 2  # what CAPTION_HEIGHT holds
 
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,9 +64,18 @@ def captioned_grid(images: list[Image.Image], captions: list[str], cell: int = 9
     draw = ImageDraw.Draw(grid)
     for column, (image, caption) in enumerate(zip(images, captions)):
         grid.paste(image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST), (column * cell, 0))
-        words = caption.removeprefix("an emoji of ").removeprefix("a photo of ")
-        draw.text((column * cell + 2, cell + 2), words[: cell // CAPTION_CHARACTER_WIDTH], fill="black")
+        draw.text((column * cell + 2, cell + 2), _caption_lines(caption, cell), fill="black", spacing=1)
     return grid
+
+
+def _caption_lines(caption: str, cell: int) -> str:
+    """The caption wrapped to the cell's width, on at most ``CAPTION_LINES`` lines (an ellipsis when cut)."""
+    width = cell // CAPTION_CHARACTER_WIDTH
+    lines = textwrap.wrap(caption, width=width) or [""]
+    if len(lines) > CAPTION_LINES:
+        last = lines[CAPTION_LINES - 1]
+        lines = [*lines[: CAPTION_LINES - 1], (last if len(last) < width else last[: width - 1]) + "…"]
+    return "\n".join(lines)
 
 
 def stack_rows(rows: list[Image.Image]) -> Image.Image:
