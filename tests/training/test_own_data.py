@@ -2,7 +2,7 @@
 
 The coloured-shapes recipe (recipes/shapes: make_dataset.py, tokenizer, prepare, llm, detokenizer, assemble,
 eval) at tiny sizes, run by `unimm build` as CLI subprocesses: the LLM under torchrun with 2 processes, the
-same data also as a LLaVA JSON through prepare and the LLM stage; then the assembled checkpoint chats and
+same data also as a LLaVA JSON through prepare; then the assembled checkpoint chats and
 draws through UniMMPipeline, and its eval report scores the held-out split.
 """
 
@@ -105,18 +105,6 @@ def tiny_build(work_dir: Path) -> dict:
                     "output_dir=${work_dir}/llm",
                     "train_dataset=${work_dir}/prepared/train",
                     "eval_dataset=${work_dir}/prepared/eval",
-                    *llm_args,
-                ],
-            ),
-            _step(
-                "llm_llava",
-                "${work_dir}/llm_llava/export",
-                command="train",
-                recipe=str(SHAPES / "llm.yaml"),
-                args=[
-                    "output_dir=${work_dir}/llm_llava",
-                    "train_dataset=${work_dir}/prepared_llava/train",
-                    "eval_dataset=${work_dir}/prepared_llava/eval",
                     *llm_args,
                 ],
             ),
