@@ -10,13 +10,13 @@ from unimm.data.text_replay import (
     QUESTION_TEMPLATES,
     TOPICS,
     content_words,
-    generate_text_replay,
     load_text_replay,
     overlaps_evaluation,
     replay_questions,
     save_text_replay,
 )
 from unimm.evaluation.text_questions import load_text_questions
+from unimm.llm.text_chat import generate_text_replay
 
 
 def test_no_replay_question_overlaps_the_evaluation() -> None:

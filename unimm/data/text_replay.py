@@ -18,8 +18,6 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
 from unimm.data.schema import TEXT
 
 logger = logging.getLogger(__name__)
@@ -93,29 +91,6 @@ def replay_questions(
             "text replay: %d questions dropped for overlapping the evaluation", len(questions) - len(kept)
         )
     return kept
-
-
-def generate_text_replay(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    questions: Sequence[str],
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-) -> list[dict[str, str]]:
-    """``[{"question", "answer"}]``: the model's greedy chat reply to each question. Replies that do not end
-    within ``max_new_tokens`` are left out: trained on, a cut reply would teach the model to stop mid-sentence."""
-    from unimm.llm.text_chat import chat_replies  # a model is only needed here
-
-    replies = chat_replies(model, tokenizer, list(questions), max_new_tokens, batch_size, progress=True)
-    chats = [
-        {"question": question, "answer": reply}
-        for question, (reply, ended) in zip(questions, replies)
-        if ended and reply
-    ]
-    logger.info(
-        "text replay: %d of %d replies ended within %d tokens", len(chats), len(questions), max_new_tokens
-    )
-    return chats
 
 
 def save_text_replay(chats: Sequence[dict[str, str]], path: str | Path) -> None:

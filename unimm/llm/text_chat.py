@@ -1,14 +1,20 @@
 """Greedy chat replies of a plain causal LM (no images): batched, through the tokenizer's chat template.
 
 Used to check a converted or a fine-tuned text model (``unimm.evaluation.text_questions``) and to let a
-pretrained model answer the questions of its own text replay (``unimm.data.text_replay``).
+pretrained model answer the questions of its own text replay (``generate_text_replay``; the questions and
+files are ``unimm.data.text_replay``'s).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 32
 DEFAULT_BATCH_SIZE = 10
@@ -67,3 +73,24 @@ def greedy_chat_replies(
 ) -> list[str]:
     """One greedy chat reply per question, generated in batches."""
     return [reply for reply, _ in chat_replies(model, tokenizer, questions, max_new_tokens, batch_size)]
+
+
+def generate_text_replay(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+) -> list[dict[str, str]]:
+    """``[{"question", "answer"}]``: the model's greedy chat reply to each question. Replies that do not end
+    within ``max_new_tokens`` are left out: trained on, a cut reply would teach the model to stop mid-sentence."""
+    replies = chat_replies(model, tokenizer, list(questions), max_new_tokens, batch_size, progress=True)
+    chats = [
+        {"question": question, "answer": reply}
+        for question, (reply, ended) in zip(questions, replies)
+        if ended and reply
+    ]
+    logger.info(
+        "text replay: %d of %d replies ended within %d tokens", len(chats), len(questions), max_new_tokens
+    )
+    return chats

@@ -41,7 +41,6 @@ from unimm.data.demo_datasets import (
 from unimm.data.schema import IMAGE, drop_text
 from unimm.data.templates import DEFAULT_QUESTIONS, generation_sample, understanding_sample
 from unimm.data.text_replay import (
-    generate_text_replay,
     load_text_replay,
     replay_questions,
     save_text_replay,
@@ -55,6 +54,7 @@ from unimm.evaluation.text_questions import (
 )
 from unimm.llm import UniMMForCausalLM, UniMMProcessor
 from unimm.llm.processing_unimm import IGNORE_INDEX
+from unimm.llm.text_chat import generate_text_replay
 from unimm.llm.text_tokenizer import build_word_level_tokenizer
 from unimm.pipelines.assembly import assemble_pipeline, stop_at_end_of_turn
 from unimm.tokenizer import DualCodebookImageProcessor, DualCodebookTokenizer

@@ -71,13 +71,13 @@ from unimm.data.templates import (
     understanding_sample,
 )
 from unimm.data.text_replay import (
-    generate_text_replay,
     load_text_replay,
     replay_questions,
     save_text_replay,
     text_chat_sample,
 )
 from unimm.llm import UniMMForCausalLM, UniMMProcessor
+from unimm.llm.text_chat import generate_text_replay
 from unimm.llm.text_tokenizer import (
     CHAT_TEMPLATE,
     UnknownTokens,
