@@ -107,3 +107,40 @@ def test_recipe_errors_name_the_step_and_the_problem(tmp_path: Path, steps: str,
 def test_unknown_step_names_are_refused(chain: Path):
     with pytest.raises(BuildError, match=r"no step named \['third'\]"):
         run_build(load_build_recipe(chain), ["third"])
+
+
+def test_a_terminated_build_stops_the_steps_it_started(tmp_path: Path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # A step that records its pid and would run for a minute.
+    _write(
+        tmp_path / "slow.py",
+        "import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(60)\n",
+    )
+    recipe = _write(
+        tmp_path / "build.yaml",
+        f"""\
+        work_dir: {tmp_path / "work"}
+        steps:
+          - name: slow
+            script: slow.py
+            args: ["{tmp_path / "pid"}"]
+            output: {tmp_path / "never"}
+        """,
+    )
+    build = subprocess.Popen([sys.executable, "-m", "unimm.cli", "build", str(recipe)])
+    deadline = time.time() + 60
+    while not (tmp_path / "pid").exists() or not (tmp_path / "pid").read_text():
+        assert time.time() < deadline and build.poll() is None, "the step never started"
+        time.sleep(0.2)
+    step = int((tmp_path / "pid").read_text())
+    build.send_signal(signal.SIGTERM)
+    assert build.wait(timeout=60) != 0
+    with pytest.raises(ProcessLookupError):  # the step is gone (and reaped), not orphaned
+        for _ in range(50):
+            os.kill(step, 0)
+            time.sleep(0.1)

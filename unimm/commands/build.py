@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import sys
 
 from unimm.commands.pipeline_arguments import report_error
 
@@ -31,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from unimm.training.build import BuildError, load_build_recipe, run_build
+
+    # SIGTERM (a scheduler, `kill`) as an exception, so that the build stops the steps it started.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     try:
         recipe = load_build_recipe(args.recipe, work_dir=args.work_dir)

@@ -60,7 +60,8 @@ STEP_KEYS = (
     "group",
     "threads",
 )
-RUNNERS = ("command", "module", "script")  # what a step runs: exactly one of them
+RUNNERS = ("command", "module", "script")
+STOP_SECONDS = 30  # how long an interrupted build waits for its steps to end before killing them  # what a step runs: exactly one of them
 RECIPE_KEYS = ("work_dir", "steps")
 
 
@@ -222,36 +223,59 @@ def run_build(
 
 
 def _run_together(steps: list[BuildStep], work_dir: Path) -> dict[str, dict[str, Any]]:
-    """Start every step, wait for all; each step's status, seconds, command and log."""
+    """Start every step, wait for all; each step's status, seconds, command and log. Interrupted (Ctrl-C,
+    SIGTERM, an error), the build stops the steps it started: none keeps writing into its folder unseen."""
+    commands = {step.name: step.argv() for step in steps}  # a missing launcher fails before anything starts
     started, processes, results = time.time(), {}, {}
-    for step in steps:
-        log = work_dir / LOG_FOLDER / f"{step.name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        environment = dict(os.environ)
-        if step.threads is not None:
-            environment["OMP_NUM_THREADS"] = str(step.threads)
-        logger.info("step %s: %s (log: %s)", step.name, " ".join(step.argv()), log)
-        with open(log, "w") as handle:
-            processes[step.name] = (
-                subprocess.Popen(step.argv(), stdout=handle, stderr=subprocess.STDOUT, env=environment),
-                log,
-                step,
-            )
-    for name, (process, log, step) in processes.items():
-        code = process.wait()
-        seconds = round(time.time() - started, 1)
-        ok = code == 0 and Path(step.output).exists()
-        if code == 0 and not ok:
-            logger.error("step %s exited 0 but did not write its output %s", name, step.output)
-        results[name] = {
-            "status": "ran" if ok else "failed",
-            "seconds": seconds,
-            "exit_code": code,
-            "command": step.argv(),
-            "log": str(log),
-        }
-        logger.info("step %s: %s in %.1f min", name, results[name]["status"], seconds / 60)
+    try:
+        for step in steps:
+            log = work_dir / LOG_FOLDER / f"{step.name}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            environment = dict(os.environ)
+            if step.threads is not None:
+                environment["OMP_NUM_THREADS"] = str(step.threads)
+            logger.info("step %s: %s (log: %s)", step.name, " ".join(commands[step.name]), log)
+            with open(log, "w") as handle:
+                process = subprocess.Popen(
+                    commands[step.name], stdout=handle, stderr=subprocess.STDOUT, env=environment
+                )
+            processes[step.name] = (process, log, step)
+        for name, (process, log, step) in processes.items():
+            code = process.wait()
+            results[name] = _result(step, code, time.time() - started, commands[name], log)
+    except BaseException:
+        _stop([process for process, _, _ in processes.values()])
+        raise
     return results
+
+
+def _result(step: BuildStep, code: int, seconds: float, command: list[str], log: Path) -> dict[str, Any]:
+    ok = code == 0 and Path(step.output).exists()
+    if code == 0 and not ok:
+        logger.error("step %s exited 0 but did not write its output %s", step.name, step.output)
+    status = "ran" if ok else "failed"
+    logger.info("step %s: %s in %.1f min", step.name, status, seconds / 60)
+    return {
+        "status": status,
+        "seconds": round(seconds, 1),
+        "exit_code": code,
+        "command": command,
+        "log": str(log),
+    }
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    """Terminate the steps still running (a training step keeps its last checkpoint), then kill stragglers."""
+    running = [process for process in processes if process.poll() is None]
+    for process in running:
+        logger.warning("stopping step process %d", process.pid)
+        process.terminate()
+    for process in running:
+        try:
+            process.wait(timeout=STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _read_status(work_dir: Path) -> dict[str, dict[str, Any]]:
