@@ -5,6 +5,8 @@ text model; one LoRA step then changes the image rows and the adapters, never Sm
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import datasets
@@ -14,9 +16,20 @@ import torch
 from unimm.llm import UniMMForCausalLM, UniMMProcessor
 from unimm.llm.lora import apply_lora
 from unimm.tokenizer import DualCodebookConfig, DualCodebookImageProcessor, DualCodebookTokenizer
-from unimm.training.demo_model import DemoLlmDataArguments, build_llm_data
 
 pytestmark = pytest.mark.slow
+DEMO_STEPS = Path(__file__).resolve().parents[2] / "recipes" / "demo" / "demo_steps.py"
+
+
+def _demo_steps():
+    """recipes/demo/demo_steps.py (outside the package) as a module."""
+    spec = importlib.util.spec_from_file_location(DEMO_STEPS.stem, DEMO_STEPS)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
@@ -32,8 +45,9 @@ def smollm2_data(converted_smollm2: dict, converted_dinov2: dict, tmp_path_facto
     assert vq_model.teacher.config.model_type == "dinov2" and vq_model.config.teacher_config is not None
     vq_model.save_pretrained(folder / "tokenizer")
     DualCodebookImageProcessor.from_tokenizer_config(vq_model.config).save_pretrained(folder / "tokenizer")
-    build_llm_data(
-        DemoLlmDataArguments(
+    demo_steps = _demo_steps()
+    demo_steps.build_llm_data(
+        demo_steps.DemoLlmDataArguments(
             tokenizer_path=str(folder / "tokenizer"), output_dir=str(folder / "data"),
             text_model_name_or_path=converted_smollm2["output_dir"], max_train_images=4, emoji_repeats=1,
             max_eval_images=2, encode_batch_size=8,

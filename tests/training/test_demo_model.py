@@ -1,8 +1,12 @@
-"""The demo model's data step and assembly (unimm.training.demo_model) on a tiny tokenizer."""
+"""The demo model's data step and assembly (recipes/demo/demo_steps.py, outside the package) on a tiny
+tokenizer."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import datasets
 import pytest
@@ -17,20 +21,26 @@ from unimm.llm.lora import apply_lora
 from unimm.llm.text_tokenizer import build_word_level_tokenizer
 from unimm.pipelines import UniMMPipeline
 from unimm.tokenizer import DualCodebookConfig, DualCodebookImageProcessor, DualCodebookTokenizer
-from unimm.training.demo_model import (
-    DemoLlmDataArguments,
-    SequenceBuilder,
-    assemble,
-    build_llm_data,
-    compare_text_skills,
-    evaluate_and_card,
-    fashion_mnist_answer,
-    generation_sample,
-    understanding_sample,
-)
 from unimm.training.stages.llm import LlmArguments, LlmSftStage
 
 REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def _load_script(path: Path) -> ModuleType:
+    """A Python file of the recipes as a module (registered first: its dataclasses look themselves up)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+demo_steps = _load_script(REPOSITORY / "recipes" / "demo" / "demo_steps.py")
+DemoLlmDataArguments, SequenceBuilder = demo_steps.DemoLlmDataArguments, demo_steps.SequenceBuilder
+assemble, build_llm_data = demo_steps.assemble, demo_steps.build_llm_data
+compare_text_skills, evaluate_and_card = demo_steps.compare_text_skills, demo_steps.evaluate_and_card
+fashion_mnist_answer = demo_steps.fashion_mnist_answer
+generation_sample, understanding_sample = demo_steps.generation_sample, demo_steps.understanding_sample
 TINY_BACKBONE = dict(
     model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=128,

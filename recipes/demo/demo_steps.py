@@ -1,16 +1,16 @@
-"""The demo model's own steps: its LLM data (Fashion-MNIST answers from the labels, emoji repeated) and its
-report with the model card's figures. The whole build is a multi-step recipe:
+"""The demo model's own steps, which the library does not need: its LLM data (Fashion-MNIST answers from the
+labels, emoji repeated) and its report with the model card's figures. The whole build is a multi-step recipe:
 
     unimm build recipes/demo/build.yaml                  # or `make demo-model`; resumes where it stopped
     unimm build recipes/demo/build.yaml --steps llm --force
 
 whose steps are: ``tokenizer`` (``unimm train recipes/demo/tokenizer.yaml``, teacher classifier first),
-``llm_data`` (``python -m unimm.training.demo_model llm_data``: the LLM's initial weights, a small Llama +
+``llm_data`` (``python recipes/demo/demo_steps.py llm_data``: the LLM's initial weights, a small Llama +
 image vocabulary with code rows from the codebook, its word-level text tokenizer, and chat sequences for
 both directions from ``recipes/demo/llm_data.yaml``: "caption → image", text dropped 10% of the time for
 guidance, and "image + question → answer"), ``detokenizer`` and ``llm`` side by side (one core each),
 ``assemble`` (``unimm assemble`` into ``unimm/demo_checkpoint``, linked as ``checkpoints/demo``) and
-``eval`` (``python -m unimm.training.demo_model eval``: the quality report, whose headline figures go into
+``eval`` (``python recipes/demo/demo_steps.py eval``: the quality report, whose headline figures go into
 the checkpoint's model card).
 """
 
@@ -61,7 +61,7 @@ from unimm.tokenizer import DualCodebookImageProcessor, DualCodebookTokenizer
 
 logger = logging.getLogger(__name__)
 
-DEMO_RECIPES = Path("recipes/demo")
+DEMO_RECIPES = Path(__file__).resolve().parent  # this folder: recipes/demo
 PLAIN_TEMPLATE = FASHION_MNIST_TEMPLATES.index("{article} {name}")  # "a sneaker"
 STEPS = ("llm_data", "eval")  # the demo-specific steps; recipes/demo/build.yaml runs all of them
 TRAINING_DATA = (
