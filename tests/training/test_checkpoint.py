@@ -276,3 +276,19 @@ def test_rng_state_file_of_an_older_unimm_still_loads(tmp_path):
     CheckpointManager(saved.parent, keep_last=2).load(FakeEngine(), FakeStage(), saved)
     assert (random.random(), np.random.rand()) == expected[:2]
     assert torch.equal(torch.rand(2), expected[2])
+
+
+def test_ranks_must_agree_on_the_checkpoint_they_resume(tmp_path, monkeypatch):
+    from unimm.training import distributed
+    from unimm.training.checkpoint import CheckpointError, CheckpointManager
+
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=2)
+    chosen = tmp_path / "checkpoints" / "step-00000008"
+    # One process, or ranks that agree: the choice stands.
+    assert manager.agree(chosen) == chosen and manager.agree(None) is None
+    monkeypatch.setattr(distributed, "gather_objects", lambda value: [value, value])
+    assert manager.agree(chosen) == chosen
+    # Node-local folders: rank 1 saw no checkpoint (it resumed at step 0 while rank 0 resumed at step 8).
+    monkeypatch.setattr(distributed, "gather_objects", lambda value: [value, None])
+    with pytest.raises(CheckpointError, match=r"rank 0: step-00000008, rank 1: no checkpoint.*nodes share"):
+        manager.agree(chosen)

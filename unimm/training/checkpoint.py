@@ -145,6 +145,22 @@ class CheckpointManager:
             )
         return found
 
+    def agree(self, checkpoint: Path | None) -> Path | None:
+        """``checkpoint``, after checking that every rank chose the same one (each rank looks at its own disk:
+        with node-local output folders, or a copy missing on one node, they can differ, and resuming from
+        different steps would train one mixed model)."""
+        choices = distributed.gather_objects(None if checkpoint is None else checkpoint.name)
+        if len(set(choices)) > 1:
+            listed = ", ".join(
+                f"rank {rank}: {choice or 'no checkpoint'}" for rank, choice in enumerate(choices)
+            )
+            raise CheckpointError(
+                f"the ranks found different checkpoints to resume from in {self.directory} ({listed}). Every "
+                "node must see the same checkpoints: put output_dir on a filesystem all nodes share, or copy the "
+                "checkpoint to each node"
+            )
+        return checkpoint
+
     def save(self, engine: Any, stage: Any, state: TrainState, metadata: dict[str, Any]) -> Path:
         """Write a complete checkpoint for ``state`` (every rank calls this) and return its folder."""
         name = f"{PREFIX}{state.global_step:0{STEP_DIGITS}d}"

@@ -81,6 +81,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order; ``[value]`` in a single process."""
+    if world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, value)  # DeepSpeed's comm wraps this same process group
+    return gathered
+
+
 def mean_over_ranks(values: dict[str, float], device: Any) -> dict[str, float]:
     """Average named floats over all ranks (every rank must pass the same keys)."""
     if world_size() == 1 or not values:

@@ -144,7 +144,7 @@ class TrainingLoop:
             global_batch_size=self.deepspeed_config["train_batch_size"],
         )
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", args.save_total_limit)
-        resume = self.checkpoints.resolve(args.resume_from_checkpoint)
+        resume = self.checkpoints.agree(self.checkpoints.resolve(args.resume_from_checkpoint))
         if resume is not None:
             self.checkpoints.check_compatible(resume, self.fingerprint)
         self.train_loader, self.eval_loader = self._build_loaders(train_set, eval_set)
