@@ -45,7 +45,11 @@ logger = logging.getLogger("tokenizer_quality")
 
 
 def pretrain_teacher(args: argparse.Namespace) -> None:
-    stage = TokenizerStage(TokenizerStageArguments(tokenizer_config=args.config, image_size=args.image_size))
+    stage = TokenizerStage(
+        TokenizerStageArguments(
+            dataset="fashion_mnist", tokenizer_config=args.config, image_size=args.image_size
+        )
+    )
     train, test = stage.build_datasets()
     accuracy = pretrain_teacher_classifier(
         stage.config.teacher_config,
@@ -73,6 +77,7 @@ def train(args: argparse.Namespace) -> None:
     output_dir, checkpoint_dir = Path(args.output_dir), Path(args.output_dir) / "checkpoint"
     stage = TokenizerStage(
         TokenizerStageArguments(
+            dataset="fashion_mnist",
             tokenizer_config=args.config,
             image_size=args.image_size,
             teacher_name_or_path=args.teacher_dir if Path(args.teacher_dir).exists() else None,
@@ -209,6 +214,7 @@ def evaluate(args: argparse.Namespace) -> None:
     model = DualCodebookTokenizer.from_pretrained(args.output_dir).eval()
     processor = DualCodebookImageProcessor.from_pretrained(args.output_dir)
     stage_args = TokenizerStageArguments(
+        dataset="fashion_mnist",
         image_size=model.config.image_size,
         max_train_samples=args.probe_train_samples,
         max_eval_samples=args.test_samples,

@@ -26,6 +26,17 @@ from unimm.pipelines.testing import build_random_pipeline
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+# Set by DeepSpeed's process-group setup in tests that train in this process; a subprocess that inherits
+# them joins (or collides with) this process's group instead of starting its own.
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+@pytest.fixture
+def clean_env() -> dict[str, str]:
+    """This process's environment without the rank variables, for subprocesses that start their own jobs."""
+    return {key: value for key, value in os.environ.items() if key not in RANK_VARIABLES}
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything() -> None:
     random.seed(0)

@@ -41,9 +41,6 @@ from unimm.data.demo_datasets import (
 from unimm.data.schema import IMAGE, drop_text
 from unimm.data.templates import DEFAULT_QUESTIONS, generation_sample, understanding_sample
 from unimm.data.text_replay import (
-    load_text_replay,
-    replay_questions,
-    save_text_replay,
     text_chat_sample,
 )
 from unimm.evaluation.text_questions import (
@@ -54,10 +51,10 @@ from unimm.evaluation.text_questions import (
 )
 from unimm.llm import UniMMForCausalLM, UniMMProcessor
 from unimm.llm.processing_unimm import IGNORE_INDEX
-from unimm.llm.text_chat import generate_text_replay
 from unimm.llm.text_tokenizer import build_word_level_tokenizer
 from unimm.pipelines.assembly import assemble_pipeline, stop_at_end_of_turn
 from unimm.tokenizer import DualCodebookImageProcessor, DualCodebookTokenizer
+from unimm.training.prepare import replay_chats
 
 logger = logging.getLogger(__name__)
 
@@ -331,17 +328,7 @@ def text_replay_chats(
     """The pretrained model's own answers to the replay questions (cached in ``text_replay.jsonl``: the
     generation takes minutes), split 95/5 into train and eval chats."""
     path = Path(args.output_dir) / "text_replay.jsonl"
-    if path.exists():
-        chats = load_text_replay(path)
-        logger.info("text replay: %d chats from %s", len(chats), path)
-    else:
-        evaluation = [question.question for question in load_text_questions()]
-        chats = generate_text_replay(
-            text_model, text_tokenizer, replay_questions(evaluation), args.text_replay_max_new_tokens
-        )
-        save_text_replay(chats, path)
-    if len(chats) < 2:
-        raise ValueError(f"text replay: {len(chats)} usable chats in {path}; need at least 2")
+    chats = replay_chats(text_model, text_tokenizer, path, args.text_replay_max_new_tokens)
     chats = random.Random(args.seed).sample(chats, len(chats))
     held_out = max(1, len(chats) // 20)
     return {"train": chats[held_out:], "test": chats[:held_out]}

@@ -214,14 +214,14 @@ def _encoded_rows(tmp_path, name: str) -> dict[str, list[int]]:
     return {log.stem: [int(line) for line in log.read_text().split()] for log in logs}
 
 
-def _job_env(tmp_path) -> dict[str, str]:
-    return {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache"), "ACCELERATE_USE_CPU": "1"}
+def _job_env(tmp_path, clean_env: dict[str, str]) -> dict[str, str]:
+    return {**clean_env, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache"), "ACCELERATE_USE_CPU": "1"}
 
 
 @pytest.mark.integration
-def test_killed_job_resumes_without_redoing_finished_shards(tmp_path):
+def test_killed_job_resumes_without_redoing_finished_shards(tmp_path, clean_env):
     script, shards = _job(tmp_path, "killed")
-    env = _job_env(tmp_path)
+    env = _job_env(tmp_path, clean_env)
     job = subprocess.Popen([sys.executable, script, shards, "0.5"], env=env)
     deadline = time.monotonic() + 300  # generous: a loaded 2-core machine starts Python slowly
     while len(list((tmp_path / "killed" / "shards").glob("shard-*.parquet"))) < 2:
@@ -252,10 +252,10 @@ def test_killed_job_resumes_without_redoing_finished_shards(tmp_path):
 
 
 @pytest.mark.integration
-def test_two_processes_share_the_shards(tmp_path):
+def test_two_processes_share_the_shards(tmp_path, clean_env):
     script, shards = _job(tmp_path, "torchrun")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script, shards, "0"]
-    subprocess.run(command, env=_job_env(tmp_path), check=True, timeout=300)
+    subprocess.run(command, env=_job_env(tmp_path, clean_env), check=True, timeout=300)
     encoded = _encoded_rows(tmp_path, "torchrun")
     # Shards of 2 rows, round-robin: rank 0 takes shards 0, 2, 4 and rank 1 takes 1, 3, 5.
     assert sorted(encoded["encoded-0"]) == [0, 1, 4, 5, 8, 9]

@@ -67,7 +67,9 @@ def synthetic_images(count: int, seed: int = 0) -> list[PIL.Image.Image]:
 def make_stage(tokenizer_path, **overrides) -> DetokenizerStage:
     return DetokenizerStage(
         DetokenizerArguments(
-            tokenizer_path=tokenizer_path, image_size=IMAGE_SIZE, **{**TINY_DECODER, **overrides}
+            tokenizer_path=tokenizer_path,
+            image_size=IMAGE_SIZE,
+            **{"dataset": "fashion_mnist", **TINY_DECODER, **overrides},
         )
     )
 
@@ -114,15 +116,19 @@ def test_bad_arguments(tokenizer_path, tmp_path):
     with pytest.raises(ValueError, match="dataset.format: unknown format 'cifar'"):
         DetokenizerArguments(tokenizer_path=tokenizer_path, dataset={"format": "cifar", "path": "data"})
     with pytest.raises(ValueError, match=r"condition_dropout must be in \[0, 1\)"):
-        DetokenizerArguments(tokenizer_path=tokenizer_path, condition_dropout=1.5)
+        DetokenizerArguments(tokenizer_path=tokenizer_path, dataset="fashion_mnist", condition_dropout=1.5)
     with pytest.raises(ValueError, match="not a saved tokenizer folder"):
-        DetokenizerStage(DetokenizerArguments(tokenizer_path=str(tmp_path)))
+        DetokenizerStage(DetokenizerArguments(tokenizer_path=str(tmp_path), dataset="fashion_mnist"))
 
     for weight in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="teacher_feature_weight must be finite and >= 0"):
-            DetokenizerArguments(tokenizer_path=tokenizer_path, teacher_feature_weight=weight)
+            DetokenizerArguments(
+                tokenizer_path=tokenizer_path, dataset="fashion_mnist", teacher_feature_weight=weight
+            )
     with pytest.raises(ValueError, match="needs pixel-space training"):
-        DetokenizerArguments(tokenizer_path=tokenizer_path, teacher_feature_weight=1.0, vae_path="vae")
+        DetokenizerArguments(
+            tokenizer_path=tokenizer_path, dataset="fashion_mnist", teacher_feature_weight=1.0, vae_path="vae"
+        )
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "flow"])

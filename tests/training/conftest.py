@@ -15,7 +15,6 @@ REPOSITORY = HERE.parent.parent
 SYNTHETIC = "synthetic"
 # How a subprocess names the synthetic stage (with tests/training on its PYTHONPATH).
 SYNTHETIC_PATH = "synthetic_stage:SyntheticStage"
-RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 
 @pytest.fixture(autouse=True)
@@ -52,10 +51,10 @@ def synthetic_path() -> str:
 
 
 @pytest.fixture
-def subprocess_env() -> dict[str, str]:
+def subprocess_env(clean_env: dict[str, str]) -> dict[str, str]:
     """Environment for training subprocesses: the synthetic stage importable, one thread (deterministic
     reductions, and fair to the shared cores), no rank variables inherited from this process."""
-    env = {key: value for key, value in os.environ.items() if key not in RANK_VARIABLES}
+    env = dict(clean_env)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
     return env

@@ -262,18 +262,34 @@ def load_image_splits(
         raise DatasetSpecError(
             "dataset: no training row has a usable image (see the bad-record report above)"
         )
-    if held_out is None and len(train) > 1:
-        count = max(1, round(DEFAULT_EVAL_FRACTION * len(train)))
-        count = min(count, max_eval_samples) if max_eval_samples else count
+    if held_out is None and len(train) == 1:
+        logger.warning("dataset has a single row and no eval split: nothing is evaluated")
+    return split_for_eval(
+        train, held_out, DEFAULT_EVAL_FRACTION, parsed.seed, max_train_samples, max_eval_samples
+    )
+
+
+def split_for_eval(
+    train: datasets.Dataset,
+    held_out: datasets.Dataset | None,
+    eval_fraction: float,
+    seed: int,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """``(train, eval)``: ``held_out`` when the spec has an eval split, else ``eval_fraction`` of the
+    training rows held out by ``seed`` (at most ``max_eval_samples``; none from a single row or a fraction
+    of 0), with a warning; then each split cut to its first ``max_*_samples`` rows."""
+    if held_out is None and eval_fraction and len(train) > 1:
+        count = max(1, round(eval_fraction * len(train)))
+        count = min(count, max_eval_samples or count, len(train) - 1)
         logger.warning(
             "dataset names no eval split: holding out %d of its %d training rows for evaluation "
             "(set eval_path or eval_fraction in the dataset mapping to choose)",
             count,
             len(train),
         )
-        train, held_out = hold_out(train, count, parsed.seed)
-    elif held_out is None:
-        logger.warning("dataset has a single row and no eval split: nothing is evaluated")
+        train, held_out = hold_out(train, count, seed)
     return _first_rows(train, max_train_samples), _first_rows(held_out, max_eval_samples)
 
 

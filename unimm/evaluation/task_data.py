@@ -29,6 +29,7 @@ import PIL.Image
 
 from unimm.data.schema import IMAGE, TEXT, open_image
 from unimm.data.spec import EVAL_SPLIT, TRAIN_SPLIT, load_dataset_spec, parse_dataset_spec
+from unimm.llm.text_tokenizer import unknown_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -173,8 +174,8 @@ class VocabularyCheck:
 
 def check_vocabulary(tokenizer: Any, texts: Sequence[str]) -> VocabularyCheck | None:
     """Which words of ``texts`` become ``tokenizer``'s unknown token; ``None`` when it has none (byte-level
-    tokenizers read every word). Each distinct word is tokenized alone, once."""
-    unk_id = getattr(tokenizer, "unk_token_id", None)
+    tokenizers read every word; see ``unknown_token_id``). Each distinct word is tokenized alone, once."""
+    unk_id = unknown_token_id(tokenizer)
     if unk_id is None:
         return None
     words_per_text = [WORD.findall(text) for text in texts]

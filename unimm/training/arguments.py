@@ -169,16 +169,24 @@ def resolve_recipe_path(value: str, base_dir: Path | None, source: str) -> Path:
     """A path as written in a recipe: absolute, relative to the working directory, or to the recipe's
     folder or one of its parents (so ``recipes/deepspeed/zero2.json`` works from anywhere in a checkout)."""
     path = Path(value)
-    candidates = [path] if path.is_absolute() else [Path.cwd() / path]
-    if base_dir is not None and not path.is_absolute():
-        base_dir = base_dir.resolve()
-        candidates += [parent / path for parent in (base_dir, *base_dir.parents)]
+    candidates = (
+        [path] if path.is_absolute() else [folder / path for folder in recipe_search_folders(base_dir)]
+    )
     for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(
         f"recipe {source}: file {value!r} not found (looked in the working directory and above the recipe)"
     )
+
+
+def recipe_search_folders(base_dir: Path | None) -> list[Path]:
+    """Where a relative path written in a recipe is looked for, in order: the working directory, then the
+    recipe's folder and its parents (so ``recipes/deepspeed/zero2.json`` works from anywhere in a checkout)."""
+    if base_dir is None:
+        return [Path.cwd()]
+    base_dir = Path(base_dir).resolve()
+    return [Path.cwd(), base_dir, *base_dir.parents]
 
 
 def _check_keys(values: Mapping[str, Any], classes: Sequence[type], source: str, stage: str) -> None:

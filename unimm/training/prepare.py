@@ -53,15 +53,15 @@ from transformers import (
 )
 
 from unimm.data.bad_records import BadRecords
-from unimm.data.pretokenize import atomic_write, pretokenize_images, process_state
+from unimm.data.pretokenize import TEMPORARY_MARK, atomic_write, pretokenize_images, process_state
 from unimm.data.schema import IMAGE, TEXT, drop_text
 from unimm.data.spec import (
     EVAL_SPLIT,
     TRAIN_SPLIT,
-    hold_out,
     load_dataset_spec,
     parse_dataset_spec,
     resolve_spec_paths,
+    split_for_eval,
 )
 from unimm.data.templates import (
     DEFAULT_QUESTIONS,
@@ -88,7 +88,7 @@ from unimm.llm.text_tokenizer import (
 )
 from unimm.pipelines.assembly import stop_at_end_of_turn
 from unimm.tokenizer import DualCodebookImageProcessor, DualCodebookTokenizer
-from unimm.training.arguments import read_recipe_file
+from unimm.training.arguments import read_recipe_file, recipe_search_folders
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,6 @@ CODES_FOLDER = "codes"
 SUMMARY_FILE, ARGUMENTS_FILE, STEP_FILE = "prepare.json", "arguments.json", "prepare_step.json"
 INIT_FILES = ("config.json", "processor_config.json")  # what a complete init/ holds (besides weights)
 REPLAY_FILE = "text_replay.jsonl"
-TEMPORARY_MARK = ".tmp-"
 # Fields that change how the work is done, not what it produces: a rerun may change them.
 UNRECORDED_FIELDS = ("encode_batch_size", "cache_dir", "overwrite_output_dir")
 LAYOUT_FIELDS = ("type", "role", "text", "image_grid")
@@ -268,20 +267,17 @@ def parse_prepare_recipe(
 
 
 def find_input(value: str, base_dir: Path | None) -> str:
-    """An input path as a recipe writes it, found as ``resolve_recipe_path`` finds files: absolute, under the
-    working directory, or under the recipe's folder or one of its parents. Files and folders alike; a value
-    found nowhere is kept (a Hub id, or a path whose absence the step reports)."""
+    """An input path as a recipe writes it, looked for where ``resolve_recipe_path`` looks (absolute, under
+    the working directory, or under the recipe's folder or one of its parents). Files and folders alike; a
+    value found nowhere is kept (a Hub id, or a path whose absence the step reports)."""
     path = os.path.expanduser(value)
     base = _found_under(path, base_dir)
     return str(base / path) if base is not None else path
 
 
 def _found_under(path: str, base_dir: Path | None) -> Path | None:
-    """The first of the working directory, ``base_dir`` and its parents where ``path`` (or a glob) exists."""
-    bases = [Path.cwd()]
-    if base_dir is not None:
-        bases += [base_dir.resolve(), *base_dir.resolve().parents]
-    return next((base for base in bases if glob.glob(str(base / path))), None)
+    """The first of the recipe's search folders where ``path`` (or a glob) exists."""
+    return next((base for base in recipe_search_folders(base_dir) if glob.glob(str(base / path))), None)
 
 
 def _dataset_with_base(value: Any, base_dir: Path | None) -> Any:
@@ -736,20 +732,10 @@ def load_splits(
     train, held_out = loaded[TRAIN_SPLIT], loaded.get(EVAL_SPLIT)
     if not len(train):
         raise ValueError(f"dataset {spec.to_value()!r} has no usable rows: {bad_records.report()}")
-    if held_out is None and args.eval_fraction and len(train) > 1:
-        count = max(1, round(args.eval_fraction * len(train)))
-        count = min(count, args.max_eval_samples) if args.max_eval_samples else count
-        train, held_out = hold_out(train, min(count, len(train) - 1), args.seed)
-    return {
-        "train": _first_rows(train, args.max_train_samples),
-        "eval": _first_rows(held_out, args.max_eval_samples),
-    }
-
-
-def _first_rows(dataset: datasets.Dataset | None, limit: int | None) -> datasets.Dataset | None:
-    if dataset is None or limit is None or limit >= len(dataset):
-        return dataset
-    return dataset.select(range(limit), keep_in_memory=True)
+    train, held_out = split_for_eval(
+        train, held_out, args.eval_fraction, args.seed, args.max_train_samples, args.max_eval_samples
+    )
+    return {"train": train, "eval": held_out}
 
 
 def load_text_model(args: PrepareArguments, corpus: Sequence[str]) -> tuple[Any, Any]:

@@ -58,7 +58,6 @@ class DetokenizerArguments:
 
     tokenizer_path: str = field(metadata={"help": "folder of a trained DualCodebookTokenizer (kept frozen)"})
     dataset: str | dict[str, Any] = field(
-        default="fashion_mnist",
         metadata={"help": "a dataset spec: a demo name, a path or a mapping (see recipes/README.md)"},
     )
     image_size: int = field(

@@ -70,9 +70,9 @@ NAMED_LOSS_DEFAULTS: dict[str, dict[str, Any]] = {
 class TokenizerStageArguments:
     """Recipe fields of the ``tokenizer`` stage (model size, data, loss switches)."""
 
-    tokenizer_config: str = "demo"  # a named config of DualCodebookConfig.named(): tiny | demo | base
     # A dataset spec (a demo name, a path, or a mapping: see recipes/README.md), or `synthetic`.
-    dataset: str | dict[str, Any] = "fashion_mnist"
+    dataset: str | dict[str, Any]
+    tokenizer_config: str = "demo"  # a named config of DualCodebookConfig.named(): tiny | demo | base
     image_size: int = 32  # images of any size are resized to it
     teacher_name_or_path: str | None = None  # e.g. a folder written by pretrain_teacher_classifier
     # > 0: if `teacher_name_or_path` is a local folder that does not exist yet, first train the built-in
