@@ -3,12 +3,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import DataCollatorWithFlattening, LlamaConfig, LlamaForCausalLM
+from transformers.masking_utils import find_packed_sequence_indices
+from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from unimm.data.bad_records import BadRecords
 from unimm.data.packing import (
+    FLASH_VARLEN_KEYS,
     IGNORE_INDEX,
+    PACKED_COLUMNS,
     PackedCollator,
-    block_causal_mask,
+    flash_varlen_kwargs,
     pack_dataset,
     pack_examples,
     plan_packs,
@@ -99,18 +104,21 @@ def test_pack_dataset_map_style_and_streaming():
     assert all(len(row) <= MAX_LENGTH for row in packed["input_ids"])
 
 
-def test_collator_pads_and_builds_the_block_mask():
+def test_collator_pads_and_builds_no_mask():
     rows = list(pack_examples(_examples([3, 2]), max_length=8))
-    batch = PackedCollator(max_length=8, pad_token_id=PAD_TOKEN_ID, attention="4d")(rows)
+    batch = PackedCollator(max_length=8, pad_token_id=PAD_TOKEN_ID)(rows)
+    # No (B, 1, T, T) mask: the restarting positions are what keeps the samples apart.
+    assert set(batch) == {"input_ids", "labels", "position_ids", "use_cache"}
+    assert batch["use_cache"] is False
+    assert all(batch[key].shape == (1, 8) and batch[key].dtype == torch.long for key in PACKED_COLUMNS)
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
     assert batch["labels"][0, 5:].tolist() == [IGNORE_INDEX] * 3
     assert batch["input_ids"][0, 5:].tolist() == [PAD_TOKEN_ID] * 3
     assert sequence_ids(batch["position_ids"]).tolist() == [[0, 0, 0, 1, 1, 2, 2, 2]]
-    allowed = (batch["attention_mask"][0, 0] == 0).int()
-    expected = torch.zeros(8, 8, dtype=torch.int)
-    for start, end in [(0, 3), (3, 5), (5, 8)]:
-        expected[start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.int).tril()
-    assert torch.equal(allowed, expected)
+    # The samples are those transformers finds in the position ids (when the model runs without a cache).
+    torch.testing.assert_close(
+        find_packed_sequence_indices(batch["position_ids"]), sequence_ids(batch["position_ids"])
+    )
 
 
 def test_collator_refuses_rows_longer_than_max_length():
@@ -120,51 +128,109 @@ def test_collator_refuses_rows_longer_than_max_length():
         )
 
 
-@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-@pytest.mark.parametrize("attention", ["position_ids", "4d"])
-def test_packed_batch_gives_the_same_per_sample_loss_as_unpacked(attn_implementation, attention):
-    model = _tiny_llama(attn_implementation)
-    examples = _examples([5, 9, 4, 11, 2, 6, 7])
-    rows = list(pack_examples(examples, max_length=MAX_LENGTH))
-    batch = PackedCollator(MAX_LENGTH, PAD_TOKEN_ID, attention=attention)(rows)
-    assert batch["input_ids"].shape[0] < len(examples)  # really packed
-
-    # Packed position_ids alone isolate the samples only without a KV cache (see unimm.data.packing).
-    call_options = {"use_cache": False} if attention == "position_ids" else {}
-    with torch.no_grad():
-        packed_logits = model(**{k: v for k, v in batch.items() if k != "labels"}, **call_options).logits
-        packed_losses = _token_losses(packed_logits, batch["labels"])  # (B, T)
-        packed_output = model(**batch, **call_options)
-    sample_index = sequence_ids(batch["position_ids"])  # (B, T)
-
-    total_loss, total_tokens = 0.0, 0
-    for row, example in _locate(rows, examples):
+def _packed_and_alone_logits(model, rows, examples, sample_index, logits):
+    """Per packed example: its logits inside the pack (t, V), its logits run alone (t, V), its labels (1, t)."""
+    for (row_index, sample), example in _locate(rows, examples):
         input_ids = torch.tensor([example["input_ids"]])
         labels = torch.tensor([example["labels"]])
         with torch.no_grad():
-            alone = _token_losses(model(input_ids=input_ids).logits, labels)[0]  # (T,)
-        row_index, sample = row
-        in_pack = packed_losses[row_index][sample_index[row_index] == sample]
+            alone = model(input_ids=input_ids).logits  # (1, t, V)
+        in_pack = sample_index[row_index] == sample  # (T,)
+        yield logits[row_index][in_pack], alone[0], labels
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_packed_batch_gives_the_same_logits_and_per_sample_loss_as_unpacked(attn_implementation):
+    model = _tiny_llama(attn_implementation)
+    examples = _examples([5, 9, 4, 11, 2, 6, 7])
+    rows = list(pack_examples(examples, max_length=MAX_LENGTH))
+    batch = PackedCollator(MAX_LENGTH, PAD_TOKEN_ID)(rows)
+    assert batch["input_ids"].shape[0] < len(examples)  # really packed
+
+    with torch.no_grad():
+        packed_logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # (B, T, V)
+        packed_output = model(**batch)
+    sample_index = sequence_ids(batch["position_ids"])  # (B, T)
+    total_loss, total_tokens = 0.0, 0
+    for in_pack, alone, labels in _packed_and_alone_logits(
+        model, rows, examples, sample_index, packed_logits
+    ):
         torch.testing.assert_close(in_pack, alone, atol=1e-5, rtol=1e-5)
-        total_loss += alone.sum().item()
+        alone_losses = _token_losses(alone[None], labels)[0]  # (t,)
+        torch.testing.assert_close(
+            _token_losses(in_pack[None], labels)[0], alone_losses, atol=1e-5, rtol=1e-5
+        )
+        total_loss += alone_losses.sum().item()
         total_tokens += int((labels[0, 1:] != IGNORE_INDEX).sum())
     # The model's own loss over the packed batch is the token-weighted mean of the unpacked losses.
     assert packed_output.loss.item() == pytest.approx(total_loss / total_tokens, rel=1e-5)
 
 
 def test_position_ids_alone_leak_across_samples_when_the_model_keeps_a_cache():
-    """Guards the documented caveat: if transformers starts isolating packed samples with a cache too,
-    this test fails and the caveat (and ``use_cache=False``) can go."""
+    """Why every packed batch says ``use_cache=False``: if transformers starts isolating packed samples with
+    a cache too, this test fails and that key can go."""
     model = _tiny_llama("sdpa")
     rows = list(pack_examples(_examples([5, 4]), max_length=9))
-    batch = PackedCollator(9, PAD_TOKEN_ID, attention="position_ids")(rows)
+    batch = PackedCollator(9, PAD_TOKEN_ID)(rows)
     second_sample = sequence_ids(batch["position_ids"])[0] == 1
     with torch.no_grad():
         with_cache = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-        without_cache = model(**{k: batch[k] for k in ("input_ids", "position_ids")}, use_cache=False).logits
+        without_cache = model(**{k: batch[k] for k in ("input_ids", "position_ids", "use_cache")}).logits
         alone = model(input_ids=batch["input_ids"][:, second_sample]).logits
     torch.testing.assert_close(without_cache[:, second_sample], alone, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(with_cache[:, second_sample], alone, atol=1e-3)
+
+
+def test_flash_varlen_kwargs_match_transformers_over_the_flattened_batch():
+    rows = list(pack_examples(_examples([5, 9, 4, 11, 2, 6, 7]), max_length=MAX_LENGTH))
+    batch = PackedCollator(MAX_LENGTH, PAD_TOKEN_ID, flash_attention=True)(rows)
+    assert len(rows) > 1
+    # transformers reads them from position ids only for a batch of one row: flatten the rows into one.
+    (cu_seq_lens, _), (max_length, _) = prepare_fa_kwargs_from_position_ids(
+        batch["position_ids"].reshape(1, -1)
+    )
+    assert batch["cu_seq_lens_q"].dtype == torch.int32
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == cu_seq_lens.tolist()
+    assert batch["max_length_q"] == batch["max_length_k"] == int(max_length)
+    assert isinstance(batch["max_length_q"], int)  # flash attention takes a Python int
+
+
+def _varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """``flash_attn_varlen_func``'s semantics on the CPU (a stand-in for flash attention): the batch flattened
+    to one sequence, causal attention within each ``cu_seq_lens_q`` segment, nothing across."""
+    assert attention_mask is None
+    batch_size, heads, length, head_dim = query.shape
+    key = key.repeat_interleave(heads // key.shape[1], dim=1)  # (B, H, T, D): grouped-query heads expanded
+    value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    flat = [x.transpose(0, 1).reshape(heads, batch_size * length, head_dim) for x in (query, key, value)]
+    output = torch.empty_like(flat[0])  # (H, B·T, D)
+    bounds = kwargs["cu_seq_lens_q"].tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        q, k, v = (x[:, start:end] for x in flat)
+        output[:, start:end] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+    return output.reshape(heads, batch_size, length, head_dim).permute(1, 2, 0, 3), None  # (B, T, H, D)
+
+
+def test_flash_varlen_kwargs_reach_the_attention_and_keep_the_samples_apart(monkeypatch):
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "varlen_reference", _varlen_attention)
+    model = _tiny_llama("varlen_reference")
+    examples = _examples([5, 9, 4, 11, 2, 6, 7])
+    rows = list(pack_examples(examples, max_length=MAX_LENGTH))
+    batch = PackedCollator(MAX_LENGTH, PAD_TOKEN_ID, flash_attention=True)(rows)
+    with torch.no_grad():
+        packed_logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # (B, T, V)
+    reference = _tiny_llama("sdpa")  # the same weights (same seed)
+    sample_index = sequence_ids(batch["position_ids"])
+    for in_pack, alone, _ in _packed_and_alone_logits(reference, rows, examples, sample_index, packed_logits):
+        torch.testing.assert_close(in_pack, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_varlen_kwargs_start_a_sample_at_every_row():
+    position_ids = torch.tensor([[0, 1, 2, 3], [0, 1, 0, 1]])  # one full-length sample, then two
+    kwargs = flash_varlen_kwargs(position_ids)
+    assert set(kwargs) == set(FLASH_VARLEN_KEYS)
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, 4, 6, 8]
+    assert kwargs["max_length_q"] == 4
 
 
 def _locate(rows, examples):
@@ -178,9 +244,3 @@ def _locate(rows, examples):
                     found.append(((row_index, sample), example))
     assert len(found) == len(examples)
     return found
-
-
-def test_block_causal_mask_of_a_single_sample_is_causal():
-    mask = block_causal_mask(torch.arange(4)[None], dtype=torch.bfloat16)
-    assert mask.dtype == torch.bfloat16
-    assert torch.equal(mask[0, 0] == 0, torch.ones(4, 4, dtype=torch.bool).tril())

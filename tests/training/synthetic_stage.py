@@ -8,6 +8,7 @@ logits of a fixed batch computed by the (possibly ZeRO-3 sharded) engine at eval
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,8 @@ class SyntheticStage(TrainingStage):
         args = self.args
         train = ArithmeticSequences(args.num_train_samples, args.sequence_length, args.vocab_size, 0)
         held_out = ArithmeticSequences(args.num_eval_samples, args.sequence_length, args.vocab_size, 10**6)
+        if args.record_dir:  # so a test can signal this rank's process
+            (Path(args.record_dir) / f"pid_rank{distributed.rank()}.txt").write_text(str(os.getpid()))
         return train, held_out
 
     def compute_loss(self, model, batch, step):

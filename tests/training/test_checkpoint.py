@@ -278,17 +278,11 @@ def test_rng_state_file_of_an_older_unimm_still_loads(tmp_path):
     assert torch.equal(torch.rand(2), expected[2])
 
 
-def test_ranks_must_agree_on_the_checkpoint_they_resume(tmp_path, monkeypatch):
-    from unimm.training import distributed
-    from unimm.training.checkpoint import CheckpointError, CheckpointManager
-
-    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=2)
-    chosen = tmp_path / "checkpoints" / "step-00000008"
-    # One process, or ranks that agree: the choice stands.
-    assert manager.agree(chosen) == chosen and manager.agree(None) is None
-    monkeypatch.setattr(distributed, "gather_objects", lambda value: [value, value])
-    assert manager.agree(chosen) == chosen
-    # Node-local folders: rank 1 saw no checkpoint (it resumed at step 0 while rank 0 resumed at step 8).
-    monkeypatch.setattr(distributed, "gather_objects", lambda value: [value, None])
-    with pytest.raises(CheckpointError, match=r"rank 0: step-00000008, rank 1: no checkpoint.*nodes share"):
-        manager.agree(chosen)
+def test_choose_in_one_process_is_resolve(tmp_path):
+    """The ranks' agreement (tests/training/test_multinode.py) reduces to ``resolve`` in a single process."""
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=3)
+    assert manager.choose("auto") is None and manager.choose("never") is None
+    older, newest = _save(manager, 2), _save(manager, 4)
+    assert manager.choose("auto") == newest and manager.choose(str(older)) == older
+    with pytest.raises(FileNotFoundError, match="no checkpoint there"):
+        manager.choose(str(tmp_path / "elsewhere"))

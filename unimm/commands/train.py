@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from unimm.training.arguments import load_recipe
     from unimm.training.checkpoint import CheckpointError
+    from unimm.training.distributed import ClusterError
+    from unimm.training.launchers import LaunchEnvironmentError
     from unimm.training.loop import train
 
     quiet_deepspeed()
@@ -34,7 +36,9 @@ def main(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     try:
         result = train(recipe)
-    except CheckpointError as error:  # no intact checkpoint to resume, or one that would run code
+    # No intact checkpoint to resume (or one that would run code), storage the nodes do not share, a
+    # launcher's variables that do not add up: one line, not a traceback per rank.
+    except (CheckpointError, ClusterError, LaunchEnvironmentError) as error:
         return report_error(error)
     if os.environ.get("RANK", "0") != "0":
         return 0

@@ -4,15 +4,14 @@ A packed row is the samples' ``input_ids`` one after another, with ``position_id
 for every sample and ``labels`` whose first token of every sample is ``-100``, so no token learns to
 predict the next sample (the same layout as transformers' ``DataCollatorWithFlattening``).
 
-Two ways to keep attention inside each sample (``PackedCollator(attention=...)``):
-
-- ``"4d"`` (default): the batch carries the block-diagonal causal mask (B, 1, T, T) in additive form;
-  transformers uses a 4D mask as given, so this works with eager and sdpa attention whatever else the
-  call passes. Costs T² mask entries per row.
-- ``"position_ids"``: no mask; transformers (5.x) derives the blocks from the restarting
-  ``position_ids`` (eager/sdpa/flex) or takes flash-attention's varlen path. It does so only when the
-  model runs **without a cache**: call the model with ``use_cache=False`` (its config defaults to
-  ``True`` even in training, and with a cache the samples silently attend to each other).
+The restarting ``position_ids`` are all the model needs to keep attention inside each sample; no mask is
+built. transformers (5.x) derives the per-sample blocks from them on the device, for every backend:
+eager, sdpa and flex build a block-causal mask from them (``masking_utils.find_packed_sequence_indices``);
+flash attention runs its varlen kernel, from the position ids when the batch is one row, else from the
+``cu_seq_lens_*`` / ``max_length_*`` arguments ``PackedCollator(flash_attention=True)`` adds. transformers
+looks for packed rows only when the model runs **without a KV cache** (with one, the samples silently attend
+to each other), so every packed batch carries ``use_cache=False``. A block mask built here instead would be
+a (B, 1, T, T) tensor, 64 MiB per row in fp32 at T=4096, which flash attention cannot take.
 
 Samples are placed by best-fit decreasing within windows of ``window_size`` samples, so a dataset of
 any size packs in one pass with bounded memory; a sample longer than ``max_length`` is skipped and
@@ -35,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 PACKED_COLUMNS = ("input_ids", "labels", "position_ids")
+# The arguments of flash attention's varlen kernel, as transformers' attention layers take them.
+FLASH_VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def plan_packs(lengths: Sequence[int], max_length: int) -> list[list[int]]:
@@ -144,29 +145,18 @@ def _concatenate(examples: list[dict[str, Any]]) -> dict[str, list[int]]:
 class PackedCollator:
     """Stack packed rows into a batch padded to ``max_length``.
 
-    Returns ``input_ids``, ``labels`` and ``position_ids`` (B, T). Padding forms its own pseudo-sample
-    (positions from 0, labels ``-100``), so it attends to nothing real. With ``attention="4d"`` the
-    batch also holds ``attention_mask`` (B, 1, T, T): 0 where a token may attend, the minimum of
-    ``mask_dtype`` (use the model's dtype) elsewhere. With ``attention="position_ids"`` the model must
-    be called with ``use_cache=False`` (see the module docstring)."""
+    Returns ``input_ids``, ``labels`` and ``position_ids`` (B, T), and ``use_cache=False`` (the samples
+    are kept apart only without a cache; see the module docstring). Padding forms its own pseudo-sample
+    (positions from 0, labels ``-100``), so it attends to nothing real. ``flash_attention=True`` adds
+    flash attention's varlen arguments (``flash_varlen_kwargs``), computed here on the host so the model's
+    step does not wait for them."""
 
-    ATTENTION_MODES = ("position_ids", "4d")
-
-    def __init__(
-        self,
-        max_length: int,
-        pad_token_id: int,
-        attention: str = "4d",
-        mask_dtype: torch.dtype = torch.float32,
-    ) -> None:
-        if attention not in self.ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {self.ATTENTION_MODES}, got {attention!r}")
+    def __init__(self, max_length: int, pad_token_id: int, flash_attention: bool = False) -> None:
         self.max_length = max_length
         self.pad_token_id = pad_token_id
-        self.attention = attention
-        self.mask_dtype = mask_dtype
+        self.flash_attention = flash_attention
 
-    def __call__(self, rows: Sequence[dict[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: Sequence[dict[str, Sequence[int]]]) -> dict[str, Any]:
         batch = {column: [] for column in PACKED_COLUMNS}
         for row in rows:
             padding = self.max_length - len(row["input_ids"])
@@ -177,28 +167,33 @@ class PackedCollator:
             batch["input_ids"].append([*row["input_ids"], *[self.pad_token_id] * padding])
             batch["labels"].append([*row["labels"], *[IGNORE_INDEX] * padding])
             batch["position_ids"].append([*row["position_ids"], *range(padding)])
-        tensors = {
+        tensors: dict[str, Any] = {
             column: torch.tensor(values, dtype=torch.long) for column, values in batch.items()
         }  # (B, T)
-        if self.attention == "4d":
-            tensors["attention_mask"] = block_causal_mask(tensors["position_ids"], self.mask_dtype)
-        return tensors
+        if self.flash_attention:
+            tensors.update(flash_varlen_kwargs(tensors["position_ids"]))
+        return {**tensors, "use_cache": False}
+
+
+def sequence_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """Where a packed sample starts (B, T), as transformers reads it: positions that do not count up by one."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts  # (B, T)
 
 
 def sequence_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """Index of the packed sample each token belongs to (B, T): a new sample starts where positions restart."""
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    return starts.long().cumsum(dim=1) - 1  # (B, T)
+    """Index of the packed sample each token belongs to (B, T), counted from 0 in every row."""
+    return sequence_starts(position_ids).long().cumsum(dim=1) - 1  # (B, T)
 
 
-def block_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Additive attention mask (B, 1, T, T): causal within each packed sample, blocked across samples."""
-    ids = sequence_ids(position_ids)
-    same_sample = ids[:, :, None] == ids[:, None, :]  # (B, T, T), query along dim 1, key along dim 2
-    # Within one sample positions count up by one, so "key position <= query position" is causal order.
-    causal = position_ids[:, None, :] <= position_ids[:, :, None]  # (B, T, T)
-    allowed = (same_sample & causal)[:, None]  # (B, 1, T, T)
-    zero = torch.zeros((), dtype=dtype, device=position_ids.device)
-    blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=position_ids.device)
-    return torch.where(allowed, zero, blocked)
+def flash_varlen_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:
+    """``cu_seq_lens_q/k`` (int32, one entry per sample plus the end) and ``max_length_q/k`` of packed rows.
+
+    They describe the batch flattened to one sequence of B·T tokens, which is how transformers' flash
+    attention runs varlen with them for any B (from ``position_ids`` alone it does so only for B = 1)."""
+    starts = sequence_starts(position_ids).flatten()  # (B·T,): every row starts a sample
+    bounds = torch.cat([starts.nonzero().flatten(), torch.tensor([starts.numel()], device=starts.device)])
+    cu_seq_lens = bounds.to(torch.int32)  # (samples + 1,)
+    max_length = int(cu_seq_lens.diff().max())
+    return dict(zip(FLASH_VARLEN_KEYS, (cu_seq_lens, cu_seq_lens, max_length, max_length)))

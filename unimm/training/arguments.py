@@ -76,6 +76,19 @@ class TrainingArguments:
     )
     report_to: list[str] = field(default_factory=list, metadata={"help": f"extra trackers: {TRACKERS}"})
     dataloader_num_workers: int = 0
+    ddp_timeout: int = field(
+        default=1800,
+        metadata={
+            "help": "seconds a collective (and the watchdog) waits for a peer before this rank stops; also the "
+            "process group's timeout"
+        },
+    )
+    main_process_timeout: int = field(
+        default=7200,
+        metadata={
+            "help": "seconds the other ranks wait while rank 0 alone writes samples or a checkpoint manifest"
+        },
+    )
 
     def __post_init__(self) -> None:
         positive = (
@@ -84,6 +97,7 @@ class TrainingArguments:
             "gradient_accumulation_steps",
         )
         positive += ("logging_steps", "save_steps", "save_total_limit", "num_train_epochs")
+        positive += ("ddp_timeout", "main_process_timeout")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

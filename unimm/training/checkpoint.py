@@ -145,21 +145,66 @@ class CheckpointManager:
             )
         return found
 
-    def agree(self, checkpoint: Path | None) -> Path | None:
-        """``checkpoint``, after checking that every rank chose the same one (each rank looks at its own disk:
-        with node-local output folders, or a copy missing on one node, they can differ, and resuming from
-        different steps would train one mixed model)."""
-        choices = distributed.gather_objects(None if checkpoint is None else checkpoint.name)
-        if len(set(choices)) > 1:
-            listed = ", ".join(
-                f"rank {rank}: {choice or 'no checkpoint'}" for rank, choice in enumerate(choices)
+    def choose(self, resume_from: str) -> Path | None:
+        """The checkpoint every rank resumes from: all ranks call this, and all get the same answer.
+
+        Each rank looks at its own disk, and with node-local folders or a copy missing on one node the
+        ranks' views differ; resuming from different steps would train one mixed model. So rank 0 proposes
+        (``resolve``'s choice and, for ``auto``, the older ones after it), and every rank checks that it holds
+        the proposal whole (rank 0 verifies every file's sha256, the others that every file is there with
+        its size): the newest that all hold wins. With ``auto``, a run where some rank holds a checkpoint but
+        none is held by all stops rather than start over; a named checkpoint must be held by all."""
+        if resume_from == RESUME_NEVER:
+            return None
+        proposal = distributed.broadcast_object(
+            self._propose(resume_from) if distributed.is_main_process() else None
+        )
+        if isinstance(proposal, Exception):
+            raise proposal
+        refusals = []
+        for index, proposed in enumerate(proposal):
+            # ``auto`` proposes names, looked up in each rank's own output folder; a named checkpoint is
+            # one path for all.
+            candidate = self.directory / proposed if resume_from == RESUME_AUTO else Path(proposed)
+            verified = index == 0 and distributed.is_main_process()  # resolve has hashed its choice
+            views = distributed.gather_objects((distributed.host(), None if verified else _holds(candidate)))
+            missing = [
+                f"rank {rank} on {name}: {problem}" for rank, (name, problem) in enumerate(views) if problem
+            ]
+            if not missing:
+                return candidate
+            refusals.append(f"{candidate.name} ({'; '.join(missing)})")
+            logger.warning(
+                "not every rank holds %s intact, trying the one before: %s", candidate, refusals[-1]
             )
+            if resume_from != RESUME_AUTO:
+                break
+        holders = [count for count in distributed.gather_objects(len(self.checkpoints())) if count]
+        if refusals or holders:
             raise CheckpointError(
-                f"the ranks found different checkpoints to resume from in {self.directory} ({listed}). Every "
-                "node must see the same checkpoints: put output_dir on a filesystem all nodes share, or copy the "
-                "checkpoint to each node"
+                f"no checkpoint in {self.directory} is intact on every rank"
+                + (
+                    f": {', '.join(refusals)}"
+                    if refusals
+                    else f" (rank 0 has none, {len(holders)} rank(s) have some)"
+                )
+                + ". Every node must see the same checkpoints: put output_dir on a filesystem all nodes share, or "
+                "copy the checkpoint to each node"
             )
-        return checkpoint
+        return None
+
+    def _propose(self, resume_from: str) -> list[str] | Exception:
+        """Rank 0's candidates, newest first (an exception to raise on every rank if the choice fails)."""
+        try:
+            chosen = self.resolve(resume_from)
+        except (CheckpointError, FileNotFoundError) as error:
+            return error
+        if chosen is None:
+            return []
+        if resume_from != RESUME_AUTO:
+            return [str(chosen)]
+        older = [path for path in _newest_first(self.directory) if _step(path) < _step(chosen)]
+        return [path.name for path in [chosen, *older]]
 
     def save(self, engine: Any, stage: Any, state: TrainState, metadata: dict[str, Any]) -> Path:
         """Write a complete checkpoint for ``state`` (every rank calls this) and return its folder."""
@@ -185,7 +230,7 @@ class CheckpointManager:
             os.replace(temporary, final)
             _write_text_atomic(self.directory / LATEST_FILE, name)
             self._prune(final)
-        distributed.barrier()
+        distributed.wait_for_main_process()  # hashing a large checkpoint can outlast a collective timeout
         return final
 
     def check_compatible(self, checkpoint: Path, fingerprint: RunFingerprint) -> None:
@@ -343,6 +388,27 @@ def _read_manifest(checkpoint: Path) -> dict[str, dict[str, Any]]:
         raise CheckpointError(
             f"checkpoint {checkpoint} is damaged: {MANIFEST_FILE} does not read ({error!r})"
         ) from error
+
+
+def _holds(checkpoint: Path) -> str | None:
+    """Why this rank cannot resume from ``checkpoint`` (None: it can). Rank 0 verifies every file's hash;
+    the other ranks, every file's presence and size (cheap on any storage, and enough: rank 0's check
+    covers the bytes of a shared folder)."""
+    if distributed.is_main_process():
+        return None if _is_intact(checkpoint) else "damaged"
+    if not checkpoint.is_dir():
+        return f"no folder {checkpoint}"
+    if not (checkpoint / MANIFEST_FILE).is_file():
+        return None if (checkpoint / STATE_FILE).is_file() else f"no {STATE_FILE}"
+    try:
+        manifest = _read_manifest(checkpoint)
+    except CheckpointError as error:
+        return str(error)
+    for name, expected in manifest.items():
+        path = checkpoint / name
+        if not path.is_file() or path.stat().st_size != expected["size"]:
+            return f"{name} is missing or incomplete"
+    return None
 
 
 def _is_intact(checkpoint: Path) -> bool:

@@ -58,6 +58,8 @@ def fill_deepspeed_config(config: dict[str, Any], args: TrainingArguments, world
         config["zero_allow_untested_optimizer"] = True
     for keys, value in owned.items():
         _fill(config, keys, value)
+    # Every rank must save under the same tag; DeepSpeed only warns about a mismatch unless told to fail.
+    config.setdefault("checkpoint", {}).setdefault("tag_validation", "Fail")
     _check_supported(config)
     return config
 

@@ -5,6 +5,10 @@ reads its own disjoint shard of it, and a resumed run starts at the first sample
 The loader draws its worker seeds from its own generator, never from the global torch RNG, so
 creating a loader mid-epoch on resume leaves the model's random stream (dropout) exactly where the
 uninterrupted run had it.
+
+Batches bound for an accelerator are collated into pinned (page-locked) host memory and copied with
+``non_blocking=True``, so the copy overlaps the device's work instead of stalling the step; on the CPU
+neither applies and batches are used as collated.
 """
 
 from __future__ import annotations
@@ -41,8 +45,11 @@ def build_loader(
     seed: int,
     shuffle: bool,
     num_workers: int = 0,
+    device: torch.device | str | None = None,
 ) -> DataLoader:
-    """A loader over this rank's shard; training loaders shuffle and drop the last partial batch."""
+    """A loader over this rank's shard; training loaders shuffle and drop the last partial batch.
+
+    ``device``: where the batches go; an accelerator's batches come in pinned memory."""
     if len(dataset) < world_size * (batch_size if shuffle else 1):
         raise ValueError(
             f"dataset has {len(dataset)} samples, fewer than one batch per rank "
@@ -60,6 +67,7 @@ def build_loader(
         drop_last=shuffle,
         num_workers=num_workers,
         generator=generator,
+        pin_memory=device is not None and is_accelerator(device),
     )
 
 
@@ -70,11 +78,19 @@ def set_position(loader: DataLoader, epoch: int, batches_consumed: int) -> None:
     loader.sampler.start_index = batches_consumed * loader.batch_size
 
 
+def is_accelerator(device: torch.device | str) -> bool:
+    """Whether ``device`` is anything but the host (cuda, xpu, npu, ...)."""
+    return torch.device(device).type != "cpu"
+
+
 def move_to_device(batch: Any, device: torch.device, float_dtype: torch.dtype | None = None) -> Any:
-    """Move every tensor of a (nested) batch to ``device``; floating tensors optionally cast."""
+    """Move every tensor of a (nested) batch to ``device``; floating tensors optionally cast.
+
+    Copies to an accelerator do not block the host (from pinned memory they run asynchronously; kernels that
+    read the result wait for them). Copies to the CPU block: the host may read them at once."""
     if isinstance(batch, torch.Tensor):
         dtype = float_dtype if float_dtype is not None and batch.is_floating_point() else None
-        return batch.to(device=device, dtype=dtype)
+        return batch.to(device=device, dtype=dtype, non_blocking=is_accelerator(device))
     if isinstance(batch, dict):
         return {key: move_to_device(value, device, float_dtype) for key, value in batch.items()}
     if isinstance(batch, (list, tuple)):

@@ -25,6 +25,7 @@ import deepspeed
 import torch
 import yaml
 from accelerate.utils import set_seed
+from deepspeed.accelerator import get_accelerator
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -70,21 +71,28 @@ def train(recipe: Recipe) -> TrainResult:
 
 class _Window:
     """Sums over the micro-batches since the last log line, and the training time they took (the clock
-    is paused while the loop logs, evaluates, writes samples or checkpoints)."""
+    is paused while the loop logs, evaluates, writes samples or checkpoints).
+
+    Losses and metrics stay tensors on the device until the log line: reading a value every micro-step
+    would make the host wait for the accelerator each time. A nan metric was not measured in its
+    micro-batch and is averaged over the ones that measured it."""
 
     def __init__(self) -> None:
         self.elapsed = 0.0
         self.started = time.perf_counter()
         self.micro_batches = 0
         self.units = 0
-        self.sums: dict[str, float] = defaultdict(float)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
 
-    def add(self, loss: torch.Tensor, metrics: dict[str, float], units: int) -> None:
+    def add(self, loss: torch.Tensor, metrics: dict[str, Any], units: int) -> None:
         self.micro_batches += 1
         self.units += units
-        self.sums["loss"] += float(loss)
-        for key, value in metrics.items():
-            self.sums[key] += float(value)
+        for key, value in {"loss": loss, **metrics}.items():
+            value = torch.as_tensor(value, device=loss.device).detach().float()
+            finite = torch.isfinite(value)
+            self.sums[key] = self.sums.get(key, 0.0) + torch.where(finite, value, 0.0)
+            self.counts[key] = self.counts.get(key, 0.0) + finite.float()
 
     def pause(self) -> None:
         self.elapsed += time.perf_counter() - self.started
@@ -92,8 +100,24 @@ class _Window:
     def resume(self) -> None:
         self.started = time.perf_counter()
 
-    def means(self) -> dict[str, float]:
-        return {key: value / max(self.micro_batches, 1) for key, value in self.sums.items()}
+    def totals(self) -> dict[str, float]:
+        """``sum/<key>`` and ``count/<key>`` of every metric, read from the device in one go."""
+        keys = sorted(self.sums)
+        if not keys:
+            return {}
+        pairs = torch.stack([torch.stack([self.sums[key], self.counts[key]]) for key in keys]).tolist()
+        return {
+            f"{kind}/{key}": value
+            for key, pair in zip(keys, pairs)
+            for kind, value in zip(("sum", "count"), pair)
+        }
+
+
+def window_means(totals: dict[str, float]) -> dict[str, float]:
+    """Per-metric means from (rank-averaged) ``sum/``/``count/`` totals: a ratio of means is the mean over
+    every measurement of every rank."""
+    keys = [key.removeprefix("sum/") for key in totals if key.startswith("sum/")]
+    return {key: totals[f"sum/{key}"] / totals[f"count/{key}"] for key in keys if totals[f"count/{key}"] > 0}
 
 
 class _DeviceLoader:
@@ -121,7 +145,10 @@ class TrainingLoop:
     def setup(self) -> None:
         """Build and check everything; every input error surfaces here, before the first step."""
         args = self.args
-        distributed.init_distributed()
+        distributed.init_distributed(args.ddp_timeout, args.main_process_timeout)
+        distributed.check_shared_storage(self.output_dir)  # now, not when the first checkpoint is written
+        self.watchdog = distributed.Watchdog(args.ddp_timeout)
+        self.watchdog.start()
         set_seed(args.seed)
         world_size = distributed.world_size()
         self.deepspeed_config = fill_deepspeed_config(
@@ -144,7 +171,7 @@ class TrainingLoop:
             global_batch_size=self.deepspeed_config["train_batch_size"],
         )
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", args.save_total_limit)
-        resume = self.checkpoints.agree(self.checkpoints.resolve(args.resume_from_checkpoint))
+        resume = self.checkpoints.choose(args.resume_from_checkpoint)
         if resume is not None:
             self.checkpoints.check_compatible(resume, self.fingerprint)
         self.train_loader, self.eval_loader = self._build_loaders(train_set, eval_set)
@@ -162,6 +189,7 @@ class TrainingLoop:
         args = self.args
         common = {"rank": distributed.rank(), "world_size": distributed.world_size(), "seed": args.seed}
         common["collate_fn"], common["num_workers"] = self.stage.collate, args.dataloader_num_workers
+        common["device"] = get_accelerator().current_device_name()  # pinned host memory for an accelerator
         train_loader = build_loader(train_set, args.per_device_train_batch_size, shuffle=True, **common)
         if eval_set is None:
             return train_loader, None
@@ -231,6 +259,7 @@ class TrainingLoop:
                 self._train_epoch()
             return self._finish()
         finally:
+            self.watchdog.stop(left=False)  # after an error the peers should notice this rank is gone
             self.progress.close()
             self.tracker.close()
 
@@ -253,11 +282,12 @@ class TrainingLoop:
         state.epoch, state.batches_in_epoch = state.epoch + 1, 0
 
     def _micro_step(self, batch: Any) -> None:
+        units = self.stage.count_units(batch)  # on the host batch: free, where the device one would sync
         batch = move_to_device(batch, self.engine.device, self.float_dtype)
         loss, metrics = self.stage.compute_loss(self.engine, batch, self.state.global_step)
         self.engine.backward(loss)
         self.engine.step()
-        self.window.add(loss.detach(), metrics, self.stage.count_units(batch))
+        self.window.add(loss.detach(), metrics, units)
 
     def _on_step_end(self) -> None:
         step, args = self.state.global_step, self.args
@@ -275,8 +305,9 @@ class TrainingLoop:
 
     def _log_train(self) -> None:
         window, self.window = self.window, _Window()
-        means = distributed.mean_over_ranks({**window.means(), UNITS: window.units}, self.engine.device)
-        world_units = means.pop(UNITS) * distributed.world_size()
+        totals = distributed.mean_over_ranks({**window.totals(), UNITS: window.units}, self.engine.device)
+        world_units = totals.pop(UNITS) * distributed.world_size()
+        means = window_means(totals)
         unit = self.stage.throughput_unit
         record = {"step": self.state.global_step, "epoch": self.state.epoch, "split": "train", **means}
         record.update(
@@ -314,7 +345,7 @@ class TrainingLoop:
                     "step %d: wrote %d sample file(s) to %s", self.state.global_step, len(paths), directory
                 )
         self.engine.train()
-        distributed.barrier()
+        distributed.wait_for_main_process()
 
     def _save(self) -> Path:
         metadata = {
@@ -331,12 +362,15 @@ class TrainingLoop:
         if self.eval_loader is not None and not evaluated_last_step:
             self._evaluate()
         checkpoint = self._save()
+        self.watchdog.stop()
+        distributed.barrier()  # every rank has told the others it leaves on purpose
         export_dir = None
         if args.export_at_end:
             export_dir = self.output_dir / EXPORT_DIR
+            # Rank 0 alone, from the files on disk: the other ranks do not wait (an export can outlast any
+            # collective timeout), and the launcher ends the job when rank 0 is done.
             if distributed.is_main_process():
                 export_checkpoint(checkpoint, export_dir, recipe=self.recipe)
-            distributed.barrier()
         return TrainResult(self.output_dir, self.state.global_step, self.last_loss, checkpoint, export_dir)
 
 

@@ -13,6 +13,7 @@ into the loop's ``TrainingArguments`` plus that dataclass.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -51,7 +52,9 @@ class TrainingStage(abc.ABC):
     def compute_loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Return the scalar loss to backpropagate and named float metrics to log for this batch."""
+        """Return the scalar loss to backpropagate and named metrics to log for this batch: floats, or 0-d
+        tensors (read only when the loop logs, so the step need not wait for them); nan means "not measured
+        in this batch"."""
 
     # What throughput is counted in (tqdm and metrics.jsonl show `<unit>_per_second`).
     throughput_unit: ClassVar[str] = "samples"
@@ -81,15 +84,17 @@ class TrainingStage(abc.ABC):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, eval_loader: torch.utils.data.DataLoader) -> dict[str, float]:
-        """Metrics on the eval set; the default averages ``compute_loss``'s metrics, each over the batches
-        that report it (a batch with no text-only row has no text KL, say)."""
+        """Metrics on the eval set; the default averages ``compute_loss``'s metrics (floats or tensors), each
+        over the batches that measured it (nan, or absent, where a batch has no such targets: no image
+        token, no text-only row)."""
         totals: dict[str, float] = {}
         batches: dict[str, int] = {}
         for batch in eval_loader:
             loss, metrics = self.compute_loss(model, batch, step=-1)
-            for key, value in {"loss": float(loss), **metrics}.items():
-                totals[key] = totals.get(key, 0.0) + value
-                batches[key] = batches.get(key, 0) + 1
+            for key, value in {"loss": loss, **metrics}.items():
+                if math.isfinite(value := float(value)):
+                    totals[key] = totals.get(key, 0.0) + value
+                    batches[key] = batches.get(key, 0) + 1
         return {key: value / batches[key] for key, value in totals.items()}
 
     @torch.no_grad()

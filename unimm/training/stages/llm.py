@@ -16,6 +16,7 @@ pretrained chat LM's text skills while LoRA and the new rows learn images (learn
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,14 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from unimm.data.collators import PaddingCollator
-from unimm.data.packing import IGNORE_INDEX, PACKED_COLUMNS, PackedCollator, pack_dataset
+from unimm.data.packing import (
+    FLASH_VARLEN_KEYS,
+    IGNORE_INDEX,
+    PACKED_COLUMNS,
+    PackedCollator,
+    flash_varlen_kwargs,
+    pack_dataset,
+)
 from unimm.llm import UniMMForCausalLM, UniMMProcessor  # importing unimm.llm registers the Auto classes
 from unimm.llm.lora import apply_lora
 from unimm.training.stages.base import TrainingStage
@@ -164,37 +172,51 @@ def random_token_table(num_rows: int, length: int, vocab_size: int, seed: int) -
     return datasets.Dataset.from_dict({TOKENS_COLUMN: tokens.tolist(), LABELS_COLUMN: labels.tolist()})
 
 
-def _modality_metrics(outputs: Any) -> dict[str, float]:
-    """The per-modality losses an output carries (finite ones only: nan marks "no such targets")."""
-    metrics = {}
-    for name in MODALITY_LOSSES:
-        value = getattr(outputs, name, None)
-        if value is not None and torch.isfinite(value):
-            metrics[name] = float(value)
-    return metrics
+def _modality_metrics(outputs: Any) -> dict[str, torch.Tensor]:
+    """The per-modality losses an output carries, as detached tensors (nan: no such targets in the batch).
+
+    Tensors, not floats: they are read at logging time, so a step never waits for the device."""
+    losses = {name: getattr(outputs, name, None) for name in MODALITY_LOSSES}
+    return {name: value.detach() for name, value in losses.items() if value is not None}
 
 
 def _combined_modality_metrics(
     parts: Sequence[tuple[Any, torch.Tensor]], model: nn.Module
-) -> dict[str, float]:
-    """Per-modality mean losses over several forwards of one batch, weighted by each one's target counts."""
+) -> dict[str, torch.Tensor]:
+    """Per-modality mean losses over several forwards of one batch, weighted by each one's target counts
+    (tensors; nan where the batch has no such target)."""
     if not isinstance(model, UniMMForCausalLM):
         return _modality_metrics(parts[0][0]) if len(parts) == 1 else {}
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, torch.Tensor] = {}
     for outputs, labels in parts:
         targets = labels[:, 1:]
         valid = targets != IGNORE_INDEX
         is_image = model.vocabulary.is_image_token(targets) & valid
-        for name, count in (
-            ("text_loss", int((valid & ~is_image).sum())),
-            ("image_loss", int(is_image.sum())),
-        ):
-            value = getattr(outputs, name, None)
-            if count and value is not None and torch.isfinite(value):
-                sums[name] = sums.get(name, 0.0) + float(value) * count
-                counts[name] = counts.get(name, 0) + count
-    return {name: sums[name] / counts[name] for name in sums}
+        for name, mask in (("text_loss", valid & ~is_image), ("image_loss", is_image)):
+            count = mask.sum()
+            value = torch.nan_to_num(getattr(outputs, name).detach())  # nan only where count is 0
+            sums[name] = sums.get(name, 0) + value * count
+            counts[name] = counts.get(name, 0) + count
+    return {name: sums[name] / counts[name] for name in sums}  # 0 / 0 = nan: no such targets
+
+
+def _select_rows(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """The rows ``rows`` (a (B,) bool mask) of a batch; flash attention's varlen arguments, which describe
+    the whole flattened batch, are recomputed for them."""
+    selected = {
+        key: value[rows] if torch.is_tensor(value) else value
+        for key, value in batch.items()
+        if key not in FLASH_VARLEN_KEYS
+    }
+    if FLASH_VARLEN_KEYS[0] in batch:
+        selected.update(flash_varlen_kwargs(selected["position_ids"]))
+    return selected
+
+
+def uses_flash_attention(config: Any) -> bool:
+    """Whether a model config asks for a flash-attention kernel (``flash_attention_2``/``_3``, hub kernels)."""
+    return "flash" in str(getattr(config, "_attn_implementation", None) or "")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -215,9 +237,10 @@ class LlmStage(TrainingStage):
         self.set_pad_token_id(0)
         self._sample_pipeline = None  # built on the first sample step, around the model being trained
 
-    def set_pad_token_id(self, pad_token_id: int) -> None:
+    def set_pad_token_id(self, pad_token_id: int, flash_attention: bool = False) -> None:
+        """Build the collator; packed rows for a flash-attention model also carry its varlen arguments."""
         if self.args.packing:
-            self.collator = PackedCollator(self.args.max_length, pad_token_id)
+            self.collator = PackedCollator(self.args.max_length, pad_token_id, flash_attention)
         else:
             self.collator = PaddingCollator(pad_token_id)
 
@@ -234,8 +257,11 @@ class LlmStage(TrainingStage):
                 raise FileNotFoundError(f"model_name_or_path {args.model_name_or_path!r} does not exist")
             gguf = {"gguf_file": args.gguf_file} if args.gguf_file else {}
             model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **gguf, **extra)
-        pad_token_id = model.config.get_text_config().pad_token_id
-        self.set_pad_token_id(pad_token_id if pad_token_id is not None else 0)
+        text_config = model.config.get_text_config()
+        pad_token_id = text_config.pad_token_id
+        self.set_pad_token_id(
+            pad_token_id if pad_token_id is not None else 0, uses_flash_attention(text_config)
+        )
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
@@ -315,14 +341,18 @@ class LlmStage(TrainingStage):
                 "was the data tokenized for another model (or another image vocabulary)?"
             )
 
-    def collate(self, samples: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        """Padded batches (``unimm.data.collators``), or packed rows with a block-causal mask."""
+    def collate(self, samples: Sequence[dict[str, list[int]]]) -> dict[str, Any]:
+        """Padded batches (``unimm.data.collators``), or packed rows (``unimm.data.packing``: no mask, the
+        samples kept apart by their restarting ``position_ids``)."""
         return self.collator(samples)
 
     # ------------------------------------------------------------------------------------ loss
     def compute_loss(
-        self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+        self, model: nn.Module, batch: dict[str, Any], step: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss and detached metric tensors (nan: not measured in this batch), read at logging time."""
+        # Training reads no KV cache, and packed rows are kept apart only without one.
+        batch = {**batch, "use_cache": False}
         if self.args.text_kl_weight:
             return self._text_anchored_loss(model, batch)
         # A unified model computes its head only where there is a target (most positions have none).
@@ -331,8 +361,8 @@ class LlmStage(TrainingStage):
         return outputs.loss, _modality_metrics(outputs)
 
     def _text_anchored_loss(
-        self, model: nn.Module, batch: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+        self, model: nn.Module, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The next-token loss of the batch, plus ``text_kl_weight`` times the mean KL(base || tuned) per
         target token of its text-only rows. Rows with image tokens take the loss-only forward; text rows
         a forward with logits. Both share the batch's target count as the denominator, so the sum is the
@@ -349,13 +379,14 @@ class LlmStage(TrainingStage):
         loss = torch.zeros((), device=labels.device)
         parts = []
         if not text_rows.all():
-            image_part = {key: value[~text_rows] for key, value in batch.items()}
+            image_part = _select_rows(batch, ~text_rows)
             outputs = model(**image_part, return_logits=False, num_items_in_batch=num_items)
             loss = loss + outputs.loss
             parts.append((outputs, image_part["labels"]))
-        if not text_rows.any():
-            return loss, _combined_modality_metrics(parts, base_model)
-        text_part = {key: value[text_rows] for key, value in batch.items()}
+        if not text_rows.any():  # every batch names the same metrics (the ranks reduce them together)
+            no_text_kl = torch.full((), math.nan, device=labels.device)
+            return loss, {**_combined_modality_metrics(parts, base_model), "text_kl": no_text_kl}
+        text_part = _select_rows(batch, text_rows)
         outputs = model(**text_part, num_items_in_batch=num_items)
         parts.append((outputs, text_part["labels"]))
         targets = text_part["labels"][:, 1:] != IGNORE_INDEX  # (b, T - 1)
@@ -371,10 +402,11 @@ class LlmStage(TrainingStage):
             reduction="batchmean",
         )
         loss = loss + outputs.loss + self.args.text_kl_weight * text_kl
-        return loss, {**_combined_modality_metrics(parts, base_model), "text_kl": float(text_kl.detach())}
+        return loss, {**_combined_modality_metrics(parts, base_model), "text_kl": text_kl.detach()}
 
-    def count_units(self, batch: dict[str, torch.Tensor]) -> int:
-        """Tokens processed: real tokens of padded rows; all positions of packed rows."""
+    def count_units(self, batch: dict[str, Any]) -> int:
+        """Tokens processed: real tokens of padded rows; all positions of packed rows. Free on the host
+        batch; on a device batch, padded rows cost a sync (count before moving the batch)."""
         mask = batch.get("attention_mask")
         return int(mask.sum()) if mask is not None and mask.dim() == 2 else batch["input_ids"].numel()
 

@@ -43,6 +43,7 @@ from unimm.tokenizer import (
 )
 from unimm.tokenizer.configuration_dual_codebook import TRAINING_ONLY_KEYS
 from unimm.tokenizer.losses import RECONSTRUCTION_LOSSES
+from unimm.training import distributed
 
 from .base import TrainingStage
 
@@ -225,6 +226,7 @@ class TokenizerStage(TrainingStage):
         self.processor = DualCodebookImageProcessor.from_tokenizer_config(self.config)
         self.train_dataset: torch.utils.data.Dataset | None = None
         self.eval_dataset: torch.utils.data.Dataset | None = None
+        self._teacher_ready = False  # decided (and pre-trained if needed) in build_datasets
 
     def _build_config(self) -> DualCodebookConfig:
         args = self.args
@@ -249,16 +251,19 @@ class TokenizerStage(TrainingStage):
         self.train_dataset, self.eval_dataset = load_image_datasets(
             self.args, self.processor, self.config.num_channels
         )
-        if self._will_pretrain_teacher():
+        # Rank 0 decides for all: a rank starting late could otherwise find the teacher rank 0 has just
+        # finished, skip the barrier below and leave rank 0 waiting there for ever.
+        if distributed.broadcast_object(self._will_pretrain_teacher()):
             # Here rather than in build_model, which the loop runs under ZeRO-3's partitioned init: the
             # classifier trains whole, in its own plain loop (see `pretrain_teacher_classifier`).
             require_labels(self.train_dataset, self.args.pretrain_teacher_epochs)
             self._pretrain_teacher(Path(self.args.teacher_name_or_path))
+        self._teacher_ready = True
         return self.train_dataset, self.eval_dataset
 
     def build_model(self) -> TokenizerTrainingModel:
         teacher_path = self.args.teacher_name_or_path
-        if self._will_pretrain_teacher():
+        if not self._teacher_ready and self._will_pretrain_teacher():
             self.build_datasets()  # which pre-trains it: the loop calls it first, an export does not
         try:
             tokenizer = DualCodebookTokenizer(self.config)
@@ -301,8 +306,7 @@ class TokenizerStage(TrainingStage):
         train_dataset = labelled_subset(self.train_dataset)
         # Without an eval split the classifier's accuracy is measured on its training rows.
         eval_dataset = labelled_subset(self.eval_dataset) if self.eval_dataset is not None else train_dataset
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if not distributed or torch.distributed.get_rank() == 0:
+        if distributed.is_main_process():
             pretrain_teacher_classifier(
                 self.builtin_teacher_config,
                 train_dataset,
@@ -312,8 +316,7 @@ class TokenizerStage(TrainingStage):
                 epochs=self.args.pretrain_teacher_epochs,
                 log_path=output_dir / "log.jsonl",
             )
-        if distributed:
-            torch.distributed.barrier()  # the other ranks load what rank 0 saved
+        distributed.wait_for_main_process()  # the other ranks load what rank 0 saved
 
     def compute_loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
