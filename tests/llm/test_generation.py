@@ -3,6 +3,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from unimm.llm import ModalitySampling
+from unimm.llm import generation as generation_module
 from unimm.llm.constraints import DONE, IMAGE, ConstraintState
 from unimm.llm.sampling import RowSampler
 
@@ -131,6 +132,28 @@ def test_compiled_decode_step_equals_eager(tiny, implementation):
     eager = model.generate_multimodal([[1, 5], [1, 6, 7]], **sampled)
     compiled = model.generate_multimodal([[1, 5], [1, 6, 7]], compile=True, **sampled)
     assert torch.equal(eager.sequences, compiled.sequences)
+    # One row has no padding: its one-token steps run without an attention mask.
+    single = dict(mode="interleaved", image_grid=(2, 2), max_new_tokens=12, image_sampling=GREEDY,
+                  eos_token_id=[], cache_implementation=implementation)  # fmt: skip
+    eager = model.generate_multimodal([[1, 5, 6]], **single)
+    assert torch.equal(
+        eager.sequences, model.generate_multimodal([[1, 5, 6]], compile=True, **single).sequences
+    )
+
+
+@pytest.mark.integration
+def test_decode_step_compiled_with_graph_breaks_equals_eager(tiny, monkeypatch):
+    """The compile mode of flash attention (graph breaks allowed, no CPU kernels), run here with SDPA."""
+    monkeypatch.setattr(generation_module, "_compiles_fullgraph", lambda attn_implementation: False)
+    model = tiny.model()
+    kwargs = dict(
+        mode=["image", "interleaved"], image_grid=(2, 2), guidance_scale=[3.0, 1.0],
+        unconditional_input_ids=[[1], None], max_new_tokens=10, image_sampling=GREEDY, eos_token_id=[],
+    )  # fmt: skip
+    eager = model.generate_multimodal([[1, 5, 6], [1, 7]], **kwargs)
+    compiled = model.generate_multimodal([[1, 5, 6], [1, 7]], compile=True, **kwargs)
+    assert torch.equal(eager.sequences, compiled.sequences)
+    assert list(model._compiled_steps) == [False]
 
 
 def test_eager_attention_matches_sdpa(tiny):

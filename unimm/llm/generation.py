@@ -38,7 +38,7 @@ from transformers.utils import ModelOutput
 from .constraints import CLASS_CODES, DONE, IMAGE, ConstraintState, build_mask_table
 from .decode_kernels import FusedDecodeMode, packed_weight_cache
 from .kv_cache import preallocated_cache, set_cache_length
-from .sampling import ModalitySampling, RequestNoise, RowSampler
+from .sampling import ModalitySampling, RequestNoise, RowSampler, uniform_noise
 
 MODES = ("text", "image", "interleaved")
 CACHE_IMPLEMENTATIONS = ("preallocated", "dynamic", "static")
@@ -73,8 +73,8 @@ class TokenChoice:
     Attributes:
         sampler: per-modality sampling of the N conditional rows.
         guided_index: ``(U,)`` conditional row of each unconditional row (rows ``N..N+U`` of the batch).
-        guidance: ``(U, 1)`` guidance scale of each unconditional row's request.
-        mask_table: ``(classes, V)`` additive constraint masks (``None``: a text-only batch, no masking).
+        guidance: ``(U, 1)`` float32 guidance scale of each unconditional row's request.
+        mask_table: ``(classes, V)`` float32 additive constraint masks (``None``: a text-only batch).
         end: end of the vocabulary slice the head computes (the text vocabulary for a text-only batch).
     """
 
@@ -83,6 +83,11 @@ class TokenChoice:
     guidance: torch.Tensor
     mask_table: torch.Tensor | None
     end: int
+
+    @property
+    def device(self) -> torch.device:
+        """Where the logits come out (the head's device): every tensor that meets them lives there."""
+        return self.guided_index.device
 
 
 def _per_request(value, count: int, argument: str, is_single=None) -> list:
@@ -178,6 +183,21 @@ def _cache_keywords(module: nn.Module) -> tuple[str, bool]:
     return keywords
 
 
+def _compiles_fullgraph(attn_implementation: str | None) -> bool:
+    """Whether the compiled decode step is one graph. transformers' flash attention (``flash_attention_2``,
+    ``_3``, hub kernels: any name with "flash", its own test) unpads padded rows through ``nonzero`` and
+    ``.item()``, which ``fullgraph=True`` refuses, and guidance rows always carry padding. Such a step
+    compiles with graph breaks there; SDPA and eager attention take the padding as a mask, in one graph."""
+    return "flash" not in (attn_implementation or "")
+
+
+def _execution_device(module: nn.Module) -> torch.device:
+    """Where ``module`` runs: the device its accelerate hook names (a device map that offloads to "cpu" or
+    "disk" leaves its weights on the meta device between calls), else its weight's."""
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    return module.weight.device if device is None else torch.device(device)
+
+
 def _is_grid(value) -> bool:
     return isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value)
 
@@ -232,6 +252,12 @@ class UniMMGenerationMixin:
                 "positions; shorten the prompt or lower `max_new_tokens` / the image grid."
             )
 
+    def _logits_device(self) -> torch.device:
+        """The device the logits come out on: the head's. With ``device_map="auto"`` over several devices the
+        embedding (where the fed tokens go) sits on the first and the head on the last; every tensor of the
+        loop that meets the logits (constraint state, masks, guidance, sampling, noise) is made here."""
+        return _execution_device(self.get_output_embeddings())
+
     # no_grad rather than inference_mode: the returned ids must stay usable in autograd code downstream.
     @torch.no_grad()
     def generate_multimodal(
@@ -281,8 +307,10 @@ class UniMMGenerationMixin:
                 all its rows draw: the request then samples the same tokens in any batch as alone with
                 ``seed=[s]`` (as far as the model's logits are batch-invariant; greedy decoding always
                 is). Its stream differs from the int seed's. ``None`` entries draw from torch's default
-                generator (``torch.manual_seed`` makes them reproducible). Each seeded request draws
-                ``rows x vocab_size`` uniform numbers per step.
+                generator (``torch.manual_seed`` makes them reproducible). Each seeded request takes
+                ``rows x vocab_size`` uniform numbers per step, drawn a few steps at a time.
+                A generator may live on another device than the model (a CPU generator with a CUDA model):
+                the noise is drawn on the generator's device and moved.
             streamer: a transformers streamer for a call of one row, or a list with one streamer (or
                 ``None``) per request, with ``num_images_per_prompt=1``. Each is fed its request's
                 prompt ``(1, T)``, then its text tokens ``(1,)`` as they are chosen (image tokens are
@@ -294,13 +322,14 @@ class UniMMGenerationMixin:
                 ``torch.compile`` graph (inductor, dynamic shapes: one graph per kind of step serves every
                 batch size and length), with the ``"preallocated"`` or ``"static"`` cache. The sampling noise
                 is drawn outside the graph from the same generators, so a seed gives the eager tokens up to
-                floating-point reassociation in the fused kernels. The first call per model and kind of
-                batch compiles (a minute on a laptop CPU). On a CPU, batches of more than a few rows multiply
-                by oneDNN copies of the linear weights packed for the call: while it runs, those weights take
-                twice their memory.
+                floating-point reassociation in the fused kernels. With flash attention, whose unpadding
+                of padded rows reads the mask on the host, the step compiles as graphs around that
+                unpadding. The first call per model and kind of batch compiles (a minute on a laptop CPU).
+                On a CPU, batches of more than a few rows multiply by oneDNN copies of the linear weights
+                packed for the call: while it runs, those weights take twice their memory.
         """
         vocabulary = self.vocabulary
-        device = self.get_input_embeddings().weight.device
+        device = self._logits_device()
         prompts = _as_id_lists(input_ids, attention_mask, "input_ids")
         count = len(prompts)
         if count == 0:
@@ -364,8 +393,7 @@ class UniMMGenerationMixin:
             pad_token_id=pad,
         )
         guided_index = row_tensor(guided_rows)
-        logits_dtype = self.get_output_embeddings().weight.dtype
-        guidance = row_tensor([scales[rows[r]] for r in guided_rows], logits_dtype).unsqueeze(-1)  # (U, 1)
+        guidance = row_tensor([scales[rows[r]] for r in guided_rows], torch.float32).unsqueeze(-1)  # (U, 1)
         for row, row_streamer in streams:  # a streamed request has one row: rows and requests coincide
             row_streamer.put(torch.tensor([prompts[row]]))
         # One compiled step serves every batch size and length, but dynamo keeps a graph per kind of step (cache
@@ -490,17 +518,8 @@ class UniMMGenerationMixin:
         )
         column = attention_mask.shape[1] - (max_steps - lead)  # next cache position to write
         image_start = vocabulary.text_vocab_size
-        # A text-only batch never samples image codes, and a scheduled batch never samples text (every token
-        # outside the codes is forced): its sampler then holds one modality's parameters, with no second pass.
-        modalities = (
-            (text_sampling,) * 2 if text_only else (image_sampling,) * 2 if schedule is not None else None
-        )
-        choice = TokenChoice(
-            sampler=RowSampler(*(modalities or (text_sampling, image_sampling)), device),
-            guided_index=guided_index,
-            guidance=guidance,
-            mask_table=None if text_only else build_mask_table(vocabulary, device, hidden.dtype),
-            end=image_start if text_only else vocabulary.vocab_size,
+        choice = self._token_choice(
+            text_sampling, image_sampling, guided_index, guidance, text_only, schedule is not None
         )
 
         def plan(step: int) -> tuple[torch.Tensor, ...]:
@@ -520,7 +539,7 @@ class UniMMGenerationMixin:
                 return None
             if request_noise is not None:
                 return request_noise(offset, choice.end)
-            return torch.rand((num_rows, choice.end - offset), generator=generator, device=device)
+            return uniform_noise((num_rows, choice.end - offset), generator, device)
 
         def skip_noise(steps: int) -> None:
             """Per-request streams advance on steps whose tokens are all forced too, as in any other batch."""
@@ -529,8 +548,11 @@ class UniMMGenerationMixin:
                     request_noise()
 
         # SDPA takes the decode mask as a 4-D bool view, which skips transformers' per-step mask building;
-        # other attention implementations get the 2-D mask.
+        # other attention implementations get the 2-D mask. Without padding a one-token step needs no mask at
+        # all, which lets SDPA run GQA without copying the keys (repeat_kv) and pick its flash kernel.
+        # Padding: prompts of different lengths, a static cache's unwritten tail, unconditional rows' text.
         four_d_mask = self.config.text_config._attn_implementation == "sdpa"
+        padded = static or bool(guided_index.numel()) or len({len(ids) for ids in sequences}) > 1
         output = torch.full((num_rows, max_steps), state.pad_token_id, dtype=torch.long, device=device)
         lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
         if lead:
@@ -579,7 +601,7 @@ class UniMMGenerationMixin:
                 break
             block = output[:, step:forced_until]  # (N, T) tokens fed in this forward
             width = block.shape[1]
-            feed, visible = self._feed_rows(block, block_part, guided_index)
+            feed, visible = self._feed_rows(block, block_part, guided_index, attention_mask.device)
             attention_mask[:, column : column + width] = visible
             positions = next_position[:, None] + visible.cumsum(-1) - 1  # (R, T)
             next_position = positions[:, -1] + 1
@@ -593,7 +615,7 @@ class UniMMGenerationMixin:
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if warm else contextlib.nullcontext():
                 next_tokens = decode_and_choose(
                     feed,
-                    self._step_mask(attention_mask, column, width, static, four_d_mask),
+                    self._step_mask(attention_mask, column, width, static, four_d_mask, padded),
                     positions,
                     cache,
                     column,
@@ -611,25 +633,53 @@ class UniMMGenerationMixin:
             row_streamer.end()
         return output[:, : int(lengths.max())], lengths
 
+    def _token_choice(
+        self,
+        text_sampling: ModalitySampling,
+        image_sampling: ModalitySampling,
+        guided_index: torch.Tensor,
+        guidance: torch.Tensor,
+        text_only: bool,
+        scheduled: bool,
+    ) -> TokenChoice:
+        """What chooses the tokens over one call's steps, on the device of ``guided_index`` (the logits')."""
+        vocabulary, device = self.vocabulary, guided_index.device
+        # A text-only batch never samples image codes, and a scheduled batch never samples text (every token
+        # outside the codes is forced): its sampler then holds one modality's parameters, with no second pass.
+        modalities = (text_sampling,) * 2 if text_only else (image_sampling,) * 2 if scheduled else None
+        return TokenChoice(
+            sampler=RowSampler(*(modalities or (text_sampling, image_sampling)), device),
+            guided_index=guided_index,
+            guidance=guidance,
+            mask_table=None if text_only else build_mask_table(vocabulary, device, torch.float32),
+            end=vocabulary.text_vocab_size if text_only else vocabulary.vocab_size,
+        )
+
     @staticmethod
     def _feed_rows(
-        block: torch.Tensor, block_part: torch.Tensor, guided_index: torch.Tensor
+        block: torch.Tensor, block_part: torch.Tensor, guided_index: torch.Tensor, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The tokens of all R rows for one forward and whether each is visible to later steps, both ``(R, T)``,
         from the conditional rows' ``block`` ``(N, T)``: each unconditional row is fed its conditional row's
-        tokens but sees only those that are part of an image (``block_part``, ``(N, T)`` or ``(N, 1)``)."""
+        tokens but sees only those that are part of an image (``block_part``, ``(N, T)`` or ``(N, 1)``). Built
+        where the tokens were chosen, returned on ``device``, the embedding's (with ``device_map="auto"``
+        not the head's)."""
         visible = torch.ones_like(block, dtype=torch.bool)
-        if not guided_index.numel():
-            return block, visible
-        unconditional_visible = block_part[guided_index].expand(-1, block.shape[1])  # (U, T)
-        return torch.cat([block, block[guided_index]]), torch.cat([visible, unconditional_visible])
+        if guided_index.numel():
+            unconditional_visible = block_part[guided_index].expand(-1, block.shape[1])  # (U, T)
+            block = torch.cat([block, block[guided_index]])
+            visible = torch.cat([visible, unconditional_visible])
+        return block.to(device), visible.to(device)
 
     @staticmethod
     def _step_mask(
-        attention_mask: torch.Tensor, column: int, width: int, static: bool, four_d: bool
-    ) -> torch.Tensor:
+        attention_mask: torch.Tensor, column: int, width: int, static: bool, four_d: bool, padded: bool
+    ) -> torch.Tensor | None:
         """The attention mask of a forward over ``width`` new tokens written from cache position ``column``:
-        the 2-D ``(R, T)`` mask, or for SDPA a 4-D bool ``(R, 1, width, T)`` (causal among the new tokens)."""
+        the 2-D ``(R, T)`` mask, or for SDPA a 4-D bool ``(R, 1, width, T)`` (causal among the new tokens);
+        ``None`` for one token when no row is ``padded`` (every cached position visible to every row)."""
+        if width == 1 and not padded:
+            return None
         step_mask = attention_mask if static else attention_mask[:, : column + width]
         if not four_d:
             return step_mask.long()
@@ -652,8 +702,13 @@ class UniMMGenerationMixin:
     ) -> torch.Tensor:
         """Next tokens ``(N,)`` from last hidden states ``(R, D)``: logits of the vocabulary from ``offset`` on,
         guidance on rows inside images, the constraint mask of each row's class, sampling with the noise
-        ``uniform`` ``(N, end - offset)`` (``None`` for greedy), and the forced tokens (``-1`` = free)."""
-        logits = self.compute_logits(hidden, offset, choice.end)  # (R, end - offset)
+        ``uniform`` ``(N, end - offset)`` (``None`` for greedy), and the forced tokens (``-1`` = free).
+
+        The hidden states come from the last layer's device, the logits from the head's, where the other
+        tensors of ``choice`` and the step live. The logits are guided and sampled in float32: in bfloat16,
+        ``uncond + scale * (cond - uncond)`` rounds by 0.125 at logits of 16-32, times scales up to 50."""
+        hidden = hidden.to(choice.device)
+        logits = self.compute_logits(hidden, offset, choice.end).float()  # (R, end - offset)
         conditional = self._guide(logits, forced.shape[0], choice.guided_index, choice.guidance, in_image)
         if choice.mask_table is not None:
             conditional = conditional + choice.mask_table[mask_class, offset : choice.end]
@@ -686,7 +741,7 @@ class UniMMGenerationMixin:
 
         Returns the last hidden state ``(R, D)``, the cache, the attention mask ``(R, T + max_steps)``
         (decode columns still 0) and each row's next position ``(R,)``."""
-        device = self.get_input_embeddings().weight.device
+        device = _execution_device(self.get_input_embeddings())
         prompt_length = max(len(ids) for ids in sequences)
         total_length = prompt_length + max_steps
         tokens = torch.zeros(len(sequences), prompt_length, dtype=torch.long, device=device)
@@ -764,18 +819,22 @@ class UniMMGenerationMixin:
         reductions, linears of more rows through oneDNN on packed weights
         (:class:`~unimm.llm.decode_kernels.FusedDecodeMode`; gains in ``benchmarks/generation.py``), with one
         graph per power-of-two bucket of rows. The sampling noise is drawn outside, from the same
-        generators as eager decoding."""
-        compiled = getattr(self, "_compiled_step", None)
-        if compiled is None:
+        generators as eager decoding. With flash attention (see :func:`_compiles_fullgraph`) the step
+        compiles as graphs around the unpadding, without the CPU kernels (flash attention needs a GPU)."""
+        fullgraph = _compiles_fullgraph(self.config.text_config._attn_implementation)
+        compiled_steps = getattr(self, "_compiled_steps", None)  # fullgraph -> compiled step
+        if compiled_steps is None:
+            compiled_steps = self._compiled_steps = {}
+        if fullgraph not in compiled_steps:
 
             def decode_and_choose(*args):
                 # CPU linears and short attention as fused reductions or packed oneDNN (decode_kernels.py).
                 with FusedDecodeMode():
                     return self._decode_and_choose(*args)
 
-            compiled = torch.compile(decode_and_choose, dynamic=True, fullgraph=True)
-            self._compiled_step = compiled
-        return compiled
+            step = decode_and_choose if fullgraph else self._decode_and_choose
+            compiled_steps[fullgraph] = torch.compile(step, dynamic=True, fullgraph=fullgraph)
+        return compiled_steps[fullgraph]
 
     @staticmethod
     def _guide(

@@ -264,9 +264,16 @@ class UniMMForCausalLM(UniMMGenerationMixin, UniMMPreTrainedModel, GenerationMix
         The decode loop asks for the image slice only while every row is inside an image, which skips the
         text rows of the head. Final-logit soft-capping and logit scaling of the backbone are applied."""
         head = self.get_output_embeddings()
+        # An offloaded head (accelerate's hook; device maps with "cpu"/"disk") holds meta weights between
+        # calls: its hook loads them, and moves the inputs, only around a call, and this is not `head(...)`.
+        hook = getattr(head, "_hf_hook", None)
+        if hook is not None:
+            (hidden_states,), _ = hook.pre_forward(head, hidden_states)
         weight = head.weight[start:end]
         bias = head.bias[start:end] if getattr(head, "bias", None) is not None else None
         logits = F.linear(hidden_states, weight, bias)
+        if hook is not None:
+            logits = hook.post_forward(head, logits)
         text_config = self.config.text_config
         if getattr(text_config, "logit_scale", None) is not None:
             logits = logits * text_config.logit_scale

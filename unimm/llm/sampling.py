@@ -6,6 +6,20 @@ from dataclasses import dataclass
 
 import torch
 
+# Steps of noise a :class:`RequestNoise` draws at once: a launch per request every few steps, not every step.
+# A constant, never a function of the batch, so that a request draws the same numbers alone or batched.
+NOISE_STEPS_PER_DRAW = 4
+
+
+def uniform_noise(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """Uniform numbers in [0, 1) of ``shape`` on ``device``, drawn on the generator's own device and moved: a
+    CPU generator then drives a CUDA model (``torch.rand`` refuses a generator of another device), and the
+    numbers depend on the generator alone, as with diffusers' ``randn_tensor`` (which draws normal noise)."""
+    source = device if generator is None else generator.device
+    return torch.rand(shape, generator=generator, device=source).to(device)
+
 
 @dataclass
 class ModalitySampling:
@@ -40,14 +54,18 @@ class RowSampler:
 
     def __init__(self, text: ModalitySampling, image: ModalitySampling, device: torch.device):
         modes = (text, image)
+        temperature = [m.temperature if m.do_sample else 1.0 for m in modes]
+        top_k = [(m.top_k or 0) if m.do_sample else 0 for m in modes]
+        top_p = [(m.top_p or 1.0) if m.do_sample else 1.0 for m in modes]
         self.do_sample = torch.tensor([m.do_sample for m in modes], device=device)
-        self.temperature = torch.tensor([m.temperature if m.do_sample else 1.0 for m in modes], device=device)
-        self.top_k = torch.tensor([(m.top_k or 0) if m.do_sample else 0 for m in modes], device=device)
-        self.top_p = torch.tensor([(m.top_p or 1.0) if m.do_sample else 1.0 for m in modes], device=device)
+        self.temperature = torch.tensor(temperature, dtype=torch.float32, device=device)
+        self.top_k = torch.tensor(top_k, device=device)
+        self.top_p = torch.tensor(top_p, dtype=torch.float32, device=device)
         self.any_sample = any(m.do_sample for m in modes)
         self.always_sample = all(m.do_sample for m in modes)
-        self.max_top_k = max(int(k) for k in self.top_k.tolist())
-        self.any_top_p = any(float(p) < 1.0 for p in self.top_p.tolist())
+        # From the python values: reading the tensors back would be a host sync per call on an accelerator.
+        self.max_top_k = max(top_k)
+        self.any_top_p = any(p < 1.0 for p in top_p)
 
     def __call__(
         self,
@@ -59,13 +77,15 @@ class RowSampler:
         """``logits`` ``(R, V)`` (already masked) and ``is_image`` ``(R,)`` bool -> next tokens ``(R,)``.
 
         The sampling noise is ``uniform`` ``(R, V)`` (numbers in [0, 1), e.g. from :class:`RequestNoise`)
-        when given, else drawn from ``generator``."""
+        when given, else drawn from ``generator`` (of any device). Scores are float32 whatever the logits'
+        dtype: bfloat16 probabilities and their cumulative sum round by up to 0.004 near 1, which moves the
+        top-p boundary."""
         if not self.any_sample:
             return logits.argmax(dim=-1)
         greedy = None if self.always_sample else logits.argmax(dim=-1)
         modality = is_image.long()
         do_sample = self.do_sample[modality]
-        scores = logits / self.temperature[modality].unsqueeze(-1).to(logits.dtype)
+        scores = logits.float() / self.temperature[modality].unsqueeze(-1)
         if self.max_top_k:
             k = self.top_k[modality].clamp(max=scores.shape[-1])  # (R,), 0 = off
             top_values = scores.topk(min(self.max_top_k, scores.shape[-1]), dim=-1).values  # (R, k_max)
@@ -78,13 +98,12 @@ class RowSampler:
             drop = (probs.cumsum(dim=-1) - probs) >= self.top_p[modality].unsqueeze(-1)
             sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
             scores = torch.empty_like(scores).scatter_(-1, order, sorted_scores)
-        probs = scores.float().softmax(dim=-1)
+        probs = scores.softmax(dim=-1)
         # Exponential race: argmax(p / E) with E = -log(U) ~ Exp(1) draws from p like torch.multinomial, in
         # a few elementwise passes instead of a per-row cumulative search (about 4x faster on CPU).
         if uniform is None:
-            noise = torch.rand(probs.shape, generator=generator, device=probs.device).log_().neg_()
-        else:
-            noise = uniform.log().neg_()
+            uniform = uniform_noise(probs.shape, generator, probs.device)
+        noise = uniform.log().neg_()
         sampled = (probs / noise).argmax(dim=-1)
         return sampled if self.always_sample else torch.where(do_sample, sampled, greedy)
 
@@ -92,10 +111,13 @@ class RowSampler:
 class RequestNoise:
     """Sampling noise where each request's rows draw from that request's own generator.
 
-    Every step, every request draws ``(rows, vocab_size)`` numbers, over the whole vocabulary whatever
+    Every step, every request takes ``(rows, vocab_size)`` numbers, over the whole vocabulary whatever
     slice of it the batch computes logits for, and the slice is then cut out of them: a row's noise
     depends on its request's generator and the step only, never on the other requests of the batch.
-    A ``None`` generator draws from torch's default generator of the device."""
+    The numbers are drawn :data:`NOISE_STEPS_PER_DRAW` steps at a time, ``(steps, rows, vocab_size)`` per
+    generator (on the CPU the very numbers of one draw per step). A ``None`` generator draws from torch's
+    default generator of the device; all such requests share one draw, since their numbers depend on the
+    batch anyway."""
 
     def __init__(
         self,
@@ -107,12 +129,27 @@ class RequestNoise:
         self.draws = list(zip(generators, rows_per_request))
         self.vocab_size = vocab_size
         self.device = device
+        self.drawn: torch.Tensor | None = None  # (NOISE_STEPS_PER_DRAW, R, vocab_size)
+        self.used = NOISE_STEPS_PER_DRAW
 
     def __call__(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Uniform noise ``(R, end - start)`` for the columns ``[start, end)`` of this step's logits."""
-        # One fresh tensor per request (not slices of a shared buffer): the same call alone or batched.
-        uniform = [
-            torch.rand((rows, self.vocab_size), generator=generator, device=self.device)
+        if self.used == NOISE_STEPS_PER_DRAW:
+            self.drawn, self.used = self._draw(), 0
+        self.used += 1
+        return self.drawn[self.used - 1, :, start:end]
+
+    def _draw(self) -> torch.Tensor:
+        """The next steps' noise of every row, ``(NOISE_STEPS_PER_DRAW, R, vocab_size)``, request-major."""
+        steps, vocab_size, device = NOISE_STEPS_PER_DRAW, self.vocab_size, self.device
+        unseeded = [rows for generator, rows in self.draws if generator is None]
+        shared = uniform_noise((steps, sum(unseeded), vocab_size), None, device) if unseeded else None
+        shared_parts = iter(shared.split(unseeded, dim=1) if unseeded else ())
+        # A tensor of its own per seeded request (not a slice of a shared buffer): the same alone or batched.
+        parts = [
+            next(shared_parts)
+            if generator is None
+            else uniform_noise((steps, rows, vocab_size), generator, device)
             for generator, rows in self.draws
         ]
-        return (uniform[0] if len(uniform) == 1 else torch.cat(uniform))[:, start:end]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
