@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -36,6 +38,19 @@ def test_output_types_and_golden_slice(make_pipeline, image_token_ids):
     assert (
         len(pils) == 1 and isinstance(pils[0], PIL.Image.Image) and pils[0].size == (IMAGE_SIZE, IMAGE_SIZE)
     )
+
+
+def test_model_cpu_offload_gives_the_resident_images(
+    make_decoder, make_reconstructing_decoder, make_tokenizer, make_pipeline, image_token_ids
+):
+    # Offloaded, the precomputed condition reached the hooked forward as an argument that accelerate rebuilt
+    # from its items and failed; the condition and the pixel decoder copy are computed outside `forward`.
+    for decoder in (make_decoder(), make_reconstructing_decoder(make_tokenizer())):
+        resident = run(make_pipeline(decoder), image_token_ids)
+        pipeline = make_pipeline(copy.deepcopy(decoder))
+        pipeline.enable_model_cpu_offload(device="cpu")  # the CPU stands in for the accelerator here
+        assert hasattr(pipeline.decoder, "_hf_hook")
+        np.testing.assert_array_equal(run(pipeline, image_token_ids), resident)
 
 
 def test_save_load_round_trip_gives_identical_images(make_pipeline, image_token_ids, tmp_path):

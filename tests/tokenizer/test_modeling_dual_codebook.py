@@ -93,6 +93,36 @@ def test_half_precision_encode_and_decode(tiny_tokenizer, pixel_values, dtype, t
     assert half.decode(ids).dtype == dtype
 
 
+def test_a_teacher_saved_as_float32_loads_in_the_tokenizers_dtype(tiny_tokenizer, pixel_values, tmp_path):
+    # The demo checkpoint's teacher_config records "dtype": "float32" (copied from the loaded teacher): its
+    # teacher stayed float32 under from_pretrained(dtype=torch.bfloat16), beside a bfloat16 adapter.
+    tiny_tokenizer.config.teacher_config = {**tiny_tokenizer.config.teacher_config, "dtype": "float32"}
+    tiny_tokenizer.save_pretrained(tmp_path)
+    loaded = DualCodebookTokenizer.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert {parameter.dtype for parameter in loaded.parameters()} == {torch.bfloat16}
+    assert "dtype" not in loaded.config.teacher_config
+    assert loaded.encode(pixel_values).shape == (2, 4, 6)
+    default = DualCodebookTokenizer.from_pretrained(tmp_path)
+    assert {parameter.dtype for parameter in default.parameters()} == {torch.float32}
+
+
+def test_nearest_entry_search_of_half_precision_codes_is_the_float32_search():
+    # In bfloat16, distances round and tie: about 1% of the demo tokenizer's ids flipped against float32.
+    generator = torch.Generator().manual_seed(0)
+    half = DualCodebookQuantizer(DualCodebookConfig.tiny(codebook_size=256)).to(torch.bfloat16)
+    exact = copy.deepcopy(half).float()  # the same (bfloat16) values, in float32
+    semantic = torch.randn(2, 32, 32, 8, generator=generator).to(torch.bfloat16)  # (B, h, w, Ds)
+    pixel = torch.randn(2, 32, 32, 4, generator=generator).to(torch.bfloat16)  # (B, h, w, Dp)
+    flat = [
+        torch.nn.functional.normalize(codes.reshape(-1, codes.shape[-1]), dim=-1)
+        for codes in (semantic, pixel)
+    ]
+    assert torch.equal(half.select(*flat), exact.select(*(codes.float() for codes in flat)))
+    ids = half.nearest(semantic, pixel)
+    assert ids.shape == (2, 32, 32)
+    assert torch.equal(ids, exact.nearest(semantic.float(), pixel.float()))
+
+
 def test_save_pretrained_round_trip_gives_identical_ids_and_images(tiny_tokenizer, pixel_values, tmp_path):
     tiny_tokenizer.train()
     tiny_tokenizer(pixel_values)  # data-dependent codebook init and EMA statistics change the state

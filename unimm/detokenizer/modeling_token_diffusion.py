@@ -25,6 +25,7 @@ from diffusers import ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from diffusers.utils import BaseOutput
+from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
 from unimm.tokenizer.configuration_dual_codebook import DualCodebookConfig
@@ -72,6 +73,12 @@ class TokenDiffusionCondition(BaseOutput):
     encoder_hidden_states: torch.Tensor
     pixel_code_map: torch.Tensor
     reconstruction: torch.Tensor | None = None
+
+    def to(self, *args: Any, **kwargs: Any) -> TokenDiffusionCondition:
+        """The condition with its tensors moved or cast as by ``Tensor.to``: accelerate's offload hooks move a
+        forward's arguments with it (without it, they rebuild this mapping from its non-None items and fail)."""
+        moved = {name: value.to(*args, **kwargs) for name, value in self.items()}
+        return TokenDiffusionCondition(**moved)
 
 
 class TokenDiffusionDecoder(ModelMixin, ConfigMixin):
@@ -251,11 +258,16 @@ class TokenDiffusionDecoder(ModelMixin, ConfigMixin):
         )
         return positions.to(reference.dtype)  # (h*w, C)
 
+    # `embed_condition` and `reconstruct` are called outside `forward`: under the pipeline's CPU offload their
+    # hook first brings the codebooks and the pixel decoder copy to the execution device (as diffusers'
+    # autoencoders' `encode`/`decode` do).
+    @apply_forward_hook
     def embed_condition(
         self, image_token_ids: torch.Tensor, drop_condition: torch.Tensor | None = None
     ) -> TokenDiffusionCondition:
         """Conditioning for a batch of token grids; rows where `drop_condition` (B,) is True get the null one."""
         self.check_image_token_ids(image_token_ids)
+        image_token_ids = image_token_ids.to(self.semantic_codebook.device)
         batch_size, height, width = image_token_ids.shape
         tokens = torch.cat(
             [self.semantic_codebook[image_token_ids], self.pixel_codebook[image_token_ids]], dim=-1
@@ -280,6 +292,7 @@ class TokenDiffusionDecoder(ModelMixin, ConfigMixin):
             encoder_hidden_states=states, pixel_code_map=pixel_code_map, reconstruction=reconstruction
         )
 
+    @apply_forward_hook
     @torch.no_grad()
     def reconstruct(self, image_token_ids: torch.Tensor) -> torch.Tensor:
         """The tokenizer pixel decoder's images (B, C, h*f, w*f) in [-1, 1] of ids (B, h, w), as its
@@ -289,6 +302,7 @@ class TokenDiffusionDecoder(ModelMixin, ConfigMixin):
                 "this decoder has no pixel decoder copy: build it with condition_on_reconstruction"
             )
         self.check_image_token_ids(image_token_ids)
+        image_token_ids = image_token_ids.to(self.semantic_codebook.device)
         code_maps = torch.cat(
             [self.semantic_codebook[image_token_ids], self.pixel_codebook[image_token_ids]], dim=-1
         ).permute(0, 3, 1, 2)  # (B, Ds + Dp, h, w)

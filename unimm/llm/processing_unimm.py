@@ -312,12 +312,12 @@ class UniMMProcessor(ProcessorMixin):
     @torch.no_grad()
     def encode_images(self, images: Sequence[Any]) -> list[torch.Tensor]:
         """Images (PIL, paths, bytes) to their ``(h, w)`` code grids, one at a time (sizes may differ)."""
-        device = next(self.vq_model.parameters()).device
         grids = []
         for image in images:
             pixel_values = self.image_processor(open_image(image), return_tensors="pt")["pixel_values"]
-            # The visual tokenizer casts to each branch's own dtype (its teacher may stay float32).
-            grids.append(self.vq_model.encode(pixel_values.to(device))[0].cpu())  # (h, w)
+            # float32 CPU pixels: the visual tokenizer takes them to each branch's device and dtype (read here,
+            # the device would be the CPU while an offloaded tokenizer waits to be moved).
+            grids.append(self.vq_model.encode(pixel_values)[0].cpu())  # (h, w)
         return grids
 
     def _pad(self, examples: list[dict[str, list[int]]], padding_side: str) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from typing import Any
 
 import PIL.Image
 import torch
+from accelerate import cpu_offload_with_hook
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from huggingface_hub import HfApi
@@ -46,6 +47,8 @@ OUTPUTS = ("text", "image", "interleaved")
 # answered by the image ("chat"), or BOS + caption followed by the image ("caption").
 PROMPT_FORMATS = ("chat", "caption")
 DOWNLOAD_OPTIONS = ("cache_dir", "revision", "token", "local_files_only", "force_download")
+# Loading options the nested detokenizer pipeline gets too (diffusers passes none to a nested pipeline).
+NESTED_LOAD_OPTIONS = ("device_map", "max_memory", "variant", "use_safetensors", "low_cpu_mem_usage")
 
 ImageInput = PIL.Image.Image | str | os.PathLike | bytes
 Seed = int | Sequence[int | None] | None
@@ -102,6 +105,8 @@ class UniMMPipeline(DiffusionPipeline):
     """
 
     _optional_components = ["detokenizer"]
+    # The order the models usually run in; the nested detokenizer's models follow the llm in the offload chain.
+    model_cpu_offload_seq = "visual_tokenizer->llm"
 
     def __init__(
         self,
@@ -128,27 +133,36 @@ class UniMMPipeline(DiffusionPipeline):
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
-        dtype: torch.dtype | None = torch.float32,
+        dtype: torch.dtype | Mapping[str, torch.dtype] | None = torch.float32,
         device: str | torch.device | None = None,
         attn_implementation: str | None = None,
         **kwargs: Any,
     ) -> UniMMPipeline:
         """Load a checkpoint folder or Hub repo; ``dtype`` and ``device`` apply to every component,
         ``attn_implementation`` (``"sdpa"``, ``"flash_attention_2"``, ...) to the language model; other
-        keyword arguments go to ``DiffusionPipeline.from_pretrained`` (``device_map``, ``variant``, ...).
+        keyword arguments go to ``DiffusionPipeline.from_pretrained`` (``device_map``, ``variant``, ...),
+        the loading options among them to the nested detokenizer too.
+
+        ``dtype`` may be a dict as in diffusers, one dtype per component name (``"llm"``,
+        ``"visual_tokenizer"``, ``"detokenizer"``) and a ``"default"`` for the others (else float32).
 
         ``dtype`` defaults to float32 whatever the checkpoint stores (as diffusers and ``unimm serve`` do),
-        so the same seed gives the same image everywhere; ``dtype=None`` keeps each component's saved
-        dtype (the demo checkpoint stores its LLM in bfloat16)."""
+        so the same seed gives the same image everywhere; ``dtype=None`` keeps the saved dtype of the
+        transformers models (the demo checkpoint stores its LLM in bfloat16; diffusers loads the detokenizer
+        in float32 then)."""
         # 1. A local folder, else a Hub repo id (downloaded by diffusers).
         download_options = {name: kwargs.pop(name) for name in DOWNLOAD_OPTIONS if name in kwargs}
         folder = _resolve_folder(cls, os.fspath(pretrained_model_name_or_path), download_options)
         # 2. Refuse missing or partial folders with a one-line error.
         check_checkpoint_folder(folder)
-        # 3. Components through diffusers, which passes no dtype to a nested pipeline: load that one here.
+        # 3. Components through diffusers, which passes neither dtype nor device_map to a nested pipeline:
+        #    load that one here.
         saved = json.loads((folder / MODEL_INDEX).read_text())
         if "detokenizer" not in kwargs and (saved.get("detokenizer") or [None])[0] is not None:
-            kwargs["detokenizer"] = DetokenizerPipeline.from_pretrained(folder / "detokenizer", dtype=dtype)
+            options = {name: kwargs[name] for name in NESTED_LOAD_OPTIONS if name in kwargs}
+            kwargs["detokenizer"] = DetokenizerPipeline.from_pretrained(
+                folder / "detokenizer", dtype=_component_dtype(dtype, "detokenizer"), **options
+            )
         pipeline = super().from_pretrained(folder, dtype=dtype, **kwargs)
         if attn_implementation is not None:
             pipeline.llm.set_attn_implementation(attn_implementation)
@@ -162,6 +176,39 @@ class UniMMPipeline(DiffusionPipeline):
         if self.detokenizer is not None:
             self.detokenizer.to(*args, **kwargs)
         return self
+
+    def enable_model_cpu_offload(
+        self, gpu_id: int | None = None, device: torch.device | str | None = None
+    ) -> None:
+        """diffusers' model CPU offload: every model waits on the CPU and moves to ``device`` (default: the
+        accelerator; diffusers refuses a machine without one) when it runs, where it stays until the next
+        model of ``visual_tokenizer -> llm -> detokenizer.decoder -> detokenizer.vae`` runs; each call of
+        the pipeline ends with all of them back on the CPU."""
+        super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+        if self.detokenizer is None:
+            return
+        # diffusers hooks a pipeline's own models only: chain the nested pipeline's after the llm's.
+        hook = self._all_hooks[-1] if self._all_hooks else None
+        for name in self.detokenizer.model_cpu_offload_seq.split("->"):
+            module = getattr(self.detokenizer, name, None)
+            if isinstance(module, torch.nn.Module):
+                _, hook = cpu_offload_with_hook(module, self._offload_device, prev_module_hook=hook)
+                self._all_hooks.append(hook)
+
+    def remove_all_hooks(self) -> None:
+        super().remove_all_hooks()
+        if self.detokenizer is not None:
+            self.detokenizer.remove_all_hooks()
+
+    def enable_sequential_cpu_offload(
+        self, gpu_id: int | None = None, device: torch.device | str | None = None
+    ) -> None:
+        """Not supported: the generation engine and the visual tokenizer make their tensors on their weights'
+        device, which sequential offload leaves on ``meta``. Use :meth:`enable_model_cpu_offload`."""
+        raise NotImplementedError(
+            "UniMMPipeline does not support sequential CPU offload (its weights would wait on the 'meta' "
+            "device, where the generation engine would make its tensors); use enable_model_cpu_offload()"
+        )
 
     def set_progress_bar_config(self, **kwargs: Any) -> None:
         super().set_progress_bar_config(**kwargs)
@@ -244,10 +291,12 @@ class UniMMPipeline(DiffusionPipeline):
             "seed": seed,
         }
         # 3. Generate (streamed from a worker thread, or the whole batch at once).
+        _onload(self.llm)
         if stream:
             return self._stream_text(generate_kwargs)
         output = self.llm.generate_multimodal(**generate_kwargs)
         texts, _ = self.processor.batch_decode(output.sequences, output.sequence_lengths)
+        self.maybe_free_model_hooks()
         return UniMMChatOutput(texts=[text.strip() for text in texts])
 
     def _stream_text(self, generate_kwargs: dict[str, Any]) -> Iterator[str]:
@@ -267,6 +316,7 @@ class UniMMPipeline(DiffusionPipeline):
         def pieces() -> Iterator[str]:
             yield from (piece for piece in streamer if piece)
             thread.join()
+            self.maybe_free_model_hooks()
             if failures:
                 raise failures[0]
 
@@ -310,6 +360,7 @@ class UniMMPipeline(DiffusionPipeline):
         # 2. Conditional prompts and their unconditional forms (text dropped, as in training).
         prompt_ids, unconditional_ids = self._image_prompts(prompts)
         # 3. All prompts x images in one call of the constrained engine.
+        _onload(self.llm)
         output = self.llm.generate_multimodal(
             prompt_ids,
             mode="image",
@@ -327,6 +378,7 @@ class UniMMPipeline(DiffusionPipeline):
         images = self.decode_images(
             image_token_ids, decoder, num_inference_steps, decoder_guidance_scale, decoder_seed, generators
         )
+        self.maybe_free_model_hooks()
         return UniMMImageOutput(images=images, image_token_ids=image_token_ids)
 
     def image_grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
@@ -396,6 +448,7 @@ class UniMMPipeline(DiffusionPipeline):
             messages=conversations, add_generation_prompt=True, return_unconditional=True, padding_side="left"
         )
         # 3. One engine call for the whole batch.
+        _onload(self.llm)
         generated = self.llm.generate_multimodal(
             batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -430,6 +483,7 @@ class UniMMPipeline(DiffusionPipeline):
                 if index < len(row_grids):
                     row.append(next(decoded))
             segments.append(row)
+        self.maybe_free_model_hooks()
         return UniMMInterleavedOutput(segments=segments)
 
     # ------------------------------------------------------------------ decoding and reconstruction
@@ -449,7 +503,7 @@ class UniMMPipeline(DiffusionPipeline):
         given, else from a generator seeded with ``seed``."""
         _check_decoder(decoder, self.detokenizer)
         if decoder == "pixel":
-            pixel_values = self.visual_tokenizer.decode(image_token_ids.to(self.visual_tokenizer.device))
+            pixel_values = self.visual_tokenizer.decode(image_token_ids)  # it moves the ids to its device
             return self.processor.image_processor.postprocess(pixel_values)
         # A CPU generator draws the same initial noise on every device.
         if generator is None and seed is not None:
@@ -514,7 +568,24 @@ class UniMMPipeline(DiffusionPipeline):
         opened = [open_image_argument(image, f"images[{index}]") for index, image in enumerate(images)]
         grids = self.processor.encode_images(opened)
         decoded = self._decode_grids(grids, decoder, num_inference_steps, guidance_scale, seed)
+        self.maybe_free_model_hooks()
         return UniMMReconstructionOutput(images=decoded, image_token_ids=grids)
+
+
+def _onload(module: torch.nn.Module) -> None:
+    """Under model CPU offload, move ``module`` to the execution device before a call other than its
+    ``forward``, where the offload hook sits: the engine runs the inner language model, never the llm's own
+    ``forward``, and makes its tensors on the device the weights are on when it starts."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is not None and hasattr(hook, "pre_forward"):
+        hook.pre_forward(module)
+
+
+def _component_dtype(dtype: torch.dtype | Mapping[str, torch.dtype] | None, name: str) -> torch.dtype | None:
+    """A component's dtype from ``from_pretrained``'s ``dtype`` (one for all, or per name as in diffusers)."""
+    if isinstance(dtype, Mapping):
+        return dtype.get(name, dtype.get("default", torch.float32))
+    return dtype
 
 
 def _unpadded(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:

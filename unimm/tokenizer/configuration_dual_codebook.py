@@ -43,6 +43,16 @@ DEFAULT_TEACHER_CONFIG: dict[str, Any] = {
     "attention_probs_dropout_prob": 0.0,
 }
 
+# The teacher is part of the tokenizer: it takes the dtype the tokenizer is built or loaded in, as `.to(dtype)`
+# casts it. A dtype recorded in its config would pin it (a teacher saved as "float32" stayed float32 under
+# `from_pretrained(dtype=torch.bfloat16)`), so none is kept.
+TEACHER_DTYPE_KEYS = ("dtype", "torch_dtype")
+
+
+def teacher_config_without_dtype(teacher_config: dict[str, Any]) -> dict[str, Any]:
+    """The teacher's architecture: its config dict without a dtype."""
+    return {key: value for key, value in teacher_config.items() if key not in TEACHER_DTYPE_KEYS}
+
 
 class DualCodebookConfig(PretrainedConfig):
     r"""Configuration of [`DualCodebookTokenizer`].
@@ -64,7 +74,8 @@ class DualCodebookConfig(PretrainedConfig):
         teacher_name_or_path (`str`, *optional*): a transformers vision model (SigLIP, CLIP, DINOv2, ViT, ...)
             loaded with `AutoModel.from_pretrained` when the tokenizer is first built.
         teacher_config (`dict`, *optional*): the teacher's config as a dict; filled from the loaded teacher,
-            so a saved tokenizer rebuilds its teacher offline. Defaults to a small built-in ViT.
+            so a saved tokenizer rebuilds its teacher offline. Defaults to a small built-in ViT. A dtype in it
+            is dropped: the teacher takes the tokenizer's dtype.
         teacher_feature_layer (`int`): which of the teacher's `hidden_states` the semantic branch reads.
         teacher_image_mean, teacher_image_std (`list[float]`, *optional*): the teacher's own input
             normalisation (default: the tokenizer's).
@@ -148,7 +159,9 @@ class DualCodebookConfig(PretrainedConfig):
                 "num_channels": num_channels,
             }
             teacher_config["patch_size"] = downsample_factor
-        self.teacher_config = teacher_config
+        self.teacher_config = (
+            teacher_config_without_dtype(teacher_config) if teacher_config is not None else None
+        )
         self.teacher_feature_layer = teacher_feature_layer
         self.teacher_image_mean = list(teacher_image_mean) if teacher_image_mean is not None else None
         self.teacher_image_std = list(teacher_image_std) if teacher_image_std is not None else None
@@ -283,4 +296,4 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-__all__ = ["DEFAULT_TEACHER_CONFIG", "NAMED_CONFIGS", "DualCodebookConfig"]
+__all__ = ["DEFAULT_TEACHER_CONFIG", "NAMED_CONFIGS", "DualCodebookConfig", "teacher_config_without_dtype"]

@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from . import losses
-from .configuration_dual_codebook import DualCodebookConfig
+from .configuration_dual_codebook import DualCodebookConfig, teacher_config_without_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -190,15 +191,25 @@ class DualCodebookQuantizer(nn.Module):
     def normalize(self, vectors: torch.Tensor) -> torch.Tensor:
         return F.normalize(vectors, dim=-1) if self.config.codebook_l2_normalize else vectors
 
-    def codebook_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.normalize(self.semantic_codebook), self.normalize(self.pixel_codebook)
+    def codebook_vectors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The entries (K, Ds), (K, Dp) as the search compares them: in ``dtype`` (default: their own),
+        l2-normalised if configured."""
+        semantic, pixel = self.semantic_codebook, self.pixel_codebook
+        if dtype is not None:
+            semantic, pixel = semantic.to(dtype), pixel.to(dtype)
+        return self.normalize(semantic), self.normalize(pixel)
 
     def select(self, semantic_codes: torch.Tensor, pixel_codes: torch.Tensor) -> torch.Tensor:
-        """Shared index per position of flat, already normalised codes (N, Ds), (N, Dp) -> (N,)."""
-        semantic_codebook, pixel_codebook = self.codebook_vectors()
+        """Shared index per position of flat, already normalised codes (N, Ds), (N, Dp) -> (N,).
+
+        The search runs in float32 at least, whatever the codes' and the codebook's dtype: in bfloat16,
+        distances tie and round, and about 1% of the demo tokenizer's ids flip."""
+        dtype = torch.promote_types(semantic_codes.dtype, torch.float32)
+        semantic_codebook, pixel_codebook = self.codebook_vectors(dtype)
+        device = semantic_codebook.device
         distances = shared_index_distances(
-            semantic_codes,
-            pixel_codes,
+            semantic_codes.to(device, dtype),
+            pixel_codes.to(device, dtype),
             semantic_codebook,
             pixel_codebook,
             self.config.semantic_distance_weight,
@@ -206,9 +217,17 @@ class DualCodebookQuantizer(nn.Module):
         )
         return distances.argmin(dim=-1)
 
+    def nearest(self, semantic_codes: torch.Tensor, pixel_codes: torch.Tensor) -> torch.LongTensor:
+        """Ids (B, h, w) of continuous codes (B, h, w, Ds) and (B, h, w, Dp), normalised in float32 at least."""
+        dtype = torch.promote_types(semantic_codes.dtype, torch.float32)
+        semantic_flat = semantic_codes.reshape(-1, semantic_codes.shape[-1]).to(dtype)  # (N, Ds)
+        pixel_flat = pixel_codes.reshape(-1, pixel_codes.shape[-1]).to(dtype)  # (N, Dp)
+        ids = self.select(self.normalize(semantic_flat), self.normalize(pixel_flat))  # (N,)
+        return ids.view(semantic_codes.shape[:-1])
+
     def forward(self, semantic_codes: torch.Tensor, pixel_codes: torch.Tensor) -> DualCodebookQuantizerOutput:
-        # Nearest-entry search and codebook statistics run in the codebook's dtype, outside autocast:
-        # bf16 distances would tie and flip argmins.
+        # Codebook statistics run in the codebook's dtype and the nearest-entry search in float32 at least,
+        # outside autocast: bf16 distances would tie and flip argmins.
         with torch.autocast(device_type=semantic_codes.device.type, enabled=False):
             return self._quantize(
                 semantic_codes.to(self.semantic_codebook.dtype), pixel_codes.to(self.pixel_codebook.dtype)
@@ -330,8 +349,11 @@ class DualCodebookTokenizer(DualCodebookPreTrainedModel):
         if config.teacher_config is None:
             # First build from a named teacher: load its weights, then record its config so a saved
             # tokenizer rebuilds the teacher offline from config.json (weights come from the checkpoint).
-            self.teacher = AutoModel.from_pretrained(config.teacher_name_or_path)
-            config.teacher_config = self.teacher.config.to_dict()
+            # It takes the dtype the tokenizer is built in (torch's default dtype here), not its checkpoint's.
+            self.teacher = AutoModel.from_pretrained(
+                config.teacher_name_or_path, dtype=torch.get_default_dtype()
+            )
+            config.teacher_config = teacher_config_without_dtype(self.teacher.config.to_dict())
         else:
             teacher_kwargs = dict(config.teacher_config)
             self.teacher = AutoModel.from_config(
@@ -439,8 +461,8 @@ class DualCodebookTokenizer(DualCodebookPreTrainedModel):
             size = (self.teacher_image_size, self.teacher_image_size)
         if tuple(images.shape[-2:]) != size:
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
-        # A teacher may keep its own dtype (e.g. float32 under a bfloat16 tokenizer): inputs follow it.
-        return images.to(self.teacher.dtype)
+        # A teacher may keep its own dtype (e.g. cast back to float32 under a bfloat16 tokenizer): inputs follow it.
+        return images.to(device=self.teacher.device, dtype=self.teacher.dtype)
 
     def teacher_features(
         self, pixel_values: torch.Tensor, grid: tuple[int, int], all_layers: bool = False
@@ -460,9 +482,9 @@ class DualCodebookTokenizer(DualCodebookPreTrainedModel):
         layer = self.config.teacher_feature_layer
         selected = outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
         layers = [*outputs.hidden_states[1:-1], selected] if all_layers else [selected]
-        # Features leave in the adapter's dtype whatever the teacher's or the autocast dtype.
-        dtype = next(self.semantic_adapter.parameters()).dtype
-        return [self._to_grid(hidden_states.to(dtype), grid) for hidden_states in layers]
+        # Features leave in the adapter's dtype (and on its device) whatever the teacher's or the autocast dtype.
+        adapter_parameter = next(self.semantic_adapter.parameters())
+        return [self._to_grid(hidden_states.to(adapter_parameter), grid) for hidden_states in layers]
 
     def _to_grid(self, hidden_states: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         batch_size, sequence_length, channels = hidden_states.shape
@@ -496,8 +518,9 @@ class DualCodebookTokenizer(DualCodebookPreTrainedModel):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_teacher):
             teacher_layers = self.teacher_features(pixel_values, grid, all_layers=all_layers)
         semantic_codes = self.semantic_adapter(teacher_layers[-1])  # (B, h, w, Ds)
-        pixel_dtype = next(self.pixel_encoder.parameters()).dtype  # the teacher's may differ
-        pixel_codes = self.pixel_encoder(pixel_values.to(pixel_dtype)).permute(0, 2, 3, 1)  # (B, h, w, Dp)
+        pixel_parameter = next(self.pixel_encoder.parameters())  # the teacher's dtype may differ
+        pixel_maps = self.pixel_encoder(pixel_values.to(pixel_parameter))  # (B, Dp, h, w)
+        pixel_codes = pixel_maps.permute(0, 2, 3, 1)  # (B, h, w, Dp)
         return semantic_codes, pixel_codes, teacher_layers
 
     def _decode_embeddings(
@@ -509,27 +532,29 @@ class DualCodebookTokenizer(DualCodebookPreTrainedModel):
         return self.pixel_decoder(code_maps)
 
     # ----- public API ---------------------------------------------------------------------------------
+    # Inputs may come in any float dtype and on any device: each branch takes them to its own. The public
+    # methods other than `forward` first run an offload hook (diffusers' `enable_model_cpu_offload`), as
+    # diffusers' autoencoders' `encode`/`decode` do.
+    @apply_forward_hook
     @torch.no_grad()
     def encode(self, pixel_values: torch.Tensor) -> torch.LongTensor:
         """Shared codebook ids (B, h, w) of normalised images (B, C, H, W); H, W multiples of the factor."""
         self._check_pixel_values(pixel_values)
         semantic_codes, pixel_codes, _ = self._codes(pixel_values)
-        batch_size, height, width, _ = semantic_codes.shape
-        ids = self.quantizer.select(
-            self.quantizer.normalize(semantic_codes.reshape(-1, semantic_codes.shape[-1])),  # (N, Ds)
-            self.quantizer.normalize(pixel_codes.reshape(-1, pixel_codes.shape[-1])),  # (N, Dp)
-        )
-        return ids.view(batch_size, height, width)
+        return self.quantizer.nearest(semantic_codes, pixel_codes)
 
+    @apply_forward_hook
     def embed(self, image_token_ids: torch.Tensor) -> DualCodebookEmbeddingOutput:
         """Codebook vectors of ids (B, h, w): semantic (B, h, w, Ds) and pixel (B, h, w, Dp)."""
         self._check_ids(image_token_ids)
         semantic_codebook, pixel_codebook = self.quantizer.codebook_vectors()
+        image_token_ids = image_token_ids.to(semantic_codebook.device)
         return DualCodebookEmbeddingOutput(
             semantic_embeddings=semantic_codebook[image_token_ids],
             pixel_embeddings=pixel_codebook[image_token_ids],
         )
 
+    @apply_forward_hook
     def decode(self, image_token_ids: torch.Tensor) -> torch.FloatTensor:
         """Images (B, C, h*f, w*f) in the processor's normalised range from ids (B, h, w)."""
         embeddings = self.embed(image_token_ids)
