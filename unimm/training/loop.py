@@ -245,6 +245,10 @@ class TrainingLoop:
 
     # -------------------------------------------------------------------------------------- training
     def run(self) -> TrainResult:
+        with torch_functions_restored():
+            return self._run()
+
+    def _run(self) -> TrainResult:
         self.setup()
         self.progress = tqdm(
             total=self.total_steps,
@@ -372,6 +376,18 @@ class TrainingLoop:
             if distributed.is_main_process():
                 export_checkpoint(checkpoint, export_dir, recipe=self.recipe)
         return TrainResult(self.output_dir, self.state.global_step, self.last_loss, checkpoint, export_dir)
+
+
+@contextlib.contextmanager
+def torch_functions_restored() -> Iterator[None]:
+    """ZeRO-3 replaces ``torch.nn.functional.linear`` with its memory-efficient version for good ("this will
+    persist unless manually reset"): put torch's back when the run ends, so that whatever this process
+    does next (generate, evaluate, train another stage) runs torch's own numerics."""
+    linear = torch.nn.functional.linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = linear
 
 
 def gathered_parameters(engine: Any) -> contextlib.AbstractContextManager:
