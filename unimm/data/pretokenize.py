@@ -218,9 +218,8 @@ def _encode_by_shape(visual_tokenizer, pixel_values: dict) -> dict[Any, torch.Te
     token_ids = {}
     for keys in keys_by_shape.values():
         batch = torch.stack([pixel_values[key] for key in keys])  # (B, C, H, W)
-        batch = batch.to(
-            device=getattr(visual_tokenizer, "device", None), dtype=getattr(visual_tokenizer, "dtype", None)
-        )
+        # float32 pixels: the tokenizer casts them for each of its branches (a teacher may differ in dtype)
+        batch = batch.to(device=getattr(visual_tokenizer, "device", None))
         with torch.inference_mode():
             ids = visual_tokenizer.encode(batch).cpu()  # (B, h, w)
         token_ids.update(zip(keys, ids))
