@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo demo-model smollm2-model test test-fast test-slow lint format data assets install clean
+.PHONY: demo demo-model smollm2-model test test-fast test-slow test-gpu lint format data assets install clean
 
 demo: $(INSTALLED) data
 	$(PY) -m unimm.cli demo
@@ -27,6 +27,17 @@ test-fast: $(INSTALLED)
 
 test-slow: $(INSTALLED) data assets
 	$(PY) -m pytest -m slow -q
+
+# The gpu tier (tests/gpu, CUDA visible: demo checkpoint in bf16, compiled engine, ZeRO training, device maps and
+# offload, the server), then the speed benchmarks on CUDA. Needs a CUDA build of torch (`make test-gpu
+# TORCH=torch` on a fresh machine); without a CUDA device the tests skip, saying why, and the benchmarks are left out.
+test-gpu: $(INSTALLED)
+	UNIMM_TEST_DEVICE=cuda $(PY) -m pytest -m gpu -q -rs --durations=10 tests/gpu
+	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		$(PY) benchmarks/generation.py --device cuda --repeats 3 && \
+		$(PY) benchmarks/pipeline.py --device cuda --checkpoint checkpoints/demo && \
+		$(PY) benchmarks/training.py --device cuda --bf16 --repeats 2; \
+	else echo "test-gpu: no CUDA device, benchmarks left out"; fi
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

@@ -58,18 +58,30 @@ over positions (slower), ``cpp_wrapper`` (slower here, 2.5x the compile time), c
 ``--repeats 1``, same machine): 2.68x at batch 1 and 3.22x at batch 16.
 
     python benchmarks/generation.py [--batch-sizes 1 4 16] [--repeats 3] [--grid 16] [--dtype bfloat16]
+
+On a GPU (``--device cuda``) the clock is read after ``torch.cuda.synchronize``, rates are per wall second and
+the CPU threads are left alone (``benchmarks/clocks.py``); batch sizes, repeats and dtype default to the CUDA
+settings below (bf16; batches 1, 16 and 64), kept apart from the CPU-tuned ones. No GPU figures yet:
+
+    python benchmarks/generation.py --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from clocks import Clock, add_device_argument  # benchmarks/clocks.py (this folder is on sys.path)
 from transformers import GenerationConfig, JanusConfig, JanusForConditionalGeneration, LlamaConfig
 
 from unimm.llm import ModalitySampling, UniMMConfig, UniMMForCausalLM
+
+# Per device type: the settings the figures above were measured with on a CPU, and those for a GPU.
+DEFAULTS = {
+    "cpu": {"batch_sizes": [1, 4, 16], "text_batch_sizes": [1, 16], "repeats": 3, "dtype": "float32"},
+    "cuda": {"batch_sizes": [1, 16, 64], "text_batch_sizes": [1, 64], "repeats": 5, "dtype": "bfloat16"},
+}
 
 
 def llama_config(args: argparse.Namespace) -> LlamaConfig:
@@ -121,59 +133,60 @@ def build_unimm(args: argparse.Namespace) -> UniMMForCausalLM:
     return UniMMForCausalLM(config).eval()
 
 
-def timed(fn, *args) -> tuple[float, float]:
-    """``(wall seconds, CPU seconds of this process)``; with one torch thread the CPU time is the work
-    done, which other jobs on a shared machine barely disturb."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn(*args)
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def interleaved_rates(runners: dict, repeats: int, work: int) -> dict[str, tuple[float, float]]:
+def interleaved_rates(clock: Clock, runners: dict, repeats: int, work: int) -> dict[str, tuple[float, float]]:
     """Run each runner in turn ``repeats + 1`` times (the first round warms up and is dropped); return
-    ``work`` per median CPU second and per median wall second for each."""
+    ``work`` per median second of the main clock (CPU time on a CPU) and per median wall second for each."""
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
     for repeat in range(repeats + 1):
         for name, runner in runners.items():
-            elapsed = timed(runner, repeat)
+            elapsed = clock.time(runner, repeat)
             if repeat:
                 times[name].append(elapsed)
     return {
         name: (
-            work / statistics.median(cpu for _, cpu in values),
-            work / statistics.median(w for w, _ in values),
+            work / statistics.median(main for main, _ in values),
+            work / statistics.median(wall for _, wall in values),
         )
         for name, values in times.items()
     }
 
 
-def print_row(label: str, rates: dict[str, tuple[float, float]], reference: str) -> None:
-    """One table row: the reference's rate, then per unimm variant its rate and CPU / wall ratios."""
-    ref_cpu, ref_wall = rates[reference]
-    cells = [f"{ref_cpu:.1f}"]
+def ratio(rate: tuple[float, float], reference: tuple[float, float], clock: Clock) -> str:
+    """The main clock's ratio, with the wall clock's beside it on a CPU (on CUDA they are the same clock)."""
+    main = f"{rate[0] / reference[0]:.2f}x"
+    return main if clock.is_cuda else f"{main} ({rate[1] / reference[1]:.2f}x)"
+
+
+def print_row(label: str, rates: dict[str, tuple[float, float]], reference: str, clock: Clock) -> None:
+    """One table row: the reference's rate, then per unimm variant its rate and its ratio to the reference."""
+    cells = [f"{rates[reference][0]:.1f}"]
     for name in ("unimm", "unimm compiled"):
-        cpu, wall = rates[name]
-        cells += [f"{cpu:.1f}", f"**{cpu / ref_cpu:.2f}x** ({wall / ref_wall:.2f}x)"]
+        cells += [f"{rates[name][0]:.1f}", f"**{ratio(rates[name], rates[reference], clock)}**"]
     if "floor" in rates:
-        cpu, wall = rates["floor"]
-        cells += [f"{cpu:.1f}", f"{cpu / ref_cpu:.2f}x ({wall / ref_wall:.2f}x)"]
+        cells += [f"{rates['floor'][0]:.1f}", ratio(rates["floor"], rates[reference], clock)]
     print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
 
 
-def compile_decode_step(args, unimm) -> float:
+def compile_decode_step(clock: Clock, unimm) -> float:
     """Compile unimm's decode step once (two image calls: single-token steps and a code fed with its end of
     row; the second call's lengths make dynamo mark the sequence dimension dynamic, after which no shape
     recompiles); returns the wall seconds taken."""
-    wall = time.perf_counter()
-    for _ in range(2):
-        unimm.generate_multimodal(
-            [[1, 5, 6]], mode="image", image_sampling=ModalitySampling(do_sample=True), compile=True, seed=0
-        )
-    return time.perf_counter() - wall
+
+    def compile_twice() -> None:
+        for _ in range(2):
+            unimm.generate_multimodal(
+                [[1, 5, 6]],
+                mode="image",
+                image_sampling=ModalitySampling(do_sample=True),
+                compile=True,
+                seed=0,
+            )
+
+    return clock.time(compile_twice)[1]
 
 
-def bench_images(args, janus, unimm, batch: int) -> dict[str, float]:
-    prompt = torch.randint(4, args.text_vocab - 1, (batch, args.prompt_length))
+def bench_images(args, clock: Clock, janus, unimm, batch: int) -> dict[str, tuple[float, float]]:
+    prompt = torch.randint(4, args.text_vocab - 1, (batch, args.prompt_length), device=clock.device)
     prompt[:, 0] = 1
     prompt[:, -1] = 3  # Janus' prompt ends with its <begin_of_image>; unimm opens the image itself
     mask = torch.ones_like(prompt)
@@ -198,11 +211,11 @@ def bench_images(args, janus, unimm, batch: int) -> dict[str, float]:
         return run_unimm
 
     runners = {"janus": run_janus, "unimm": unimm_runner(False), "unimm compiled": unimm_runner(True)}
-    return interleaved_rates(runners, args.repeats, batch * args.grid**2)
+    return interleaved_rates(clock, runners, args.repeats, batch * args.grid**2)
 
 
-def bench_floor(args, unimm, batch: int) -> tuple[float, float]:
-    """Image tokens per CPU second (and per wall second) if a decode step cost only its library kernels: each
+def bench_floor(args, clock: Clock, unimm, batch: int) -> tuple[float, float]:
+    """Image tokens per second (main clock, and wall) if a decode step cost only its library kernels: each
     linear layer of the backbone, SDPA over a KV cache of the image's mean length, and the image slice of the
     head, run back to back on unimm's own weights with the CFG rows (2 x batch), one eager call each and
     nothing else: the ceiling of a decode loop built on the library kernels (``F.linear``, SDPA). Fused
@@ -215,12 +228,12 @@ def bench_floor(args, unimm, batch: int) -> tuple[float, float]:
     layers = decoder.layers
     # One cache per layer, as in decoding: at batch 16 the caches outgrow the CPU's caches.
     head = unimm.get_output_embeddings().weight[unimm.vocabulary.text_vocab_size :]
-    dtype = head.dtype  # the model's (--dtype)
-    keys = [torch.randn(rows, heads, cache_length, head_dim, dtype=dtype) for _ in layers]
+    like = {"dtype": head.dtype, "device": head.device}  # the model's (--dtype, --device)
+    keys = [torch.randn(rows, heads, cache_length, head_dim, **like) for _ in layers]
     values = [torch.randn_like(layer_keys) for layer_keys in keys]
-    hidden = torch.randn(rows, 1, args.hidden, dtype=dtype)
-    intermediate = torch.randn(rows, 1, decoder.config.intermediate_size, dtype=dtype)
-    query = torch.randn(rows, heads, 1, head_dim, dtype=dtype)
+    hidden = torch.randn(rows, 1, args.hidden, **like)
+    intermediate = torch.randn(rows, 1, decoder.config.intermediate_size, **like)
+    query = torch.randn(rows, heads, 1, head_dim, **like)
 
     def step() -> None:
         for layer, layer_keys, layer_values in zip(layers, keys, values):
@@ -235,12 +248,12 @@ def bench_floor(args, unimm, batch: int) -> tuple[float, float]:
         for _ in range(tokens - 1):  # unimm's forwards for one image: the first code comes from the prefill
             step()
 
-    return interleaved_rates({"floor": run}, args.repeats, batch * tokens)["floor"]
+    return interleaved_rates(clock, {"floor": run}, args.repeats, batch * tokens)["floor"]
 
 
-def bench_text(args, unimm, batch: int) -> dict[str, float]:
+def bench_text(args, clock: Clock, unimm, batch: int) -> dict[str, tuple[float, float]]:
     language_model = unimm.language_model
-    prompt = torch.randint(4, args.text_vocab, (batch, args.prompt_length))
+    prompt = torch.randint(4, args.text_vocab, (batch, args.prompt_length), device=clock.device)
     mask = torch.ones_like(prompt)
 
     # No end-of-sequence for either side: both write exactly `text_tokens` tokens, with no extra processor.
@@ -261,16 +274,21 @@ def bench_text(args, unimm, batch: int) -> dict[str, float]:
         return run_unimm
 
     runners = {"generate": run_generate, "unimm": unimm_runner(False), "unimm compiled": unimm_runner(True)}
-    return interleaved_rates(runners, args.repeats, batch * args.text_tokens)
+    return interleaved_rates(clock, runners, args.repeats, batch * args.text_tokens)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 4, 16])
-    parser.add_argument("--text-batch-sizes", type=int, nargs="*", default=[1, 16])
-    parser.add_argument("--repeats", type=int, default=3)
+    add_device_argument(parser)
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="*", help="default: 1 4 16 on a CPU, 1 16 64 on CUDA"
+    )
+    parser.add_argument(
+        "--text-batch-sizes", type=int, nargs="*", help="default: 1 16 on a CPU, 1 64 on CUDA"
+    )
+    parser.add_argument("--repeats", type=int, help="default: 3 on a CPU, 5 on CUDA")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
@@ -278,8 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"],
-        default="float32",
-        help="weights and caches of both models",
+        help="weights and caches of both models (default: float32 on a CPU, bfloat16 on CUDA)",
     )
     parser.add_argument("--text-vocab", type=int, default=2048)
     parser.add_argument("--codebook", type=int, default=4096)
@@ -288,41 +305,48 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-length", type=int, default=16)
     parser.add_argument("--text-tokens", type=int, default=128)
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1 keeps a shared CPU steadier)"
+        "--threads", type=int, default=1, help="torch threads on a CPU (1 keeps a shared CPU steadier)"
     )
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    clock = Clock(torch.device(args.device))
+    for name, value in DEFAULTS[clock.device.type].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    clock.pin_threads(args.threads)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    janus, unimm = build_janus(args).to(dtype), build_unimm(args).to(dtype)
+    janus, unimm = build_janus(args).to(clock.device, dtype), build_unimm(args).to(clock.device, dtype)
     print(
         f"Llama backbone ({args.dtype}): hidden {args.hidden}, MLP {unimm.config.text_config.intermediate_size}, "
         f"{args.layers} layers, {args.heads} heads; {args.grid}x{args.grid} "
         f"image tokens, codebook {args.codebook}, guidance {args.guidance}, sampling at temperature 1; "
-        f"torch threads {torch.get_num_threads()}; median of {args.repeats} interleaved runs"
+        f"{clock.describe()}; median of {args.repeats} interleaved runs"
     )
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: its tensors break the compiled step (BackendCompilerFailed)
         print(
-            f"unimm compile=True: {compile_decode_step(args, unimm):.1f} s wall to compile (once per model and "
+            f"unimm compile=True: {compile_decode_step(clock, unimm):.1f} s wall to compile (once per model and "
             "process, not in the rates below)"
         )
+        unit, ratio_name = clock.unit, "speed-up" if clock.is_cuda else "speed-up CPU (wall)"
         print(
-            "\n| image generation | Janus (img tok/CPU-s) | unimm eager (img tok/CPU-s) | speed-up CPU (wall) "
-            "| unimm compiled (img tok/CPU-s) | speed-up CPU (wall) | library kernels alone (img tok/CPU-s) "
-            "| library kernels / Janus CPU (wall) |"
+            f"\n| image generation | Janus (img tok/{unit}) | unimm eager (img tok/{unit}) | {ratio_name} "
+            f"| unimm compiled (img tok/{unit}) | {ratio_name} | library kernels alone (img tok/{unit}) "
+            f"| library kernels / Janus{'' if clock.is_cuda else ' CPU (wall)'} |"
         )
         print("|---|---|---|---|---|---|---|---|")
         for batch in args.batch_sizes:
-            rates = bench_images(args, janus, unimm, batch)
-            print_row(f"batch {batch}", rates | {"floor": bench_floor(args, unimm, batch)}, "janus")
+            rates = bench_images(args, clock, janus, unimm, batch)
+            print_row(
+                f"batch {batch}", rates | {"floor": bench_floor(args, clock, unimm, batch)}, "janus", clock
+            )
+        ratio_name = "ratio" if clock.is_cuda else "ratio CPU (wall)"
         print(
-            f"\n| text ({args.text_tokens} greedy tokens) | LM generate (tok/CPU-s) | unimm eager (tok/CPU-s) "
-            "| ratio CPU (wall) | unimm compiled (tok/CPU-s) | ratio CPU (wall) |"
+            f"\n| text ({args.text_tokens} greedy tokens) | LM generate (tok/{unit}) | unimm eager (tok/{unit}) "
+            f"| {ratio_name} | unimm compiled (tok/{unit}) | {ratio_name} |"
         )
         print("|---|---|---|---|---|---|")
         for batch in args.text_batch_sizes:
-            print_row(f"batch {batch}", bench_text(args, unimm, batch), "generate")
+            print_row(f"batch {batch}", bench_text(args, clock, unimm, batch), "generate", clock)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ the median wall-clock time between the ends of optimizer steps, after warm-up st
 
     nice python benchmarks/training.py                       # ZeRO-2, fp32
     nice python benchmarks/training.py --bf16 --deepspeed_config recipes/deepspeed/zero3.json
+    python benchmarks/training.py --device cuda --bf16         # one GPU: a larger model, wall clock only
+
+The model and batch default to per-device sizes (``DEFAULTS``: the CPU's small ones, a GPU's larger ones), and
+so does the matmul whose rate is the peak. On CUDA the clock is read after ``torch.cuda.synchronize`` and
+only wall-clock figures are printed (``benchmarks/clocks.py``). The loop trains on DeepSpeed's accelerator:
+``--device cpu`` on a GPU machine needs ``DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES=`` (checked at start).
 """
 
 from __future__ import annotations
@@ -16,13 +22,14 @@ import json
 import logging
 import statistics
 import tempfile
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
+from clocks import Clock
+from deepspeed.accelerator import get_accelerator
 from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, Trainer, TrainerCallback
 from transformers import TrainingArguments as HfTrainingArguments
 
@@ -31,27 +38,39 @@ from unimm.training.arguments import parse_recipe
 from unimm.training.loop import TrainingLoop
 from unimm.training.stages.llm import random_token_table
 
-MATMUL_SIZE = 1024
 MATMUL_REPEATS = 20
 SEED = 0
 UNIMM, TRAINER = "unimm loop", "transformers Trainer"
 CLOCKS = ("wall", "cpu")
+# Per device type: the model, the batch and the side of the square matmul that measures the peak (the CPU's
+# were the figures' settings; a GPU needs larger ones to be more than launch overhead).
+DEFAULTS = {
+    "cpu": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "sequence_length": 128, "batch_size": 8},
+    "cuda": {"hidden_size": 1024, "num_layers": 8, "num_heads": 16, "sequence_length": 1024, "batch_size": 8},
+}
+MATMUL_SIZE = {"cpu": 1024, "cuda": 8192}
 
 
 @dataclass
 class BenchmarkArguments:
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
+    device: str = "cpu"  # cpu or cuda; it must be DeepSpeed's accelerator
+    hidden_size: int | None = None  # None: DEFAULTS of the device
+    num_layers: int | None = None
+    num_heads: int | None = None
     vocab_size: int = 4096
-    sequence_length: int = 128
-    batch_size: int = 8
+    sequence_length: int | None = None
+    batch_size: int | None = None
     steps: int = 6
     warmup_steps: int = 2
     repeats: int = 5
     bf16: bool = False
     deepspeed_config: str = "recipes/deepspeed/zero2.json"
-    threads: int = 1  # one thread per process: steadier timings on a shared CPU
+    threads: int = 1  # one thread per process on a CPU: steadier timings on a shared machine
+
+    def __post_init__(self) -> None:
+        for name, value in DEFAULTS[torch.device(self.device).type].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
 
 def model_config(args: BenchmarkArguments) -> dict:
@@ -78,49 +97,47 @@ def flops_per_token(args: BenchmarkArguments) -> float:
     return 6 * matmul_parameters + 12 * args.num_layers * args.hidden_size * args.sequence_length
 
 
-def clocks() -> tuple[float, float]:
-    return time.perf_counter(), time.process_time()
-
-
-def matmul_peak(dtype: torch.dtype) -> dict[str, float]:
-    """Best FLOP/s of a square matmul on this machine, now, per wall-clock and per CPU second."""
-    left = torch.randn(MATMUL_SIZE, MATMUL_SIZE, dtype=dtype)
-    right = torch.randn(MATMUL_SIZE, MATMUL_SIZE, dtype=dtype)
-    best = [float("inf"), float("inf")]
-    for _ in range(MATMUL_REPEATS):
-        start = clocks()
-        torch.mm(left, right)
-        end = clocks()
-        best = [min(best[clock], end[clock] - start[clock]) for clock in range(2)]
-    return {clock: 2 * MATMUL_SIZE**3 / seconds for clock, seconds in zip(CLOCKS, best)}
+def matmul_peak(clock: Clock, dtype: torch.dtype) -> dict[str, float]:
+    """Best FLOP/s of a square matmul on this device, now, per wall-clock and per main-clock second (CPU time on
+    a CPU; the wall clock on CUDA)."""
+    size = MATMUL_SIZE[clock.device.type]
+    left = torch.randn(size, size, dtype=dtype, device=clock.device)
+    right = torch.randn(size, size, dtype=dtype, device=clock.device)
+    timings = [clock.time(torch.mm, left, right) for _ in range(MATMUL_REPEATS)]
+    return {
+        "wall": 2 * size**3 / min(wall for _, wall in timings),
+        "cpu": 2 * size**3 / min(main for main, _ in timings),
+    }
 
 
 @dataclass
 class Throughput:
     wall: float  # tokens per second of wall-clock time
-    cpu: float  # tokens per second of this process's CPU time (all threads): robust to other load
+    cpu: float  # tokens per second of the main clock: this process's CPU time on a CPU (robust to other load)
 
 
 def throughput(step_ends: list[tuple[float, float]], args: BenchmarkArguments) -> Throughput:
-    """Tokens of one step over the median step time after warm-up, by wall clock and by CPU time."""
+    """Tokens of one step over the median step time after warm-up, by wall clock and by the main clock."""
     measured = step_ends[args.warmup_steps :]
     tokens = args.batch_size * args.sequence_length
-    medians = [
+    main, wall = (
         statistics.median(end[clock] - start[clock] for start, end in zip(measured, measured[1:]))
         for clock in range(2)
-    ]
-    return Throughput(wall=tokens / medians[0], cpu=tokens / medians[1])
+    )
+    return Throughput(wall=tokens / wall, cpu=tokens / main)
 
 
 class _TimedLoop(TrainingLoop):
-    """Our loop, recording when each optimizer step ends."""
+    """Our loop, recording when each optimizer step ends (``clock.read()``)."""
+
+    clock: Clock
 
     def _on_step_end(self) -> None:
-        self.step_ends.append(clocks())
+        self.step_ends.append(self.clock.read())
         super()._on_step_end()
 
 
-def run_unimm(args: BenchmarkArguments, output_dir: Path) -> Throughput:
+def run_unimm(args: BenchmarkArguments, clock: Clock, output_dir: Path) -> Throughput:
     total_steps = args.warmup_steps + args.steps
     recipe = parse_recipe(
         {
@@ -142,27 +159,27 @@ def run_unimm(args: BenchmarkArguments, output_dir: Path) -> Throughput:
             "resume_from_checkpoint": "never",
         }
     )
-    torch.set_num_threads(args.threads)  # a previous Trainer run may have changed it
+    clock.pin_threads(args.threads)  # a previous Trainer run may have changed it
     loop = _TimedLoop(recipe)
-    loop.step_ends = []
+    loop.step_ends, loop.clock = [], clock
     loop.run()
     return throughput(loop.step_ends, args)
 
 
 class _StepTimes(TrainerCallback):
-    def __init__(self, threads: int) -> None:
-        self.threads = threads
+    def __init__(self, threads: int, clock: Clock) -> None:
+        self.threads, self.clock = threads, clock
         self.step_ends: list[tuple[float, float]] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
         # accelerate's state sets torch's thread count (to 2 here); compare at the same count.
-        torch.set_num_threads(self.threads)
+        self.clock.pin_threads(self.threads)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.step_ends.append(clocks())
+        self.step_ends.append(self.clock.read())
 
 
-def run_trainer(args: BenchmarkArguments, output_dir: Path) -> Throughput:
+def run_trainer(args: BenchmarkArguments, clock: Clock, output_dir: Path) -> Throughput:
     total_steps = args.warmup_steps + args.steps
     table = random_token_table(total_steps * args.batch_size, args.sequence_length, args.vocab_size, SEED)
     table = table.map(lambda row: {"labels": row["input_ids"], "attention_mask": [1] * len(row["input_ids"])})
@@ -177,14 +194,14 @@ def run_trainer(args: BenchmarkArguments, output_dir: Path) -> Throughput:
         lr_scheduler_type="constant",
         bf16=args.bf16,
         deepspeed=json.loads(Path(args.deepspeed_config).read_text()),
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=not clock.is_cuda,
         report_to=[],
         save_strategy="no",
         logging_steps=total_steps,
         disable_tqdm=True,
         seed=SEED,
     )
-    timer = _StepTimes(args.threads)
+    timer = _StepTimes(args.threads, clock)
     Trainer(model=model, args=training_args, train_dataset=table, callbacks=[timer]).train()
     return throughput(timer.step_ends, args)
 
@@ -193,49 +210,73 @@ def main() -> None:
     (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses()
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
+    clock = Clock(torch.device(args.device))
+    clock.pin_threads(args.threads)
+    accelerator = get_accelerator().device_name()
+    if accelerator != clock.device.type:
+        raise SystemExit(
+            f"--device {args.device}, but DeepSpeed's accelerator is {accelerator}: for a CPU run on a GPU machine "
+            "set DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES="
+        )
     distributed.init_distributed()
     flops = flops_per_token(args)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    peaks = [matmul_peak(dtype)]
+    peaks = [matmul_peak(clock, dtype)]
     results: dict[str, list[Throughput]] = {UNIMM: [], TRAINER: []}
     with tempfile.TemporaryDirectory() as scratch:
         for repeat in range(args.repeats):
-            results[UNIMM].append(run_unimm(args, Path(scratch) / f"unimm{repeat}"))
-            results[TRAINER].append(run_trainer(args, Path(scratch) / f"trainer{repeat}"))
-    peaks.append(matmul_peak(dtype))
-    report(args, results, {clock: max(peak[clock] for peak in peaks) for clock in CLOCKS}, flops)
+            results[UNIMM].append(run_unimm(args, clock, Path(scratch) / f"unimm{repeat}"))
+            results[TRAINER].append(run_trainer(args, clock, Path(scratch) / f"trainer{repeat}"))
+    peaks.append(matmul_peak(clock, dtype))
+    report(args, clock, results, {name: max(peak[name] for peak in peaks) for name in CLOCKS}, flops)
 
 
 def report(
-    args: BenchmarkArguments, results: dict[str, list[Throughput]], peak: dict[str, float], flops: float
+    args: BenchmarkArguments,
+    clock: Clock,
+    results: dict[str, list[Throughput]],
+    peak: dict[str, float],
+    flops: float,
 ) -> None:
     precision = "bf16" if args.bf16 else "fp32"
+    where = clock.describe() if clock.is_cuda else f"{args.threads} thread(s)"
     print(
         f"model: Llama d={args.hidden_size} L={args.num_layers} vocab={args.vocab_size}, "
         f"batch {args.batch_size} x {args.sequence_length} tokens, {args.deepspeed_config}, {precision}, "
-        f"{args.threads} thread(s); median step of {args.steps} after {args.warmup_steps} warm-up; "
+        f"{where}; median step of {args.steps} after {args.warmup_steps} warm-up; "
         f"{args.repeats} interleaved repeats"
     )
+    per_cpu_second = "" if clock.is_cuda else f", {peak['cpu'] / 1e9:.1f} GFLOP per CPU-s"
     print(
-        f"measured {precision} matmul peak ({args.threads} thread(s)): {peak['wall'] / 1e9:.1f} GFLOP/s wall, "
-        f"{peak['cpu'] / 1e9:.1f} GFLOP per CPU-s; "
+        f"measured {precision} matmul peak ({where}): {peak['wall'] / 1e9:.1f} GFLOP/s wall{per_cpu_second}; "
         f"model: {flops / 1e6:.1f} MFLOP/token (6N + 12·L·d·T)"
     )
-    reference = {
-        clock: statistics.median(getattr(item, clock) for item in results[TRAINER]) for clock in CLOCKS
-    }
+    if clock.is_cuda:  # one clock: the CPU-time columns would repeat the wall-clock ones
+        report_wall_clock(results, peak, flops)
+        return
+    reference = {name: statistics.median(getattr(item, name) for item in results[TRAINER]) for name in CLOCKS}
     header = "| runner | tokens/s wall (median) | wall, all repeats | MFU wall | tokens per CPU-s (median) | "
     print(header + "MFU CPU | vs Trainer (wall) | vs Trainer (CPU) |")
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     for name, items in results.items():
-        median = {clock: statistics.median(getattr(item, clock) for item in items) for clock in CLOCKS}
+        median = {name: statistics.median(getattr(item, name) for item in items) for name in CLOCKS}
         repeats = ", ".join(f"{item.wall:.0f}" for item in items)
         print(
             f"| {name} | {median['wall']:.0f} | {repeats} | {100 * median['wall'] * flops / peak['wall']:.1f}% "
             f"| {median['cpu']:.0f} | {100 * median['cpu'] * flops / peak['cpu']:.1f}% "
             f"| {median['wall'] / reference['wall']:.2f}x | {median['cpu'] / reference['cpu']:.2f}x |"
         )
+
+
+def report_wall_clock(results: dict[str, list[Throughput]], peak: dict[str, float], flops: float) -> None:
+    reference = statistics.median(item.wall for item in results[TRAINER])
+    print("| runner | tokens/s wall (median) | wall, all repeats | MFU wall | vs Trainer (wall) |")
+    print("|---|---:|---|---:|---:|")
+    for name, items in results.items():
+        median = statistics.median(item.wall for item in items)
+        repeats = ", ".join(f"{item.wall:.0f}" for item in items)
+        mfu = 100 * median * flops / peak["wall"]
+        print(f"| {name} | {median:.0f} | {repeats} | {mfu:.1f}% | {median / reference:.2f}x |")
 
 
 if __name__ == "__main__":

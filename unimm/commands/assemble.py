@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from unimm.commands.pipeline_arguments import DTYPES, report_error
+from unimm.commands.devices import DTYPES
+from unimm.commands.pipeline_arguments import report_error
 
 logger = logging.getLogger(__name__)
 

@@ -10,11 +10,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from unimm.commands.devices import add_device_argument, add_dtype_argument, resolve_device, resolve_dtype
+
 logger = logging.getLogger(__name__)
 
 # The demo model ships inside the package (checkpoints/demo in a source checkout links to it).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "demo_checkpoint"
-DTYPES = ("float32", "bfloat16", "float16")
 CAPTION_HEIGHT = 28
 CAPTION_CHARACTER_WIDTH = 6  # pixels per character of PIL's default font
 CAPTION_LINES = 2  # what CAPTION_HEIGHT holds
@@ -27,8 +28,8 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"pipeline folder (model_index.json + llm/, visual_tokenizer/, ...) or Hub repo id "
         f"(default: the demo model, {DEFAULT_CHECKPOINT})",
     )
-    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (default: float32)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_dtype_argument(parser)
+    add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="random seed of sampling and noise (default: 0)")
 
 
@@ -44,12 +45,12 @@ def add_guidance_argument(parser: argparse.ArgumentParser) -> None:
 
 def load_pipeline(args: argparse.Namespace):
     """The ``UniMMPipeline`` named by ``--checkpoint``, on ``--device`` in ``--dtype``."""
-    import torch
-
     from unimm.pipelines import UniMMPipeline
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return UniMMPipeline.from_pretrained(args.checkpoint, dtype=getattr(torch, args.dtype), device=device)
+    device = resolve_device(args.device)
+    return UniMMPipeline.from_pretrained(
+        args.checkpoint, dtype=resolve_dtype(args.dtype, device), device=device
+    )
 
 
 def report_error(error: Exception) -> int:

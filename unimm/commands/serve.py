@@ -22,7 +22,8 @@ import logging
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from unimm.commands.pipeline_arguments import DEFAULT_CHECKPOINT, DTYPES, load_pipeline, report_error
+from unimm.commands.devices import add_device_argument, add_dtype_argument
+from unimm.commands.pipeline_arguments import DEFAULT_CHECKPOINT, load_pipeline, report_error
 from unimm.serving.config import ServingConfig
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (default: float32)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_dtype_argument(parser)
+    add_device_argument(parser)
     for field in fields(ServingConfig):
         shown = DEFAULTS_SHOWN.get(field.name, field.default)
         default = "" if shown in (MISSING, None) else f" (default: {shown})"

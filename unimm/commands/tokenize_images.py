@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-logger = logging.getLogger(__name__)
+from unimm.commands.devices import add_dtype_argument, resolve_device, resolve_dtype
 
-DTYPES = ("float32", "bfloat16", "float16")
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,21 +38,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=32, help="images per tokenizer forward (default: 32)"
     )
-    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="tokenizer dtype")
+    add_dtype_argument(parser, default="float32")
     parser.add_argument(
         "--strict", action="store_true", help="stop at the first bad record instead of skipping it"
     )
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
-
     from unimm.data.bad_records import BadRecords
     from unimm.data.pretokenize import pretokenize_images, process_state
 
     state = process_state()
+    device = resolve_device(str(state.device))  # this process's device (accelerate's), with TF32 on CUDA
     visual_tokenizer, image_processor = _load_tokenizer(
-        args.tokenizer, state.device, getattr(torch, args.dtype)
+        args.tokenizer, device, resolve_dtype(args.dtype, device)
     )
     with state.main_process_first():  # the main process builds the ``datasets`` cache, the others reuse it
         dataset = _load_data(args)

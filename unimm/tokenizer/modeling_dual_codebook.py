@@ -9,13 +9,14 @@ meaning (for the language model) and texture (for the pixel decoder).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
@@ -24,6 +25,21 @@ from . import losses
 from .configuration_dual_codebook import DualCodebookConfig, teacher_config_without_dtype
 
 logger = logging.getLogger(__name__)
+
+
+def apply_forward_hook(method: Callable) -> Callable:
+    """Run an accelerate offload hook (``enable_model_cpu_offload``) before an entry point other than
+    ``forward``, so ``encode``/``decode`` find the weights on the execution device. diffusers has the same
+    decorator; this transformers model does not import the diffusion stack for it."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        hook = getattr(self, "_hf_hook", None)
+        if hook is not None and hasattr(hook, "pre_forward"):
+            hook.pre_forward(self)
+        return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
