@@ -164,6 +164,7 @@ def _loss_and_model(tokenizer_path, weight):
 def test_teacher_feature_loss_is_off_at_weight_zero_and_additive(tokenizer_path):
     _, _, base_loss, base_metrics = _loss_and_model(tokenizer_path, 0.0)
     assert set(base_metrics) == {"mse", "dropped_fraction"}
+    assert all(isinstance(value, torch.Tensor) for value in base_metrics.values())  # no host sync per step
     _, _, loss, metrics = _loss_and_model(tokenizer_path, 0.5)
     assert set(metrics) == {"mse", "dropped_fraction", "teacher_feature_loss"}
     assert metrics["mse"] == base_metrics["mse"]  # the same draws, the same diffusion term

@@ -46,6 +46,8 @@ def test_stage_builds_trains_evaluates_and_exports(stage, tmp_path):
     loss.backward()
     assert torch.isfinite(loss)
     assert {"reconstruction_loss", "semantic_loss", "codebook_usage", "perplexity", "psnr"} <= set(logged)
+    # 0-d tensors the loop reads when it logs: a float() here made every micro-step wait for the device.
+    assert all(isinstance(value, torch.Tensor) and value.dim() == 0 for value in logged.values())
     loader = torch.utils.data.DataLoader(eval_set, batch_size=4, collate_fn=stage.collate)
     results = stage.evaluate(model, loader)
     assert set(results) == {"psnr", "ssim", "codebook_usage", "perplexity"}

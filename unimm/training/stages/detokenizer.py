@@ -385,8 +385,8 @@ class DetokenizerStage(TrainingStage):
         per_row = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
         loss = (per_row * weights).mean()
         metrics = {
-            "mse": float(per_row.detach().mean()),
-            "dropped_fraction": float(drop_condition.float().mean()),
+            "mse": per_row.detach().mean(),  # tensors: read only when the loop logs
+            "dropped_fraction": drop_condition.float().mean(),
         }
         if self.args.teacher_feature_weight > 0:
             teacher_loss = self.teacher_feature_loss(noisy, timesteps, prediction, pixel_values)

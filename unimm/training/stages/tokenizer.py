@@ -320,15 +320,16 @@ class TokenizerStage(TrainingStage):
 
     def compute_loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], step: int
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         outputs, losses = model(pixel_values=batch["pixel_values"], step=step if step >= 0 else None)
-        logged = {name: float(value.detach()) for name, value in losses.items() if name != "loss"}
-        logged["codebook_usage"] = float(outputs.codebook_usage)
-        logged["perplexity"] = float(outputs.perplexity)
+        # Tensors, read by the loop only when it logs: no host sync per micro-step.
+        logged = {name: value.detach() for name, value in losses.items() if name != "loss"}
+        logged["codebook_usage"] = outputs.codebook_usage.detach()
+        logged["perplexity"] = outputs.perplexity.detach()
         data_range = self._data_range()
-        logged["psnr"] = float(
-            metrics.psnr(outputs.reconstruction.detach(), batch["pixel_values"], data_range).mean()
-        )
+        logged["psnr"] = metrics.psnr(
+            outputs.reconstruction.detach(), batch["pixel_values"], data_range
+        ).mean()
         return losses.loss, logged
 
     def _data_range(self) -> float:
