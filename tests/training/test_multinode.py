@@ -6,6 +6,7 @@ that lost its newest checkpoint, a frozen peer, a slow node, MPI and Slurm launc
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from unimm.training.checkpoint import STATE_FILE, write_manifest
 from unimm.training.distributed import WATCHDOG_EXIT_CODE, find_free_port
 
 pytestmark = pytest.mark.integration
+logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 WORKER = HERE / "cluster_worker.py"
@@ -268,6 +270,7 @@ def test_a_frozen_peer_in_zero2_training_ends_the_run_within_its_timeout(
         if with_pid.exists():
             os.kill(int(with_pid.read_text()), signal.SIGCONT)  # let the launcher end it
         _, stderr = launcher.communicate(timeout=TIMEOUT_SECONDS)
+    logger.info("rank 0 ended %.1f s after its peer froze (ddp_timeout %d s)", waited, timeout)
     assert launcher.returncode != 0
     assert waited < 3 * timeout, f"rank 0 waited {waited:.0f} s for a frozen peer (ddp_timeout {timeout} s)"
     assert "has not answered" in stderr.decode() or "Timed out" in stderr.decode(), stderr.decode()[-3000:]
