@@ -61,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # torchao (the `quantization` extra) warns at import about each CUDA kernel library a CPU machine cannot
+    # load; diffusers and transformers import it whenever it is installed, quantized or not.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
     return int(args._command_module.main(args) or 0)
 
 

@@ -85,22 +85,11 @@ def _unpadded(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[lis
     return [row[keep.bool()].tolist() for row, keep in zip(input_ids, attention_mask)]
 
 
-def _image_prompts(
-    pipeline: UniMMPipeline, prompts: Sequence[str]
-) -> tuple[list[list[int]], list[list[int]]]:
-    """Chat-template prompts for text-to-image and their unconditional forms, as lists of ids."""
-    conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
-    batch = pipeline.processor(messages=conversations, add_generation_prompt=True, return_unconditional=True)
-    return (
-        _unpadded(batch["input_ids"], batch["attention_mask"]),
-        _unpadded(batch["unconditional_input_ids"], batch["unconditional_attention_mask"]),
-    )
-
-
 @pytest.fixture(scope="session")
 def image_prompts():
-    """``image_prompts(pipeline, prompts) -> (conditional ids, unconditional ids)``, lists per prompt."""
-    return _image_prompts
+    """``image_prompts(pipeline, prompts) -> (conditional ids, unconditional ids)``, lists per prompt (the
+    pipeline's own text-to-image prompts)."""
+    return lambda pipeline, prompts: pipeline.image_prompt_ids(list(prompts))
 
 
 @pytest.fixture(scope="session")

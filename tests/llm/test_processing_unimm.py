@@ -6,6 +6,7 @@ from transformers import AutoProcessor
 import unimm  # noqa: F401  (registers the Auto classes)
 from unimm.data.schema import image_segment, image_tokens_segment, text_segment
 from unimm.llm import UniMMProcessor
+from unimm.llm.processing_unimm import encode_by_size
 from unimm.tokenizer import DualCodebookConfig, DualCodebookImageProcessor, DualCodebookTokenizer
 
 
@@ -130,3 +131,66 @@ def test_pixel_images_need_the_visual_tokenizer(tiny, text_tokenizer, vq_model):
     processor = UniMMProcessor.from_config(tiny.config(), text_tokenizer, image_processor)
     with pytest.raises(ValueError, match="vq_model"):
         processor({"segments": [image_segment(Image.new("RGB", (16, 16)))]})
+
+
+@pytest.fixture
+def encode_calls(vq_model, monkeypatch):
+    """The pixel batch shape of every call of the visual tokenizer's ``encode``."""
+    calls = []
+    original = vq_model.encode
+
+    def counting(pixel_values):
+        calls.append(tuple(pixel_values.shape))
+        return original(pixel_values)
+
+    monkeypatch.setattr(vq_model, "encode", counting)
+    return calls
+
+
+def chats_with_images_of_two_sizes() -> list[dict]:
+    """Four conversations, five images (16x16 and 16 wide x 8 high, kept at their size), one given as ids."""
+    sizes = {"square": (16, 16), "wide": (16, 8)}
+    chats = []
+    for index, kinds in enumerate([["square"], ["wide", "square"], ["wide"], ["square"]]):
+        images = [
+            image_segment(Image.new("RGB", sizes[kind], (60 * index, 20, 90)), "user") for kind in kinds
+        ]
+        segments = [*images, text_segment("what is this ?", "user"), text_segment("a red shirt", "assistant")]
+        chats.append({"segments": segments})
+    chats[3]["segments"].insert(0, image_tokens_segment(list(range(4)), [2, 2], "user"))
+    return chats
+
+
+def test_a_batch_encodes_its_images_in_one_call_per_size_as_one_by_one(
+    tiny, text_tokenizer, vq_model, encode_calls
+):
+    image_processor = DualCodebookImageProcessor.from_tokenizer_config(vq_model.config, size=None)
+    processor = UniMMProcessor.from_config(tiny.config(), text_tokenizer, image_processor, vq_model=vq_model)
+    chats = chats_with_images_of_two_sizes()
+    batch = processor(chats, return_unconditional=True)
+    assert encode_calls == [(3, 3, 16, 16), (2, 3, 8, 16)]  # the unconditional rows reuse the grids
+    for row, chat in enumerate(chats):
+        alone = processor(chat, return_unconditional=True)  # one image per call: today's one-by-one encoding
+        for name, mask in [("input_ids", "attention_mask"), ("labels", "attention_mask"),
+                           ("unconditional_input_ids", "unconditional_attention_mask")]:  # fmt: skip
+            kept = batch[mask][row].bool()
+            assert batch[name][row][kept].tolist() == alone[name][0].tolist()
+    assert len(encode_calls) == 2 + 5
+
+
+def test_image_grids_fill_the_placeholders_without_the_visual_tokenizer(tiny, text_tokenizer, vq_model):
+    image_processor = DualCodebookImageProcessor.from_tokenizer_config(vq_model.config, size=None)
+    with_model = UniMMProcessor.from_config(tiny.config(), text_tokenizer, image_processor, vq_model=vq_model)
+    without_model = UniMMProcessor.from_config(tiny.config(), text_tokenizer, image_processor)
+    chats = chats_with_images_of_two_sizes()
+    pixel_values = without_model.batch_pixel_values(chats)
+    assert [tuple(pixels.shape) for pixels in pixel_values] == [(3, 16, 16), (3, 8, 16), (3, 16, 16),
+                                                                (3, 8, 16), (3, 16, 16)]  # fmt: skip
+    grids = encode_by_size(vq_model, pixel_values)
+    filled = without_model(chats, image_grids=grids, return_unconditional=True)
+    expected = with_model(chats, return_unconditional=True)
+    assert expected.keys() == filled.keys()
+    assert all(torch.equal(filled[name], expected[name]) for name in expected)
+    assert all(segment.get("image_token_ids") is None for segment in chats[0]["segments"])  # inputs untouched
+    with pytest.raises(ValueError, match="`image_grids` holds 4 grids but the batch has 5 pixel images"):
+        without_model(chats, image_grids=grids[:4])

@@ -261,7 +261,7 @@ def test_caption_prompt_format_round_trips(tmp_path):
     pipeline.save_pretrained(tmp_path / "caption")
     loaded = UniMMPipeline.from_pretrained(tmp_path / "caption")
     assert loaded.config.prompt_format == "caption"
-    conditional, unconditional = loaded._image_prompts(["a cat"])
+    conditional, unconditional = loaded.image_prompt_ids(["a cat"])
     bos = loaded.processor.tokenizer.bos_token_id
     assert conditional == [[bos, *loaded.processor.tokenizer("a cat", add_special_tokens=False)["input_ids"]]]
     assert unconditional == [[bos]]
@@ -367,3 +367,145 @@ def test_chat_text_that_cannot_be_encoded_is_a_value_error(tiny_pipeline):
 def test_bad_arguments_are_value_errors_that_say_what_to_pass(tiny_pipeline, call, match):
     with pytest.raises(ValueError, match=match):
         call(tiny_pipeline)
+
+
+@pytest.fixture
+def engine_calls(tiny_pipeline, monkeypatch):
+    """The prompts of every call of the generation engine."""
+    calls = []
+    original = tiny_pipeline.llm.generate_multimodal
+
+    def counting(input_ids, *args, **kwargs):
+        calls.append(len(input_ids))
+        return original(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_pipeline.llm, "generate_multimodal", counting)
+    return calls
+
+
+@pytest.fixture
+def encode_calls(tiny_pipeline, monkeypatch):
+    """The batch size of every call of the visual tokenizer's ``encode``; images keep their own size (snapped
+    to the grid) instead of being resized to 16x16."""
+    calls = []
+    original = tiny_pipeline.visual_tokenizer.encode
+
+    def counting(pixel_values, *args, **kwargs):
+        calls.append(tuple(pixel_values.shape))
+        return original(pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_pipeline.visual_tokenizer, "encode", counting)
+    monkeypatch.setattr(tiny_pipeline.processor.image_processor, "size", None)
+    return calls
+
+
+# prompt, num_images_per_prompt, guidance_scale, height, width, seed
+REQUESTS = [
+    ("a photo of a shirt", 2, 3.0, 16, 16, 3),
+    ("draw a small cat", 1, 1.0, 8, 16, 4),
+    ("a red bag", 2, 5.0, 16, 24, 5),
+    ("a blue shoe", 1, 2.0, None, None, 6),
+]
+ARGUMENTS = ("prompts", "num_images_per_prompt", "guidance_scale", "height", "width", "seed")
+
+
+@pytest.mark.parametrize("decoder", ["pixel", "diffusion"])
+def test_per_prompt_lists_batch_in_one_engine_call_each_prompt_as_alone(tiny_pipeline, engine_calls, decoder):
+    options = dict(decoder=decoder, num_inference_steps=2)
+    columns = dict(zip(ARGUMENTS, map(list, zip(*REQUESTS))))
+    batched = tiny_pipeline.generate_images(**columns, **options)
+    assert engine_calls == [len(REQUESTS)]
+    assert isinstance(batched.image_token_ids, list) and len(batched.image_token_ids) == 6  # sizes differ
+    start, default = 0, tiny_pipeline.llm.config.default_grid_height * 4
+    for prompt, count, scale, height, width, seed in REQUESTS:
+        alone = tiny_pipeline.generate_images(
+            prompt, count, scale, height=height, width=width, seed=[seed], **options
+        )
+        rows = slice(start, start + count)
+        assert torch.equal(alone.image_token_ids, torch.stack(batched.image_token_ids[rows]))
+        assert _same_images(alone.images, batched.images[rows])
+        assert {image.size for image in alone.images} == {(width or default, height or default)}
+        start += count
+
+
+def test_per_prompt_image_sampling_gives_each_prompt_its_images_alone(tiny_pipeline, engine_calls):
+    samplings = [GREEDY, ModalitySampling(do_sample=True, top_k=4), None, GREEDY]
+    prompts = [request[0] for request in REQUESTS]
+    batched = tiny_pipeline.generate_images(
+        prompts, seed=[1, 2, 3, 4], image_sampling=samplings, decoder="pixel"
+    )
+    assert engine_calls == [2, 1, 1]  # the engine takes one sampling per call: one call per distinct sampling
+    for index, (prompt, sampling) in enumerate(zip(prompts, samplings)):
+        alone = tiny_pipeline.generate_images(
+            prompt, seed=[index + 1], image_sampling=sampling, decoder="pixel"
+        )
+        assert torch.equal(alone.image_token_ids[0], batched.image_token_ids[index])
+    greedy = tiny_pipeline.generate_images(prompts[0], seed=[9], image_sampling=GREEDY, decoder="pixel")
+    assert torch.equal(greedy.image_token_ids[0], batched.image_token_ids[0])  # greedy ignores the seed
+
+
+@pytest.mark.parametrize(
+    "argument", ["num_images_per_prompt", "guidance_scale", "height", "width", "seed", "image_sampling"]
+)
+def test_per_prompt_lists_of_another_length_name_the_argument(tiny_pipeline, argument):
+    values = {"num_images_per_prompt": 1, "guidance_scale": 2.0, "height": 16, "width": 16, "seed": 0,
+              "image_sampling": GREEDY}  # fmt: skip
+    with pytest.raises(ValueError, match=f"`{argument}` has 2 entries but there are 3 prompts"):
+        tiny_pipeline.generate_images(["a", "b", "c"], decoder="pixel", **{argument: [values[argument]] * 2})
+
+
+def test_decode_takes_grids_of_any_sizes_and_gives_each_its_image_alone(tiny_pipeline):
+    generator = torch.Generator().manual_seed(0)
+    grids = [torch.randint(0, 16, shape, generator=generator) for shape in [(4, 4), (2, 4), (4, 4)]]
+    for decoder in ("pixel", "diffusion"):
+
+        def noise():
+            return [torch.Generator().manual_seed(seed) for seed in (1, 2, 3)]
+
+        options = dict(decoder=decoder, num_inference_steps=2)
+        images = tiny_pipeline.decode(grids, generator=noise(), **options)
+        alone = [
+            tiny_pipeline.decode(grid[None], generator=[g], **options)[0] for grid, g in zip(grids, noise())
+        ]
+        assert _same_images(images, alone)
+        assert [image.size for image in images] == [(16, 16), (16, 8), (16, 16)]
+    # What generate_images wrote, decoded again with the same seed, gives its images.
+    output = tiny_pipeline.generate_images(PROMPTS, num_images_per_prompt=2, seed=3, num_inference_steps=2)
+    assert _same_images(
+        tiny_pipeline.decode(output.image_token_ids, seed=3, num_inference_steps=2), output.images
+    )
+    with pytest.raises(ValueError, match=r"expected \(B, h, w\)"):
+        tiny_pipeline.decode(grids[0], decoder="pixel")
+    with pytest.raises(ValueError, match="2 generators for 3 images"):
+        tiny_pipeline.decode(grids, generator=noise()[:2])
+
+
+def _images_of_two_sizes() -> list[PIL.Image.Image]:
+    colours = ["red", "blue", "green", "white", "black"]
+    sizes = [(16, 16), (16, 8), (16, 16), (16, 8), (16, 16)]  # (width, height)
+    return [PIL.Image.new("RGB", size, colour) for size, colour in zip(sizes, colours)]
+
+
+def test_encode_runs_the_visual_tokenizer_once_per_size(tiny_pipeline, encode_calls):
+    images = _images_of_two_sizes()
+    grids = tiny_pipeline.encode(images)
+    assert encode_calls == [(3, 3, 16, 16), (2, 3, 8, 16)]
+    for image, grid in zip(images, grids):
+        assert torch.equal(grid, tiny_pipeline.encode(image)[0])  # one call of one image: the old path
+    assert [tuple(grid.shape) for grid in grids] == [(4, 4), (2, 4), (4, 4), (2, 4), (4, 4)]
+
+
+def test_chat_and_generate_encode_the_images_of_a_batch_once_per_size(tiny_pipeline, encode_calls):
+    images = _images_of_two_sizes()
+    questions = ["what is this ?"] * len(images)
+    batched = tiny_pipeline.chat(questions, images=images, max_new_tokens=6)
+    interleaved = tiny_pipeline.generate(questions, images=images, output="text", max_new_tokens=6)
+    assert len(encode_calls) == 4  # two sizes, twice; the unconditional prompts reuse the grids
+    for image, answer, segments in zip(images, batched.texts, interleaved.segments):
+        assert tiny_pipeline.chat("what is this ?", images=image, max_new_tokens=6).text == answer
+        assert (
+            tiny_pipeline.generate("what is this ?", images=image, output="text", max_new_tokens=6).segments[
+                0
+            ]
+            == segments
+        )

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import PIL.Image
 import pytest
 
+import unimm.serving
 from unimm.llm import ModalitySampling
 from unimm.serving.engine import ChatJob, ImageJob, ServingEngine, StreamCancelled
 
@@ -172,3 +177,50 @@ def test_batch_keys(engine):
     assert ChatJob(chat, 4, on_text=print).batch_key == ChatJob(chat, 4).batch_key
     assert ImageJob("a", 1, (4, 4)).batch_key == ImageJob("b", 3, (2, 2), guidance_scale=7.0).batch_key
     assert ImageJob("a", 1, (4, 4), seed=0).batch_key == ImageJob("a", 1, (4, 4)).batch_key
+
+
+def test_the_server_uses_no_private_method_of_the_pipeline_or_its_components():
+    # It called pipeline._image_prompts, _decode_grids, _seeded_generators and llm._resolve_eos.
+    folder = Path(unimm.serving.__file__).parent
+    private = re.compile(r"\b(?!self\b|cls\b|super\(\)\b)(\w+(?:\(\))?)\.(_[A-Za-z]\w*)\b")
+    found = [
+        f"{path.name}:{number}: {match.group(0)}"
+        for path in sorted(folder.glob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        for match in private.finditer(line)
+        if not match.group(2).startswith("__")
+    ]
+    assert found == []
+
+
+def test_chat_jobs_with_images_share_one_visual_tokenizer_call(
+    engine, engine_calls, tiny_pipeline, monkeypatch
+):
+    encoded = []
+    original = tiny_pipeline.visual_tokenizer.encode
+    monkeypatch.setattr(
+        tiny_pipeline.visual_tokenizer,
+        "encode",
+        lambda pixels: encoded.append(len(pixels)) or original(pixels),
+    )
+    colours = ["red", "blue", "green"]
+    images = [PIL.Image.new("RGB", (20, 20), colour) for colour in colours]
+    jobs = [
+        ChatJob(
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": image},
+                        {"type": "text", "text": "what is this ?"},
+                    ],
+                }
+            ],
+            6,
+        )
+        for image in images
+    ]
+    answers = engine.run([*jobs, ChatJob(conversation("show me"), 6)])
+    assert encoded == [3] and engine_calls == [4]
+    for image, answer in zip(images, answers):
+        assert answer.text == tiny_pipeline.chat("what is this ?", images=image, max_new_tokens=6).text

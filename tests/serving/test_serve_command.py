@@ -50,7 +50,17 @@ def test_help_describes_every_option(capsys):
 
 
 def test_serve_builds_the_app_of_a_checkpoint_on_localhost(checkpoint, served):
-    arguments = ["serve", str(checkpoint), "--port", "0", "--max-batch-size", "8", "--decoder", "pixel"]
+    arguments = [
+        "serve",
+        str(checkpoint),
+        "--port",
+        "0",
+        "--max-batch-size",
+        "8",
+        "--decoder",
+        "pixel",
+        "--no-compile",
+    ]
     assert cli.main(arguments) == 0
     ((app, sock),) = served
     assert sock.getsockname()[0] == "127.0.0.1"
@@ -69,7 +79,7 @@ def test_errors_are_one_line_and_come_before_loading_when_they_can(checkpoint, t
     port = str(taken.getsockname()[1])
     taken.listen()
     with caplog.at_level(logging.ERROR):
-        assert cli.main(["serve", str(checkpoint), "--port", port]) == 1
+        assert cli.main(["serve", str(checkpoint), "--port", port, "--no-compile"]) == 1
         assert cli.main(["serve", str(tmp_path / "missing"), "--port", "0"]) == 1
         assert cli.main(["serve", str(checkpoint), "--port", "0", "--max-batch-size", "0"]) == 1
     taken.close()

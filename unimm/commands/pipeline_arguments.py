@@ -31,6 +31,12 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     add_dtype_argument(parser)
     add_device_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="random seed of sampling and noise (default: 0)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode through the compiled engine (torch.compile: the first batch of each shape compiles, tens "
+        "of seconds on a CPU; pays for many images, not for one)",
+    )
 
 
 def add_guidance_argument(parser: argparse.ArgumentParser) -> None:
@@ -44,13 +50,15 @@ def add_guidance_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def load_pipeline(args: argparse.Namespace):
-    """The ``UniMMPipeline`` named by ``--checkpoint``, on ``--device`` in ``--dtype``."""
+    """The ``UniMMPipeline`` named by ``--checkpoint``, on ``--device`` in ``--dtype``, compiled if ``--compile``."""
     from unimm.pipelines import UniMMPipeline
 
     device = resolve_device(args.device)
-    return UniMMPipeline.from_pretrained(
+    pipeline = UniMMPipeline.from_pretrained(
         args.checkpoint, dtype=resolve_dtype(args.dtype, device), device=device
     )
+    pipeline.enable_compile(getattr(args, "compile", False))
+    return pipeline
 
 
 def report_error(error: Exception) -> int:

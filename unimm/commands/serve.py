@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -45,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     add_dtype_argument(parser)
     add_device_argument(parser)
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode through the compiled engine, built before the first request by a warm-up over batches of "
+        "1, 2, 4, ... --max-batch-size rows (start-up takes longer, requests are faster); --no-compile: eager",
+    )
     for field in fields(ServingConfig):
         shown = DEFAULTS_SHOWN.get(field.name, field.default)
         default = "" if shown in (MISSING, None) else f" (default: {shown})"
@@ -73,10 +81,13 @@ def main(args: argparse.Namespace) -> int:
         sock = bind_socket(args.host, args.port)  # before the load: a taken port fails at once
     except (OSError, ValueError) as error:
         return report_error(error)
+    started = time.perf_counter()
     try:
-        app = create_app(load_pipeline(args), config)
+        app = create_app(load_pipeline(args), config)  # with --compile, this warms the compiled steps up
     except (OSError, ValueError) as error:
         sock.close()
         return report_error(error)
+    compiled = "compiled" if args.compile else "eager (--no-compile)"
+    logger.info("ready in %.1f s, %s", time.perf_counter() - started, compiled)
     serve(app, sock)
     return 0

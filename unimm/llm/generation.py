@@ -4,30 +4,27 @@
 their unconditional rows in the same forward pass over one KV cache (a transformers ``DynamicCache`` whose
 layers write into preallocated buffers, see ``kv_cache.py``):
 
-1. validate the requests and left-pad all rows into one batch (unconditional rows after conditional ones);
-2. prefill the cache with the prompts;
-3. per step: logits (image slice only while every row is in an image), classifier-free guidance on
-   rows inside images, the constraint state machine's mask and forced tokens, per-modality sampling
-   (noise from one generator for the batch, or from each request's own, see ``RequestNoise``), text
-   tokens to the streamers;
-4. feed the chosen tokens back; an unconditional row sees only image tokens (its context is the prompt
-   with the text dropped, the rule training uses), the generated text is masked out of its attention.
+1. check the arguments and normalise them into a :class:`~unimm.llm.generation_request.GenerationRequest`;
+2. pick the request's plan (``decode_plans.py``): a precomputed schedule for a batch of image requests of
+   known grids, else the constraint state machine;
+3. left-pad all rows into one batch (unconditional rows after conditional ones) and prefill the cache;
+4. loop: the plan gives the step's constraints, :class:`DecodeSteps` runs the step (logits, classifier-free
+   guidance on rows inside images, the constraint mask and forced tokens, per-modality sampling with noise
+   from :class:`~unimm.llm.sampling.StepNoise`), the plan records the tokens and answers with the block the
+   next forward feeds, :class:`RowStreams` passes text tokens to the streamers.
 
-Step 4 and the next step 3 form one function (:meth:`UniMMGenerationMixin._decode_and_choose`), which
-``compile=True`` turns into one graph. A batch of image requests of known grids knows every step's
-constraints up front (``ConstraintState.schedule``): it needs no per-step state updates or host syncs, and
-the steps whose tokens are all forced take no forward of their own (``<|boi|> <|h|> <|w|>`` join the
-prompts, each ``<|eol|>`` is fed with the code before it, the closing tokens are only written).
+An unconditional row is fed its conditional row's tokens but sees only the image tokens (its context is the
+prompt with the text dropped, the rule training uses): the generated text is masked out of its attention.
+Feeding a block and choosing the next tokens form one function
+(:meth:`UniMMGenerationMixin._decode_and_choose`), which ``compile=True`` turns into one graph.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from numbers import Integral
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -35,17 +32,25 @@ from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import ModelOutput
 
-from .constraints import CLASS_CODES, DONE, IMAGE, ConstraintState, build_mask_table
+from .constraints import CLASS_CODES, build_mask_table
 from .decode_kernels import FusedDecodeMode, packed_weight_cache
+from .decode_plans import DecodePlan, FedBlock, StepConstraints, decode_plan
+from .generation_request import (
+    CACHE_IMPLEMENTATIONS,
+    MODES,
+    GenerationRequest,
+    TokenIds,
+    normalise_request,
+    resolve_eos_token_ids,
+)
 from .kv_cache import preallocated_cache, set_cache_length
-from .sampling import ModalitySampling, RequestNoise, RowSampler, uniform_noise
+from .sampling import ModalitySampling, RequestNoise, RowSampler, StepNoise
 
-MODES = ("text", "image", "interleaved")
-CACHE_IMPLEMENTATIONS = ("preallocated", "dynamic", "static")
+__all__ = ["CACHE_IMPLEMENTATIONS", "MODES", "TokenChoice", "UniMMGenerationMixin", "UniMMGenerationOutput"]
+
 # Graphs dynamo may keep for the compiled decode step: 2 caches x greedy/sampled x full/image head slice x
 # 1 or 2 fed tokens, with room for the text-only variants and the first, static-shape compiles.
 COMPILED_STEP_KINDS = 64
-TokenIds = Sequence[Sequence[int]] | torch.Tensor
 # step(input_ids (R, T), attention_mask, position_ids (R, T), cache, start) -> last hidden states (R, D)
 DecodeStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Cache, int], torch.Tensor]
 
@@ -90,81 +95,6 @@ class TokenChoice:
         return self.guided_index.device
 
 
-def _per_request(value, count: int, argument: str, is_single=None) -> list:
-    """Broadcast one value to ``count`` requests, or check a per-request list. A list or tuple is per
-    request unless ``is_single`` says it is one value (a ``(height, width)`` grid)."""
-    single = not isinstance(value, (list, tuple)) or (is_single is not None and is_single(value))
-    if single:
-        return [value] * count
-    if len(value) != count:
-        raise ValueError(f"`{argument}` has {len(value)} entries but there are {count} prompts.")
-    return list(value)
-
-
-def _positive_ints(value, count: int, argument: str) -> list[int]:
-    values = _per_request(value, count, argument)
-    for index, item in enumerate(values):
-        if not isinstance(item, Integral) or isinstance(item, bool) or item < 1:
-            name = f"{argument}[{index}]" if isinstance(value, (list, tuple)) else argument
-            raise ValueError(f"`{name}` must be a positive int, got {item!r}.")
-    return [int(item) for item in values]
-
-
-# What ``torch.Generator.manual_seed`` takes: any 64-bit integer, signed or unsigned.
-SEED_RANGE = (-(2**63), 2**64 - 1)
-
-
-def _is_seed(value) -> bool:
-    if not isinstance(value, Integral) or isinstance(value, bool):
-        return False
-    if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
-        raise ValueError(
-            f"a seed must be a 64-bit integer (in {SEED_RANGE[0]}..{SEED_RANGE[1]}), got {value}."
-        )
-    return True
-
-
-def _request_noise(
-    seed, generator: torch.Generator | None, repeats: list[int], vocab_size: int, device: torch.device
-) -> tuple[torch.Generator | None, RequestNoise | None]:
-    """One generator for the whole batch (``seed`` an int or None, or ``generator``), or, for a list of
-    per-request seeds, a :class:`RequestNoise` with a generator per seeded request."""
-    if seed is None or _is_seed(seed):
-        if generator is None and seed is not None:
-            generator = torch.Generator(device=device).manual_seed(int(seed))
-        return generator, None
-    if not isinstance(seed, (list, tuple)):
-        raise ValueError(f"`seed` must be an int, None or a list of ints/None per prompt, got {seed!r}.")
-    if generator is not None:
-        raise ValueError("pass either `generator` or a list of per-request `seed`s, not both.")
-    if len(seed) != len(repeats):
-        raise ValueError(f"`seed` has {len(seed)} entries but there are {len(repeats)} prompts.")
-    generators = []
-    for index, value in enumerate(seed):
-        if value is not None and not _is_seed(value):
-            raise ValueError(f"`seed[{index}]` must be an int or None, got {value!r}.")
-        generators.append(None if value is None else torch.Generator(device=device).manual_seed(int(value)))
-    return None, RequestNoise(generators, repeats, vocab_size, device)
-
-
-def _streamers(streamer, count: int, repeats: list[int]) -> list[tuple[int, BaseStreamer]]:
-    """``(row, streamer)`` pairs: a single streamer takes a call of one row, a list one per request."""
-    if streamer is None:
-        return []
-    if not isinstance(streamer, (list, tuple)):
-        if sum(repeats) != 1:
-            raise ValueError(
-                f"a single `streamer` takes one row; this call has {sum(repeats)} rows: pass a list of "
-                "streamers, one per request (None for the requests not streamed)."
-            )
-        return [(0, streamer)]
-    if len(streamer) != count:
-        raise ValueError(f"`streamer` has {len(streamer)} entries but there are {count} prompts.")
-    if any(repeat != 1 for repeat in repeats):
-        raise ValueError("a list of `streamer`s needs num_images_per_prompt=1: a streamer takes one row.")
-    return [(row, item) for row, item in enumerate(streamer) if item is not None]
-
-
 # Per module class, once: UniMMForCausalLM.forward asks on every call (training steps, plain generate). A dict
 # rather than functools.cache, which dynamo warns about when the compiled decode step looks it up.
 _CACHE_KEYWORDS: dict[type, tuple[str, bool]] = {}
@@ -198,59 +128,134 @@ def _execution_device(module: nn.Module) -> torch.device:
     return module.weight.device if device is None else torch.device(device)
 
 
-def _is_grid(value) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value)
+class RowStreams:
+    """The streamers of one call, by row: each is fed its request's prompt ``(1, T)``, then its row's text
+    tokens ``(1,)`` as they are chosen (image tokens are skipped), and ``end()`` when its row is done."""
+
+    def __init__(self, request: GenerationRequest, image_start: int):
+        self.image_start = image_start
+        self.open = dict(request.streamers)  # row -> streamer, until the row is done
+        for row, streamer in request.streamers:  # a streamed request has one row: rows and requests coincide
+            streamer.put(torch.tensor([request.prompts[row]]))
+
+    def put(self, tokens: torch.Tensor, unfinished: torch.Tensor, block: FedBlock) -> None:
+        """Pass each open row its token of ``tokens`` ``(N,)`` if it is text; end the rows now done."""
+        if not self.open:
+            return
+        text = unfinished & ~block.part_of_image[:, 0] & (tokens < self.image_start)  # (N,)
+        # A precomputed schedule's rows end with the loop.
+        done = torch.zeros_like(text) if block.running_rows is None else ~block.running_rows
+        rows = list(self.open)
+        index = torch.tensor(rows, device=tokens.device)
+        columns = torch.stack([tokens[index], text[index].long(), done[index].long()], dim=-1)  # (S, 3)
+        for row, (token, is_text, is_done) in zip(rows, columns.tolist()):  # one host sync
+            if is_text:
+                self.open[row].put(torch.tensor([token]))
+            if is_done:
+                self.open.pop(row).end()
+
+    def end(self) -> None:
+        for streamer in self.open.values():
+            streamer.end()
 
 
-def _as_id_lists(input_ids: TokenIds, attention_mask: torch.Tensor | None, argument: str) -> list[list[int]]:
-    """Prompts as python id lists; a padded tensor is unpadded with its attention mask."""
-    if isinstance(input_ids, torch.Tensor):
-        if input_ids.ndim != 2:
-            raise ValueError(f"`{argument}` must be (batch, length), got shape {tuple(input_ids.shape)}.")
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        return [row[keep.bool()].tolist() for row, keep in zip(input_ids.cpu(), mask.cpu())]
-    return [[int(t) for t in ids] for ids in input_ids]
+@dataclass
+class DecodeSteps:
+    """The model's side of one decode loop: the KV cache, the ``(R, prompt + steps)`` attention mask, every
+    row's next position, and the step (eager or compiled) that feeds a block of tokens and chooses the next
+    ones.
+
+    Attributes:
+        model: the model that decodes.
+        cache: the KV cache, prefilled with the prompts.
+        choice: what chooses the tokens (sampler, guidance, constraint masks).
+        attention_mask: ``(R, T)`` bool, the decode columns written as the blocks are fed.
+        next_position: ``(R,)`` position id of each row's next token.
+        column: the next cache position to write.
+        static: a ``StaticCache``: attention over its whole (masked) length.
+        padded: some row has masked positions (prompts of different lengths, a static cache's unwritten tail,
+            unconditional rows' text); without, one-token steps need no attention mask.
+        compile: run the compiled step (:meth:`UniMMGenerationMixin._compiled_decode_and_choose`).
+    """
+
+    model: UniMMGenerationMixin
+    cache: Cache
+    choice: TokenChoice
+    attention_mask: torch.Tensor
+    next_position: torch.Tensor
+    column: int
+    static: bool
+    padded: bool
+    compile: bool
+    # Per kind of compiled step (width, head slice, noise): how often it has run with dynamo's full guards.
+    guard_runs: dict[tuple[int, int, bool | None], int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        model = self.model
+        # SDPA takes the decode mask as a 4-D bool view, which skips transformers' per-step mask building;
+        # other attention implementations get the 2-D mask.
+        self.four_d_mask = model.config.text_config._attn_implementation == "sdpa"
+        self.decode_and_choose = (
+            model._compiled_decode_and_choose() if self.compile else model._decode_and_choose
+        )
+
+    def first(
+        self, hidden: torch.Tensor, constraints: StepConstraints, uniform: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The first tokens ``(N,)``, from the prefill's last hidden states ``(R, D)``: eager, whole head."""
+        in_image, mask_class, forced = constraints.in_image, constraints.mask_class, constraints.forced
+        return self.model._choose_tokens(hidden, self.choice, 0, in_image, mask_class, forced, uniform)
+
+    def __call__(
+        self, block: FedBlock, constraints: StepConstraints, offset: int, uniform: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Feed ``block`` and choose the next tokens ``(N,)`` from the head's columns ``offset`` on.
+
+        A compiled kind of step that has passed dynamo's full guards twice in this loop (the second time past
+        any specialisation on the first step's sizes) skips them: nothing the guards check changes within one
+        loop, and they cost ~0.2 ms a step, 10% of a small model's."""
+        input_ids, attention_mask, position_ids, start = self._inputs(block)
+        # Dynamo specialises a storage offset of 0: per-request noise hands out views of a draw of several
+        # steps, whose first starts at 0 on a full-head step, the others past it.
+        noise_at_zero = None if uniform is None else uniform.storage_offset() == 0
+        kind = (input_ids.shape[1], offset, noise_at_zero)
+        warm = self.compile and self.guard_runs.get(kind, 0) >= 2
+        arguments = (
+            input_ids, attention_mask, position_ids, self.cache, start, self.choice, offset,
+            constraints.in_image, constraints.mask_class, constraints.forced, uniform,
+        )  # fmt: skip
+        if warm:
+            try:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    return self.decode_and_choose(*arguments)
+            except RuntimeError as error:
+                # A specialisation this key does not capture: dynamo refuses to recompile under the stance,
+                # before the step runs. Run it with full guards (and recompile), and count this kind again.
+                if "skip_guard_eval_unsafe" not in str(error):
+                    raise
+                self.guard_runs[kind] = 0
+        next_tokens = self.decode_and_choose(*arguments)
+        self.guard_runs[kind] = self.guard_runs.get(kind, 0) + 1
+        return next_tokens
+
+    def _inputs(self, block: FedBlock) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
+        """``(input_ids (R, T), the step's attention mask, position_ids (R, T), start)`` of the forward over
+        ``block``, written from cache position ``start``; the rows' mask and positions move on past it."""
+        model, start = self.model, self.column
+        input_ids, visible = model._feed_rows(
+            block.tokens, block.part_of_image, self.choice.guided_index, self.attention_mask.device
+        )  # (R, T) each
+        width = input_ids.shape[1]
+        self.attention_mask[:, start : start + width] = visible
+        position_ids = self.next_position[:, None] + visible.cumsum(-1) - 1  # (R, T)
+        self.next_position = position_ids[:, -1] + 1
+        self.column += width
+        mask = model._step_mask(self.attention_mask, start, width, self.static, self.four_d_mask, self.padded)
+        return input_ids, mask, position_ids, start
 
 
 class UniMMGenerationMixin:
     """Adds :meth:`generate_multimodal` to :class:`~unimm.llm.UniMMForCausalLM`."""
-
-    def _validate_prompt(self, ids: list[int], argument: str) -> None:
-        """Empty prompts, ids off the vocabulary and image tokens outside a well-formed image are errors."""
-        vocabulary = self.vocabulary
-        if not ids:
-            raise ValueError(f"`{argument}` is empty; every prompt needs at least one token (e.g. BOS).")
-        low, high = min(ids), max(ids)
-        if low < 0 or high >= vocabulary.vocab_size:
-            raise ValueError(
-                f"`{argument}` holds ids in {low}..{high}; valid ids are 0..{vocabulary.vocab_size - 1}."
-            )
-        if high < vocabulary.text_vocab_size:
-            return
-        position = 0
-        while position < len(ids):
-            if ids[position] < vocabulary.text_vocab_size:
-                position += 1
-                continue
-            if ids[position] != vocabulary.boi_token_id:
-                raise ValueError(
-                    f"`{argument}`: image token {ids[position]} at position {position} is not inside an image "
-                    "`<|boi|> <|h|> <|w|> rows <|eoi|>` on the grid."
-                )
-            try:
-                end = ids.index(vocabulary.eoi_token_id, position)
-                vocabulary.token_ids_to_image(ids[position : end + 1])
-            except ValueError as error:
-                raise ValueError(f"`{argument}`: malformed image at position {position}: {error}") from None
-            position = end + 1
-
-    def _check_context(self, length: int, budget: int, argument: str) -> None:
-        limit = getattr(self.config.text_config, "max_position_embeddings", None)
-        if limit is not None and length + budget > limit:
-            raise ValueError(
-                f"`{argument}` ({length} tokens) plus {budget} new tokens exceeds the context of {limit} "
-                "positions; shorten the prompt or lower `max_new_tokens` / the image grid."
-            )
 
     def _logits_device(self) -> torch.device:
         """The device the logits come out on: the head's. With ``device_map="auto"`` over several devices the
@@ -258,7 +263,10 @@ class UniMMGenerationMixin:
         loop that meets the logits (constraint state, masks, guidance, sampling, noise) is made here."""
         return _execution_device(self.get_output_embeddings())
 
-    # no_grad rather than inference_mode: the returned ids must stay usable in autograd code downstream.
+    # no_grad rather than inference_mode: the returned ids must stay usable in autograd code downstream. A
+    # caller's inference mode is switched off (no_grad inside: inference_mode(False) turns grad mode back on):
+    # its tensors break the compiled step (BackendCompilerFailed when AOT autograd merges the cache's views).
+    @torch.inference_mode(False)
     @torch.no_grad()
     def generate_multimodal(
         self,
@@ -328,310 +336,104 @@ class UniMMGenerationMixin:
                 On a CPU, batches of more than a few rows multiply by oneDNN copies of the linear weights
                 packed for the call: while it runs, those weights take twice their memory.
         """
-        vocabulary = self.vocabulary
         device = self._logits_device()
-        prompts = _as_id_lists(input_ids, attention_mask, "input_ids")
-        count = len(prompts)
-        if count == 0:
-            raise ValueError("`input_ids` holds no prompts.")
-        modes = _per_request(mode, count, "mode")
-        for index, request_mode in enumerate(modes):
-            if request_mode not in MODES:
-                raise ValueError(f"`mode[{index}]`={request_mode!r} is not one of {MODES}.")
-        grids = _per_request(image_grid, count, "image_grid", is_single=_is_grid)
-        scales = [float(s) for s in _per_request(guidance_scale, count, "guidance_scale")]
-        text_sampling = text_sampling or ModalitySampling()
-        image_sampling = image_sampling or ModalitySampling(do_sample=True)
-        text_sampling.validate("text_sampling")
-        image_sampling.validate("image_sampling")
-        repeats = _positive_ints(num_images_per_prompt, count, "num_images_per_prompt")
-        if cache_implementation not in CACHE_IMPLEMENTATIONS:
-            raise ValueError(
-                f"`cache_implementation`={cache_implementation!r} is not one of {CACHE_IMPLEMENTATIONS}."
-            )
-        if compile and cache_implementation == "dynamic":
-            raise ValueError(
-                "`compile=True` needs a cache of fixed buffers: cache_implementation 'preallocated' or "
-                "'static', not 'dynamic'."
-            )
-        max_new_tokens = _positive_ints(max_new_tokens, count, "max_new_tokens")
-        unconditional = (
-            _as_id_lists(unconditional_input_ids, unconditional_attention_mask, "unconditional_input_ids")
-            if isinstance(unconditional_input_ids, torch.Tensor)
-            else _per_request(unconditional_input_ids, count, "unconditional_input_ids")
-        )
-        if len(unconditional) != count:
-            raise ValueError(
-                f"`unconditional_input_ids` has {len(unconditional)} rows but there are {count} prompts."
-            )
-
-        requested, budgets = self._validate_requests(
-            prompts, modes, grids, scales, unconditional, max_new_tokens
-        )
-
-        # Expand requests into rows: conditional rows first, then the unconditional rows of guided requests.
-        rows = [i for i in range(count) for _ in range(repeats[i])]
-        num_rows = len(rows)
-        guided_rows = [r for r, i in enumerate(rows) if scales[i] > 1.0]
-        streams = _streamers(streamer, count, repeats)
-        generator, request_noise = _request_noise(seed, generator, repeats, vocabulary.vocab_size, device)
-
-        eos = self._resolve_eos(eos_token_id)
-        pad = self._resolve_pad(pad_token_id, eos)
-        sequences = [prompts[i] for i in rows] + [unconditional[rows[r]] for r in guided_rows]
-
-        def row_tensor(values, dtype=torch.long):
-            return torch.tensor(values, dtype=dtype, device=device)
-
-        state = ConstraintState(
-            vocabulary,
-            image_mode=row_tensor([modes[i] == "image" for i in rows], torch.bool),
-            allow_image=row_tensor([modes[i] == "interleaved" for i in rows], torch.bool),
-            requested_grid=row_tensor([requested[i] for i in rows]),
-            budget=row_tensor([budgets[i] for i in rows]),
-            eos_token_ids=row_tensor(eos),
-            pad_token_id=pad,
-        )
-        guided_index = row_tensor(guided_rows)
-        guidance = row_tensor([scales[rows[r]] for r in guided_rows], torch.float32).unsqueeze(-1)  # (U, 1)
-        for row, row_streamer in streams:  # a streamed request has one row: rows and requests coincide
-            row_streamer.put(torch.tensor([prompts[row]]))
-        # One compiled step serves every batch size and length, but dynamo keeps a graph per kind of step (cache
-        # type, greedy or sampled, full or image slice of the head, one token or a code with its <|eol|>), more
-        # than its default limit of graphs per function once a process mixes them. Weights the compiled CPU step
-        # packs for oneDNN are packed once per call.
-        limit = max(COMPILED_STEP_KINDS, torch._dynamo.config.recompile_limit)
-        with (
-            torch._dynamo.config.patch(recompile_limit=limit) if compile else contextlib.nullcontext(),
-            packed_weight_cache(self) if compile else contextlib.nullcontext(),
-        ):
-            generated, lengths = self._decode_loop(
-                sequences,
-                num_rows,
-                state,
-                guided_index,
-                guidance,
-                text_sampling,
-                image_sampling,
-                generator,
-                request_noise,
-                streams,
-                cache_implementation,
-                compile,
-            )
+        request = normalise_request(
+            self, device, input_ids=input_ids, attention_mask=attention_mask, mode=mode,
+            image_grid=image_grid, guidance_scale=guidance_scale,
+            unconditional_input_ids=unconditional_input_ids,
+            unconditional_attention_mask=unconditional_attention_mask,
+            text_sampling=text_sampling, image_sampling=image_sampling, max_new_tokens=max_new_tokens,
+            num_images_per_prompt=num_images_per_prompt, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id, generator=generator, seed=seed, streamer=streamer,
+            cache_implementation=cache_implementation, compile=compile,
+        )  # fmt: skip
+        with self._compiling(request.compile):
+            generated, lengths = self._decode_loop(request, device)
         return self._collect_outputs(generated, lengths)
 
-    def _validate_requests(
-        self,
-        prompts: list[list[int]],
-        modes: list[str],
-        grids: list,
-        scales: list[float],
-        unconditional: list,
-        max_new_tokens: list[int],
-    ) -> tuple[list[tuple[int, int]], list[int]]:
-        """Check every request; returns the requested grids ((0, 0) = the model chooses) and token budgets.
-        Unconditional prompts of guided requests are normalised to id lists in place."""
-        vocabulary = self.vocabulary
-        requested, budgets = [], []
-        for index in range(len(prompts)):
-            self._validate_prompt(prompts[index], f"input_ids[{index}]")
-            if not math.isfinite(scales[index]) or scales[index] < 1.0:  # NaN passes a plain `< 1`
-                raise ValueError(
-                    f"`guidance_scale[{index}]`={scales[index]} must be a finite number >= 1 (1 disables guidance)."
-                )
-            if scales[index] > 1.0:
-                if unconditional[index] is None:
-                    raise ValueError(
-                        f"`unconditional_input_ids[{index}]` is required with guidance_scale > 1: the prompt with "
-                        "its text dropped (UniMMProcessor(..., return_unconditional=True) renders it)."
-                    )
-                unconditional[index] = [int(t) for t in unconditional[index]]
-                self._validate_prompt(unconditional[index], f"unconditional_input_ids[{index}]")
-            grid = grids[index]
-            if grid is None and modes[index] == "image":
-                grid = (self.config.default_grid_height, self.config.default_grid_width)
-            if grid is not None:
-                if not _is_grid(tuple(grid)):
-                    raise ValueError(
-                        f"`image_grid[{index}]` must be a (height, width) pair of ints, got {grid!r}."
-                    )
-                vocabulary.check_grid(*grid, argument=f"image_grid[{index}]")
-            requested.append(tuple(grid) if grid is not None else (0, 0))
-            budget = (
-                vocabulary.image_sequence_length(*grid) if modes[index] == "image" else max_new_tokens[index]
-            )
-            self._check_context(len(prompts[index]), budget, f"input_ids[{index}]")
-            budgets.append(budget)
-        return requested, budgets
-
     def _resolve_eos(self, eos_token_id: int | Sequence[int] | None) -> list[int]:
-        if eos_token_id is None:
-            eos_token_id = getattr(self.generation_config, "eos_token_id", None)
-        if eos_token_id is None:
-            eos_token_id = getattr(self.config.text_config, "eos_token_id", None)
-        if eos_token_id is None:
-            return []
-        return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
+        """For ``unimm.serving``: :func:`~unimm.llm.generation_request.resolve_eos_token_ids` is public."""
+        return resolve_eos_token_ids(self, eos_token_id)
 
-    def _resolve_pad(self, pad_token_id: int | None, eos: list[int]) -> int:
-        if pad_token_id is None:
-            pad_token_id = getattr(self.generation_config, "pad_token_id", None)
-        if pad_token_id is None:
-            pad_token_id = getattr(self.config.text_config, "pad_token_id", None)
-        if pad_token_id is None:
-            pad_token_id = eos[0] if eos else 0
-        return int(pad_token_id)
+    @contextlib.contextmanager
+    def _compiling(self, compile: bool) -> Iterator[None]:
+        """While a compiled call runs: room for every kind of compiled step and the CPU step's packed weights.
+
+        One compiled step serves every batch size and length, but dynamo keeps a graph per kind of step (cache
+        type, greedy or sampled, full or image slice of the head, one token or a code with its <|eol|>), more
+        than its default limit of graphs per function once a process mixes them. Weights the compiled CPU step
+        packs for oneDNN are packed once per call."""
+        if not compile:
+            yield
+            return
+        limit = max(COMPILED_STEP_KINDS, torch._dynamo.config.recompile_limit)
+        with torch._dynamo.config.patch(recompile_limit=limit), packed_weight_cache(self):
+            yield
 
     def _decode_loop(
-        self,
-        sequences: list[list[int]],
-        num_rows: int,
-        state: ConstraintState,
-        guided_index: torch.Tensor,
-        guidance: torch.Tensor,
-        text_sampling: ModalitySampling,
-        image_sampling: ModalitySampling,
-        generator: torch.Generator | None,
-        request_noise: RequestNoise | None,
-        streams: list[tuple[int, BaseStreamer]],
-        cache_implementation: str,
-        compile: bool,
+        self, request: GenerationRequest, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        vocabulary = self.vocabulary
-        device = guided_index.device
-        max_steps = int(state.budget.max())
-        static = cache_implementation == "static"
-        text_only = state.text_only
-        # Image-only batches know every step's constraints up front: no state updates, no host syncs.
-        schedule = state.schedule() if state.is_deterministic else None
-        # Steps where every row's token is forced need no logits: a scheduled batch's leading
-        # <|boi|> <|h|> <|w|> join the prompts, and each <|eol|> is fed with the code before it.
-        all_forced = (schedule.forced >= 0).all(-1).tolist() if schedule is not None else [False]
-        lead = min(all_forced.index(False) if False in all_forced else max_steps, max_steps - 1)
-        if lead:
-            header = schedule.forced[:lead].T.tolist()  # (N, lead)
-            sequence_rows = list(range(num_rows)) + guided_index.tolist()
-            sequences = [ids + header[row] for ids, row in zip(sequences, sequence_rows)]
-        hidden, cache, attention_mask, next_position = self._prefill_prompts(
-            sequences, max_steps - lead, cache_implementation
-        )
-        column = attention_mask.shape[1] - (max_steps - lead)  # next cache position to write
-        image_start = vocabulary.text_vocab_size
-        choice = self._token_choice(
-            text_sampling, image_sampling, guided_index, guidance, text_only, schedule is not None
-        )
-
-        def plan(step: int) -> tuple[torch.Tensor, ...]:
-            """``(mask_class, forced, in_image, unfinished)`` of the next token, each ``(N,)``."""
-            if schedule is not None:
-                return (
-                    schedule.mask_class[step],
-                    schedule.forced[step],
-                    schedule.in_image[step],
-                    schedule.unfinished[step],
-                )
-            return (*state.plan(), state.phase == IMAGE, state.phase != DONE)
-
-        def noise(offset: int) -> torch.Tensor | None:
-            """Uniform sampling noise ``(N, end - offset)``, drawn outside the (compiled) step from the generators."""
-            if not choice.sampler.any_sample:
-                return None
-            if request_noise is not None:
-                return request_noise(offset, choice.end)
-            return uniform_noise((num_rows, choice.end - offset), generator, device)
-
-        def skip_noise(steps: int) -> None:
-            """Per-request streams advance on steps whose tokens are all forced too, as in any other batch."""
-            if request_noise is not None and choice.sampler.any_sample:
-                for _ in range(steps):
-                    request_noise()
-
-        # SDPA takes the decode mask as a 4-D bool view, which skips transformers' per-step mask building;
-        # other attention implementations get the 2-D mask. Without padding a one-token step needs no mask at
-        # all, which lets SDPA run GQA without copying the keys (repeat_kv) and pick its flash kernel.
-        # Padding: prompts of different lengths, a static cache's unwritten tail, unconditional rows' text.
-        four_d_mask = self.config.text_config._attn_implementation == "sdpa"
-        padded = static or bool(guided_index.numel()) or len({len(ids) for ids in sequences}) > 1
-        output = torch.full((num_rows, max_steps), state.pad_token_id, dtype=torch.long, device=device)
-        lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
-        if lead:
-            output[:, :lead] = schedule.forced[:lead].T
-            lengths += schedule.unfinished[:lead].sum(0)
-        decode_and_choose = self._compiled_decode_and_choose() if compile else self._decode_and_choose
-        # Compiled steps of a kind (width, head slice, sampled or greedy) that has passed dynamo's full guards
-        # twice in this loop (the second time past any specialisation on the first step's sizes) skip them:
-        # nothing the guards check changes within one loop, and they cost ~0.2 ms a step, 10% of a small model's.
-        full_guard_runs: dict[tuple[int, int, bool], int] = {}
-        step = lead
-        skip_noise(lead)
-        mask_class, forced, in_image, unfinished = plan(step)
-        next_tokens = self._choose_tokens(hidden, choice, 0, in_image, mask_class, forced, noise(0))
-        open_streams = dict(streams)  # row -> streamer, until the row is done
-        while step < max_steps:
-            lengths += unfinished
-            output[:, step] = next_tokens
-            if schedule is None:
-                part_of_image = state.advance(next_tokens)
-                # One host sync per step: stop when every row is done; note whether all are in images.
-                still_running = state.phase != DONE
-                if text_only:
-                    any_unfinished, any_outside_image = bool(still_running.any()), True
-                else:
-                    any_unfinished, any_outside_image = torch.stack(
-                        [still_running.any(), (still_running & (state.phase != IMAGE)).any()]
-                    ).tolist()
-                forced_until, block_part = step + 1, part_of_image[:, None]
-            else:
-                any_outside_image = False
-                forced_until = step + 1  # the forced steps that follow go into the same forward
-                while forced_until < max_steps and all_forced[forced_until]:
-                    forced_until += 1
-                output[:, step + 1 : forced_until] = schedule.forced[step + 1 : forced_until].T
-                lengths += schedule.unfinished[step + 1 : forced_until].sum(0)
-                any_unfinished = forced_until < max_steps
-                skip_noise(forced_until - step - 1)
-                part_of_image = schedule.part_of_image[step]
-                block_part = schedule.part_of_image[step:forced_until].T  # (N, T)
-            if open_streams:
-                text = unfinished & ~part_of_image & (next_tokens < image_start)
-                done = None if schedule is not None else ~still_running
-                self._stream_step(open_streams, next_tokens, text, done)
-            if not any_unfinished:
+        """Decode every row of ``request`` to its end, the loop's tensors on ``device`` (the logits'). Returns
+        the generated tokens ``(N, L)`` and their number per row ``(N,)``."""
+        image_start = self.vocabulary.text_vocab_size
+        plan = decode_plan(self.vocabulary, request, device)
+        streams = RowStreams(request, image_start)
+        guided_index, guidance = request.guidance(device)  # (U,), (U, 1)
+        samplings = request.text_sampling, request.image_sampling
+        choice = self._token_choice(*samplings, guided_index, guidance, plan.text_only, plan.scheduled)
+        hidden, steps = self._start_decoding(request, plan, choice)
+        noise = self._step_noise(request, choice, device)
+        step = plan.first_step
+        noise.skip(step)
+        constraints = plan.constraints(step)
+        next_tokens = steps.first(hidden, constraints, noise(0))
+        while step < plan.max_steps:
+            block = plan.advance(step, next_tokens, constraints)
+            noise.skip(block.end - step - 1)
+            streams.put(next_tokens, constraints.unfinished, block)
+            if block.finished:
                 break
-            block = output[:, step:forced_until]  # (N, T) tokens fed in this forward
-            width = block.shape[1]
-            feed, visible = self._feed_rows(block, block_part, guided_index, attention_mask.device)
-            attention_mask[:, column : column + width] = visible
-            positions = next_position[:, None] + visible.cumsum(-1) - 1  # (R, T)
-            next_position = positions[:, -1] + 1
-            step = forced_until
-            mask_class, forced, in_image, unfinished = plan(step)
+            step, constraints = block.end, plan.constraints(block.end)
             # While every unfinished row is inside an image, only the image slice of the head is needed.
-            offset = image_start if not any_outside_image else 0
-            uniform = noise(offset)
-            kind = (width, offset, uniform is None)
-            warm = compile and full_guard_runs.get(kind, 0) >= 2
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if warm else contextlib.nullcontext():
-                next_tokens = decode_and_choose(
-                    feed,
-                    self._step_mask(attention_mask, column, width, static, four_d_mask, padded),
-                    positions,
-                    cache,
-                    column,
-                    choice,
-                    offset,
-                    in_image,
-                    mask_class,
-                    forced,
-                    uniform,
-                )  # (N,)
-            if not warm:
-                full_guard_runs[kind] = full_guard_runs.get(kind, 0) + 1
-            column += width
-        for row_streamer in open_streams.values():
-            row_streamer.end()
-        return output[:, : int(lengths.max())], lengths
+            offset = 0 if block.outside_image else image_start
+            next_tokens = steps(block, constraints, offset, noise(offset))
+        streams.end()
+        return plan.result()
+
+    def _start_decoding(
+        self, request: GenerationRequest, plan: DecodePlan, choice: TokenChoice
+    ) -> tuple[torch.Tensor, DecodeSteps]:
+        """Prefill the cache with every row's prompt (and the plan's header); returns the last hidden states
+        ``(R, D)`` and the steps that decode on from there."""
+        sequences, sequence_rows = request.sequences()
+        sequences = plan.with_header(sequences, sequence_rows)
+        decode_length = plan.max_steps - plan.first_step
+        static = request.cache_implementation == "static"
+        hidden, cache, attention_mask, next_position = self._prefill_prompts(
+            sequences, decode_length, request.cache_implementation
+        )
+        # Padding: prompts of different lengths, a static cache's unwritten tail, unconditional rows' text.
+        # Without it a one-token step needs no attention mask, which lets SDPA run GQA without copying the
+        # keys (repeat_kv) and pick its flash kernel.
+        padded = static or bool(request.guided_rows) or len({len(ids) for ids in sequences}) > 1
+        steps = DecodeSteps(
+            model=self, cache=cache, choice=choice, attention_mask=attention_mask,
+            next_position=next_position, column=attention_mask.shape[1] - decode_length, static=static,
+            padded=padded, compile=request.compile,
+        )  # fmt: skip
+        return hidden, steps
+
+    def _step_noise(self, request: GenerationRequest, choice: TokenChoice, device: torch.device) -> StepNoise:
+        """The sampling noise of the N conditional rows: from the batch's generator, or each request's own."""
+        request_noise = None
+        if request.request_generators is not None:
+            vocab_size = self.vocabulary.vocab_size
+            request_noise = RequestNoise(
+                request.request_generators, request.images_per_prompt, vocab_size, device
+            )
+        return StepNoise(
+            choice.sampler, len(request.rows), choice.end, request.generator, request_noise, device
+        )
 
     def _token_choice(
         self,
@@ -715,25 +517,6 @@ class UniMMGenerationMixin:
         next_tokens = choice.sampler(conditional, mask_class == CLASS_CODES, None, uniform) + offset
         return torch.where(forced >= 0, forced, next_tokens)
 
-    @staticmethod
-    def _stream_step(
-        open_streams: dict[int, BaseStreamer],
-        next_tokens: torch.Tensor,
-        text: torch.Tensor,
-        done: torch.Tensor | None,
-    ) -> None:
-        """Feed each open streamer its row's token if it is text; end (and close) the rows now done."""
-        rows = list(open_streams)
-        if done is None:  # a precomputed schedule: rows end with the loop
-            done = torch.zeros_like(text)
-        index = torch.tensor(rows, device=next_tokens.device)
-        columns = torch.stack([next_tokens[index], text[index].long(), done[index].long()], dim=-1)
-        for row, (token, is_text, is_done) in zip(rows, columns.tolist()):  # one host sync
-            if is_text:
-                open_streams[row].put(torch.tensor([token]))
-            if is_done:
-                open_streams.pop(row).end()
-
     def _prefill_prompts(
         self, sequences: list[list[int]], max_steps: int, cache_implementation: str
     ) -> tuple[torch.Tensor, Cache, torch.Tensor, torch.Tensor]:
@@ -804,8 +587,10 @@ class UniMMGenerationMixin:
         forced: torch.Tensor,
         uniform: torch.Tensor | None,
     ) -> torch.Tensor:
-        """One decode step: the backbone over ``input_ids`` ``(R, 1)`` written at cache position ``start``, then
-        :meth:`_choose_tokens` on its hidden states; returns the next tokens ``(N,)``."""
+        """One decode step: the backbone over ``input_ids`` ``(R, T)`` written from cache position ``start``,
+        then :meth:`_choose_tokens` on the last hidden states; returns the next tokens ``(N,)``. The arguments
+        are flat tensors and ints, not the plan's objects: they are the compiled graph's inputs, which dynamo
+        guards and makes dynamic one by one."""
         set_cache_length(cache, start)  # eager a no-op; compiled, the fill level becomes a graph input
         hidden = self._eager_decode_step()(input_ids, attention_mask, position_ids, cache, start)  # (R, D)
         return self._choose_tokens(hidden, choice, offset, in_image, mask_class, forced, uniform)

@@ -20,6 +20,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_unimm import UniMMConfig
 from .generation import UniMMGenerationMixin, _cache_keywords
+from .generation_request import resolve_eos_token_ids
 from .vocabulary import ImageVocabulary
 
 IGNORE_INDEX = -100
@@ -86,6 +87,12 @@ class UniMMForCausalLM(UniMMGenerationMixin, UniMMPreTrainedModel, GenerationMix
     def get_decoder(self) -> PreTrainedModel:
         """The language model without its head (``LlamaModel``, ``GPT2Model``, ...)."""
         return self.language_model.base_model
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """The ids that end a text answer when :meth:`generate_multimodal` is given none: the generation
+        config's ``eos_token_id``, else the text config's (empty when neither has one)."""
+        return resolve_eos_token_ids(self, None)
 
     # ------------------------------------------------------------------ construction
     @classmethod

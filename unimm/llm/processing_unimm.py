@@ -6,11 +6,19 @@ standing where each image goes; plain samples (captions, interleaved documents) 
 between BOS and EOS. Each placeholder becomes the image's token sequence from
 :class:`~unimm.llm.vocabulary.ImageVocabulary`. Images are pixels (PIL image, path, bytes: encoded by the
 visual tokenizer) or pre-computed ids with their grid.
+
+Pixels and placeholders are separate steps, so that whoever holds the visual tokenizer runs it once per batch::
+
+    pixel_values = processor.batch_pixel_values(messages=conversations)   # (C, H, W) per pixel image
+    grids = encode_by_size(visual_tokenizer, pixel_values)                # one call per image size
+    batch = processor(messages=conversations, image_grids=grids)          # placeholders -> image tokens
+
+``processor(messages)`` alone does the same with the ``vq_model`` it was given.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -103,6 +111,7 @@ class UniMMProcessor(ProcessorMixin):
         loss_on_images: bool = True,
         padding_side: str = "right",
         return_unconditional: bool = False,
+        image_grids: Sequence[torch.Tensor] | None = None,
         **kwargs,
     ) -> BatchFeature:
         """Tokenize a batch of samples (or chat conversations) into padded tensors.
@@ -117,6 +126,9 @@ class UniMMProcessor(ProcessorMixin):
             padding_side: ``"right"`` for training, ``"left"`` for batched generation.
             return_unconditional: also return ``unconditional_input_ids`` / ``unconditional_attention_mask``,
                 the same samples with their text dropped (``drop_text``), for classifier-free guidance.
+            image_grids: the ``(h, w)`` code grids of the batch's pixel images, in the order of
+                :meth:`batch_pixel_values`, encoded by the caller. Without them the processor encodes the
+                pixel images with its ``vq_model``, one call per image size.
 
         Returns ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` where no loss), ``(B, T)``."""
         if kwargs:
@@ -124,6 +136,11 @@ class UniMMProcessor(ProcessorMixin):
         if padding_side not in ("right", "left"):
             raise ValueError(f"`padding_side` must be 'right' or 'left', got {padding_side!r}.")
         batch = self._as_samples(samples, messages)
+        pixel_images = [segment["image"] for segment in _pixel_segments(batch)]
+        if image_grids is None and pixel_images and self.vq_model is not None:
+            image_grids = self.encode_images(pixel_images)
+        if image_grids is not None:
+            batch = self._with_image_grids(batch, image_grids, len(pixel_images))
         options = dict(
             add_generation_prompt=add_generation_prompt, loss_on=loss_on, loss_on_text=loss_on_text,
             loss_on_images=loss_on_images,
@@ -170,6 +187,44 @@ class UniMMProcessor(ProcessorMixin):
             input_ids.extend(ids)
             labels.extend(ids if keep else [IGNORE_INDEX] * len(ids))
         return {"input_ids": input_ids, "labels": labels}
+
+    def batch_pixel_values(
+        self, samples: dict | Sequence[dict] | None = None, messages: Sequence | None = None
+    ) -> list[torch.Tensor]:
+        """The normalised pixels ``(C, H, W)`` of every image of a batch that the visual tokenizer must encode
+        (images given as ids are not), in the order :meth:`__call__` takes their ``image_grids``."""
+        return self.pixel_values(
+            [segment["image"] for segment in _pixel_segments(self._as_samples(samples, messages))]
+        )
+
+    def pixel_values(self, images: Sequence[Any]) -> list[torch.Tensor]:
+        """Images (PIL, paths, bytes) to normalised float32 pixels ``(C, H, W)``, one tensor each (sizes may
+        differ when the image processor keeps aspect ratios)."""
+        return [
+            self.image_processor(open_image(image), return_tensors="pt")["pixel_values"][0]  # (C, H, W)
+            for image in images
+        ]
+
+    def _with_image_grids(
+        self, batch: list[dict], grids: Sequence[torch.Tensor], expected: int
+    ) -> list[dict]:
+        """Copies of the samples whose pixel images carry their code grids (the inputs are left as they are)."""
+        if len(grids) != expected:
+            raise ValueError(
+                f"`image_grids` holds {len(grids)} grids but the batch has {expected} pixel images."
+            )
+        grids = iter(grids)
+
+        def filled(segment: dict) -> dict:
+            grid = torch.as_tensor(next(grids))  # (h, w)
+            return {**segment, "image_token_ids": grid, "image_grid": tuple(grid.shape)}
+
+        return [
+            {**sample, "segments": [filled(s) if _needs_encoding(s) else s for s in _segments(sample)]}
+            if _segments(sample)
+            else sample  # tokenize_sample says what is wrong with it
+            for sample in batch
+        ]
 
     def _as_samples(self, samples, messages) -> list[dict]:
         if (samples is None) == (messages is None):
@@ -309,16 +364,10 @@ class UniMMProcessor(ProcessorMixin):
             )
         return self.vocabulary.image_to_token_ids(self.encode_images([segment["image"]])[0]).tolist()
 
-    @torch.no_grad()
     def encode_images(self, images: Sequence[Any]) -> list[torch.Tensor]:
-        """Images (PIL, paths, bytes) to their ``(h, w)`` code grids, one at a time (sizes may differ)."""
-        grids = []
-        for image in images:
-            pixel_values = self.image_processor(open_image(image), return_tensors="pt")["pixel_values"]
-            # float32 CPU pixels: the visual tokenizer takes them to each branch's device and dtype (read here,
-            # the device would be the CPU while an offloaded tokenizer waits to be moved).
-            grids.append(self.vq_model.encode(pixel_values)[0].cpu())  # (h, w)
-        return grids
+        """Images (PIL, paths, bytes) to their ``(h, w)`` code grids with ``vq_model``: one call per image
+        size (see :func:`encode_by_size`), the grids in the order of the images."""
+        return encode_by_size(self.vq_model, self.pixel_values(images))
 
     def _pad(self, examples: list[dict[str, list[int]]], padding_side: str) -> dict[str, torch.Tensor]:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -360,7 +409,48 @@ class UniMMProcessor(ProcessorMixin):
         return texts, images
 
 
-__all__ = ["UniMMProcessor"]
+def batches_by_shape(tensors: Sequence[torch.Tensor]) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """The tensors stacked one batch per shape, in order of first appearance: ``(indices, (b, *shape))``."""
+    for shape in dict.fromkeys(tuple(tensor.shape) for tensor in tensors):
+        indices = [index for index, tensor in enumerate(tensors) if tuple(tensor.shape) == shape]
+        yield indices, torch.stack([tensors[index] for index in indices])
+
+
+@torch.no_grad()
+def encode_by_size(vq_model: torch.nn.Module, pixel_values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Pixels ``(C, H, W)`` to CPU code grids ``(h, w)`` in their order: one ``vq_model.encode`` call per size.
+
+    The pixels stay float32 on the CPU: the visual tokenizer takes them to each branch's device and dtype (read
+    here, the device would be the CPU while an offloaded tokenizer waits to be moved)."""
+    grids: list[torch.Tensor | None] = [None] * len(pixel_values)
+    for indices, batch in batches_by_shape(pixel_values):
+        codes = vq_model.encode(batch).cpu()  # (b, h, w)
+        for index, grid in zip(indices, codes):
+            grids[index] = grid
+    return grids
+
+
+def _segments(sample: Any) -> list:
+    segments = sample.get("segments") if isinstance(sample, dict) else None
+    return list(segments) if isinstance(segments, (list, tuple)) else []
+
+
+def _needs_encoding(segment: Any) -> bool:
+    """An image segment given as pixels (PIL, path, bytes), not as ids."""
+    return (
+        isinstance(segment, dict)
+        and segment.get("type") == IMAGE
+        and segment.get("image_token_ids") is None
+        and segment.get("image") is not None
+    )
+
+
+def _pixel_segments(batch: list[dict]) -> list[dict]:
+    """The pixel image segments of a batch, in order (malformed samples are left to ``tokenize_sample``)."""
+    return [segment for sample in batch for segment in _segments(sample) if _needs_encoding(segment)]
+
+
+__all__ = ["UniMMProcessor", "batches_by_shape", "encode_by_size"]
 
 
 def _check_text(text: Any, where: str) -> None:

@@ -153,3 +153,36 @@ class RequestNoise:
             for generator, rows in self.draws
         ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+class StepNoise:
+    """Each decode step's uniform sampling noise, drawn outside the (compiled) step: ``(N, end - offset)``
+    for the head's columns ``[offset, end)``, from one ``generator`` for the batch (``None``: torch's
+    default) or from ``request_noise``; ``None`` when the sampler never samples (greedy decoding)."""
+
+    def __init__(
+        self,
+        sampler: RowSampler,
+        rows: int,
+        end: int,
+        generator: torch.Generator | None,
+        request_noise: RequestNoise | None,
+        device: torch.device,
+    ):
+        self.sample = sampler.any_sample
+        self.rows, self.end, self.device = rows, end, device
+        self.generator, self.request_noise = generator, request_noise
+
+    def __call__(self, offset: int) -> torch.Tensor | None:
+        if not self.sample:
+            return None
+        if self.request_noise is not None:
+            return self.request_noise(offset, self.end)
+        return uniform_noise((self.rows, self.end - offset), self.generator, self.device)
+
+    def skip(self, steps: int) -> None:
+        """Steps whose tokens are all forced take no noise from the batch's generator, but each request's own
+        stream advances on them too, as it does in any other batch."""
+        if self.request_noise is not None and self.sample:
+            for _ in range(steps):
+                self.request_noise()

@@ -29,10 +29,11 @@ from accelerate import cpu_offload_with_hook
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from huggingface_hub import HfApi
-from transformers import TextIteratorStreamer
+from transformers import BatchFeature, TextIteratorStreamer
 
 from unimm.detokenizer import DetokenizerPipeline
 from unimm.llm import ModalitySampling, UniMMForCausalLM, UniMMProcessor
+from unimm.llm.processing_unimm import batches_by_shape, encode_by_size
 from unimm.tokenizer import DualCodebookTokenizer
 
 from .checkpoint_folder import MODEL_INDEX, check_checkpoint_folder
@@ -70,12 +71,13 @@ class UniMMImageOutput(BaseOutput):
     """Output of :meth:`UniMMPipeline.generate_images`.
 
     Attributes:
-        images: ``len(prompts) * num_images_per_prompt`` images, prompt-major.
-        image_token_ids: ``(N, h, w)`` codebook ids the language model wrote.
+        images: every prompt's ``num_images_per_prompt`` images, prompt-major.
+        image_token_ids: the codebook ids the language model wrote: ``(N, h, w)`` when every image has the same
+            size, else a list of N ``(h, w)`` grids.
     """
 
     images: list[PIL.Image.Image]
-    image_token_ids: torch.LongTensor
+    image_token_ids: torch.LongTensor | list[torch.LongTensor]
 
 
 @dataclass
@@ -122,11 +124,21 @@ class UniMMPipeline(DiffusionPipeline):
         if prompt_format == "caption" and processor.tokenizer.bos_token_id is None:
             raise ValueError("prompt_format='caption' needs a text tokenizer with a BOS token; use 'chat'")
         _check_codebooks(llm, processor, visual_tokenizer, detokenizer)
-        processor.vq_model = visual_tokenizer  # the processor encodes chat images with it
+        # The pipeline encodes the images of its own calls, one visual tokenizer call per batch and size; the
+        # processor gets the tokenizer too, so that `pipeline.processor(messages)` works on its own.
+        processor.vq_model = visual_tokenizer
         self.register_modules(
             llm=llm, processor=processor, visual_tokenizer=visual_tokenizer, detokenizer=detokenizer
         )
         self.register_to_config(prompt_format=prompt_format)
+        self.compile_decoding = False  # see enable_compile
+
+    def enable_compile(self, enabled: bool = True) -> None:
+        """Decode through the compiled engine step (``generate_multimodal(compile=True)``: backbone, head,
+        guidance, constraints and sampling as one ``torch.compile`` graph per kind of step). Each new kind of
+        step compiles on first use (tens of seconds on a CPU); later calls are faster (``benchmarks/``). Pays
+        for a server or a long session, not for one short call."""
+        self.compile_decoding = enabled
 
     # ------------------------------------------------------------------ loading, saving, devices
     @classmethod
@@ -280,8 +292,9 @@ class UniMMPipeline(DiffusionPipeline):
         conversations = conversations_with_images(messages, images)
         if stream and len(conversations) != 1:
             raise ValueError(f"stream=True takes one conversation, got {len(conversations)}")
-        # 2. Chat template up to the assistant header, left-padded for batched decoding.
-        batch = self.processor(messages=conversations, add_generation_prompt=True, padding_side="left")
+        # 2. Chat template up to the assistant header (every image encoded in one visual tokenizer call per
+        #    size), left-padded for batched decoding.
+        batch = self._tokenize(conversations, add_generation_prompt=True, padding_side="left")
         generate_kwargs = {
             "input_ids": batch["input_ids"],
             "attention_mask": batch["attention_mask"],
@@ -289,6 +302,7 @@ class UniMMPipeline(DiffusionPipeline):
             "text_sampling": text_sampling,
             "max_new_tokens": max_new_tokens,
             "seed": seed,
+            "compile": self.compile_decoding,
         }
         # 3. Generate (streamed from a worker thread, or the whole batch at once).
         _onload(self.llm)
@@ -326,60 +340,95 @@ class UniMMPipeline(DiffusionPipeline):
     def generate_images(
         self,
         prompts: str | Sequence[str],
-        num_images_per_prompt: int = 1,
-        guidance_scale: float = 3.0,
-        height: int | None = None,
-        width: int | None = None,
+        num_images_per_prompt: int | Sequence[int] = 1,
+        guidance_scale: float | Sequence[float] = 3.0,
+        height: int | Sequence[int | None] | None = None,
+        width: int | Sequence[int | None] | None = None,
         seed: Seed = None,
         decoder: str = "diffusion",
         num_inference_steps: int = 20,
         decoder_guidance_scale: float = 2.0,
-        image_sampling: ModalitySampling | None = None,
+        image_sampling: ModalitySampling | Sequence[ModalitySampling | None] | None = None,
     ) -> UniMMImageOutput:
         """Generate ``num_images_per_prompt`` images per prompt: every prompt and image in one batched,
-        constrained and guided language-model call, then one batched decode.
+        constrained and guided language-model call, then one batched decode per image size.
+
+        ``num_images_per_prompt``, ``guidance_scale``, ``height``, ``width``, ``seed`` and ``image_sampling``
+        take one value for every prompt or a list with one value per prompt (a list of another length is a
+        ``ValueError`` naming the argument).
 
         Args:
+            num_images_per_prompt: images of each prompt.
             guidance_scale: classifier-free guidance of the language model (1 disables it).
             height, width: image size in pixels, multiples of the tokenizer's downsampling factor
-                (default: the model's default grid).
+                (default, or ``None`` entries: the model's default grid).
             seed: an int seeds the whole call. A list holds one seed (or ``None``) per prompt: a prompt's
                 images then come out the same whatever the other prompts of the call (both the image codes
                 and the diffusion decoder's noise are drawn from the prompt's own generators); ``None``
                 entries draw from torch's default generator.
             decoder: ``"diffusion"`` (the detokenizer) or ``"pixel"`` (the tokenizer's fast decoder).
             num_inference_steps, decoder_guidance_scale: of the diffusion decoder.
-            image_sampling: sampling of image codes (default: temperature 1, no top-k/top-p).
+            image_sampling: sampling of image codes (default: temperature 1, no top-k/top-p). The engine takes
+                one sampling per call: prompts of different samplings run in one call per sampling (with an
+                int ``seed`` each such call is seeded with it; per-prompt seeds are unaffected).
         """
-        # 1. Check inputs.
+        # 1. Check inputs; one value per prompt.
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
             raise ValueError("prompts must be a string or a non-empty list of strings")
         _check_decoder(decoder, self.detokenizer)
-        grid = self.image_grid(height, width)
+        count = len(prompts)
+        heights, widths = _per_prompt(height, count, "height"), _per_prompt(width, count, "width")
+        requests = {
+            "grids": [self.image_grid(h, w) for h, w in zip(heights, widths)],
+            "scales": _per_prompt(guidance_scale, count, "guidance_scale"),
+            "counts": _per_prompt(num_images_per_prompt, count, "num_images_per_prompt"),
+            "seeds": _per_prompt(seed, count, "seed") if isinstance(seed, (list, tuple)) else seed,
+            "samplings": _per_prompt(image_sampling, count, "image_sampling"),
+        }
         # 2. Conditional prompts and their unconditional forms (text dropped, as in training).
-        prompt_ids, unconditional_ids = self._image_prompts(prompts)
-        # 3. All prompts x images in one call of the constrained engine.
+        prompt_ids, unconditional_ids = self.image_prompt_ids(prompts)
+        # 3. All prompts x images in one call of the constrained engine (one per image sampling).
         _onload(self.llm)
-        output = self.llm.generate_multimodal(
-            prompt_ids,
-            mode="image",
-            image_grid=grid,
-            guidance_scale=guidance_scale,
-            unconditional_input_ids=unconditional_ids,
-            image_sampling=image_sampling,
-            num_images_per_prompt=num_images_per_prompt,
-            seed=seed,
-        )
-        image_token_ids = torch.stack([row_images[0] for row_images in output.image_token_ids])  # (N, h, w)
-        # 4. One batched decode.
-        generators = self._seeded_generators(seed, [num_images_per_prompt] * len(prompts))
+        grids = self._generate_codes(prompt_ids, unconditional_ids, **requests)
+        # 4. One batched decode per image size; per-prompt seeds give each prompt its own decoder noise.
+        generators = _request_generators(seed, requests["counts"])
         decoder_seed = seed if generators is None else None  # an int, or the generators say it all
-        images = self.decode_images(
-            image_token_ids, decoder, num_inference_steps, decoder_guidance_scale, decoder_seed, generators
+        images = self._decode_grids(
+            grids, decoder, num_inference_steps, decoder_guidance_scale, decoder_seed, generators
         )
         self.maybe_free_model_hooks()
-        return UniMMImageOutput(images=images, image_token_ids=image_token_ids)
+        one_size = len({tuple(grid.shape) for grid in grids}) == 1
+        return UniMMImageOutput(images=images, image_token_ids=torch.stack(grids) if one_size else grids)
+
+    def _generate_codes(
+        self,
+        prompt_ids: list[list[int]],
+        unconditional_ids: list[list[int]],
+        grids: list[tuple[int, int]],
+        scales: list[float],
+        counts: list[int],
+        seeds: Seed,
+        samplings: list[ModalitySampling | None],
+    ) -> list[torch.Tensor]:
+        """The ``(h, w)`` code grids of every image, prompt-major: one engine call per distinct sampling."""
+        per_prompt: list[list[torch.Tensor]] = [[] for _ in prompt_ids]
+        for sampling, indices in _groups(samplings):
+            output = self.llm.generate_multimodal(
+                _pick(prompt_ids, indices),
+                mode="image",
+                image_grid=_pick(grids, indices),
+                guidance_scale=_pick(scales, indices),
+                unconditional_input_ids=_pick(unconditional_ids, indices),
+                image_sampling=sampling,
+                num_images_per_prompt=_pick(counts, indices),
+                seed=_pick(seeds, indices) if isinstance(seeds, list) else seeds,
+                compile=self.compile_decoding,
+            )
+            rows = iter(output.image_token_ids)  # request-major, one image per row
+            for index in indices:
+                per_prompt[index] = [next(rows)[0] for _ in range(counts[index])]
+        return [grid for prompt_grids in per_prompt for grid in prompt_grids]
 
     def image_grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """The ``(h, w)`` code grid of an image of ``height x width`` pixels (``None``: the default grid)."""
@@ -401,7 +450,9 @@ class UniMMPipeline(DiffusionPipeline):
             grid.append(pixels // factor)
         return grid[0], grid[1]
 
-    def _image_prompts(self, prompts: list[str]) -> tuple[list[list[int]], list[list[int]]]:
+    def image_prompt_ids(self, prompts: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
+        """Text-to-image prompts as the model was trained on them (``prompt_format``), and their unconditional
+        forms (text dropped) for guidance: ``(conditional, unconditional)``, a list of ids per prompt each."""
         if self.config.prompt_format == "caption":
             tokenizer = self.processor.tokenizer
             bos = [tokenizer.bos_token_id]
@@ -443,9 +494,10 @@ class UniMMPipeline(DiffusionPipeline):
         _check_decoder(decoder, self.detokenizer)
         grid = self.image_grid(height, width) if height is not None or width is not None else None
         conversations = conversations_with_images(messages, images)
-        # 2. Prompts and their unconditional forms, for guidance inside images.
-        batch = self.processor(
-            messages=conversations, add_generation_prompt=True, return_unconditional=True, padding_side="left"
+        # 2. Prompts (every image encoded in one visual tokenizer call per size) and their unconditional
+        #    forms, for guidance inside images.
+        batch = self._tokenize(
+            conversations, add_generation_prompt=True, return_unconditional=True, padding_side="left"
         )
         # 3. One engine call for the whole batch.
         _onload(self.llm)
@@ -462,6 +514,7 @@ class UniMMPipeline(DiffusionPipeline):
             image_sampling=image_sampling,
             max_new_tokens=max_new_tokens,
             seed=seed,
+            compile=self.compile_decoding,
         )
         # 4. Decode every image of the batch (same-size grids together), then put the pieces in order.
         rows = [
@@ -469,7 +522,7 @@ class UniMMPipeline(DiffusionPipeline):
             for ids, length in zip(generated.sequences.tolist(), generated.sequence_lengths.tolist())
         ]
         grids = [grid_ids for _, row_grids in rows for grid_ids in row_grids]
-        generators = self._seeded_generators(seed, [len(row_grids) for _, row_grids in rows])
+        generators = _request_generators(seed, [len(row_grids) for _, row_grids in rows])
         decoded = iter(
             self._decode_grids(grids, decoder, num_inference_steps, decoder_guidance_scale, seed, generators)
         )
@@ -486,28 +539,103 @@ class UniMMPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         return UniMMInterleavedOutput(segments=segments)
 
-    # ------------------------------------------------------------------ decoding and reconstruction
-    @torch.no_grad()
-    def decode_images(
+    # ------------------------------------------------------------------ encoding, decoding, reconstruction
+    def encode(
+        self, images: ImageInput | torch.Tensor | Sequence[ImageInput | torch.Tensor]
+    ) -> list[torch.LongTensor]:
+        """Images to their ``(h, w)`` code grids with the visual tokenizer: one call per image size, the grids
+        in the order of the images.
+
+        An image is a PIL image, a path or bytes, or its normalised pixels ``(C, H, W)`` as
+        ``processor.pixel_values`` makes them."""
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        pixel_values = [
+            image
+            if isinstance(image, torch.Tensor)
+            else self.processor.pixel_values([open_image_argument(image, f"images[{index}]")])[0]
+            for index, image in enumerate(images)
+        ]
+        grids = encode_by_size(self.visual_tokenizer, pixel_values)
+        self.maybe_free_model_hooks()
+        return grids
+
+    def decode(
         self,
-        image_token_ids: torch.Tensor,
+        image_token_ids: torch.Tensor | Sequence[torch.Tensor],
         decoder: str = "diffusion",
         num_inference_steps: int = 20,
         guidance_scale: float = 2.0,
         seed: int | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    ) -> list[PIL.Image.Image]:
+        """Code grids to images with the diffusion decoder or the tokenizer's pixel decoder.
+
+        Args:
+            image_token_ids: a ``(B, h, w)`` tensor, or a list of ``(h, w)`` grids of any sizes (as
+                ``generate_images`` and ``reconstruct`` return them): one decoder batch per size, the images
+                in the order of the grids.
+            decoder: ``"diffusion"`` (the detokenizer) or ``"pixel"`` (the tokenizer's fast decoder).
+            num_inference_steps, guidance_scale: of the diffusion decoder.
+            seed, generator: the diffusion decoder's noise comes from ``generator`` (one, or one per image as in
+                diffusers) when given, else from a CPU generator seeded with ``seed`` for each size.
+        """
+        _check_decoder(decoder, self.detokenizer)
+        if isinstance(image_token_ids, torch.Tensor):
+            if image_token_ids.ndim != 3:
+                raise ValueError(
+                    f"image_token_ids of shape {tuple(image_token_ids.shape)}: expected (B, h, w) or a list of "
+                    "(h, w) grids"
+                )
+            image_token_ids = list(image_token_ids)
+        grids = [torch.as_tensor(grid) for grid in image_token_ids]
+        if any(grid.ndim != 2 for grid in grids):
+            raise ValueError("image_token_ids: every grid of the list must be (h, w)")
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != len(grids):
+                raise ValueError(f"generator holds {len(generator)} generators for {len(grids)} images")
+            generator = list(generator)
+        images = self._decode_grids(grids, decoder, num_inference_steps, guidance_scale, seed, generator)
+        self.maybe_free_model_hooks()
+        return images
+
+    @torch.no_grad()
+    def _decode_grids(
+        self,
+        grids: list[torch.Tensor],
+        decoder: str,
+        num_inference_steps: int,
+        guidance_scale: float,
+        seed: Seed = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> list[PIL.Image.Image]:
-        """Code grids ``(B, h, w)`` to images with the diffusion decoder or the tokenizer's pixel decoder.
+        """Decode grids of possibly different sizes: one batch per size, results in the input order. The
+        diffusion decoder's noise: ``generator`` (a list: one per grid), else a generator seeded with ``seed``
+        (an int) per size."""
+        images: list[PIL.Image.Image | None] = [None] * len(grids)
+        for indices, batch in batches_by_shape(grids):  # batch: (b, h, w)
+            if isinstance(generator, list):
+                batch_generator = [generator[index] for index in indices]
+            elif generator is None and isinstance(seed, int):
+                batch_generator = torch.Generator().manual_seed(seed)  # the same noise on every device
+            else:
+                batch_generator = generator
+            decoded = self._decode_batch(batch, decoder, num_inference_steps, guidance_scale, batch_generator)
+            for index, image in zip(indices, decoded):
+                images[index] = image
+        return images
 
-        The diffusion decoder's noise comes from ``generator`` (one, or one per image as in diffusers) when
-        given, else from a generator seeded with ``seed``."""
-        _check_decoder(decoder, self.detokenizer)
+    def _decode_batch(
+        self,
+        image_token_ids: torch.Tensor,
+        decoder: str,
+        num_inference_steps: int,
+        guidance_scale: float,
+        generator: torch.Generator | list[torch.Generator] | None,
+    ) -> list[PIL.Image.Image]:
+        """Code grids ``(B, h, w)`` of one size to images."""
         if decoder == "pixel":
             pixel_values = self.visual_tokenizer.decode(image_token_ids)  # it moves the ids to its device
             return self.processor.image_processor.postprocess(pixel_values)
-        # A CPU generator draws the same initial noise on every device.
-        if generator is None and seed is not None:
-            generator = torch.Generator().manual_seed(seed)
         return self.detokenizer(
             image_token_ids,
             num_inference_steps=num_inference_steps,
@@ -516,44 +644,6 @@ class UniMMPipeline(DiffusionPipeline):
             output_type="pil",
         ).images
 
-    def _decode_grids(
-        self,
-        grids: list[torch.Tensor],
-        decoder: str,
-        num_inference_steps: int,
-        guidance_scale: float,
-        seed: Seed,
-        generators: list[torch.Generator] | None = None,
-    ) -> list[PIL.Image.Image]:
-        """Decode grids of possibly different sizes: one batch per size, results in the input order.
-        ``generators``: the diffusion decoder's generator of each grid (else ``seed``, an int, is used)."""
-        images: list[PIL.Image.Image | None] = [None] * len(grids)
-        seed = None if generators is not None else seed
-        for shape in dict.fromkeys(tuple(grid.shape) for grid in grids):
-            indices = [index for index, grid in enumerate(grids) if tuple(grid.shape) == shape]
-            batch = torch.stack([grids[index] for index in indices])  # (b, h, w)
-            generator = None if generators is None else [generators[index] for index in indices]
-            decoded = self.decode_images(batch, decoder, num_inference_steps, guidance_scale, seed, generator)
-            for index, image in zip(indices, decoded):
-                images[index] = image
-        return images
-
-    @staticmethod
-    def _seeded_generators(seed: Seed, counts: Sequence[int]) -> list[torch.Generator] | None:
-        """The diffusion decoder's generators for a list of per-request seeds (``None`` for an int or no
-        seed): one CPU generator per request, shared by its ``counts[i]`` images in order, so that a
-        request's noise does not depend on the others. An unseeded request's generator is seeded from
-        torch's default generator."""
-        if not isinstance(seed, (list, tuple)):
-            return None
-        generators = []
-        for request_seed, count in zip(seed, counts, strict=True):
-            if request_seed is None:
-                request_seed = int(torch.randint(2**62, ()))
-            generators += [torch.Generator().manual_seed(int(request_seed))] * count
-        return generators
-
-    @torch.no_grad()
     def reconstruct(
         self,
         images: ImageInput | Sequence[ImageInput],
@@ -562,14 +652,21 @@ class UniMMPipeline(DiffusionPipeline):
         guidance_scale: float = 2.0,
         seed: int | None = None,
     ) -> UniMMReconstructionOutput:
-        """Encode images to code grids with the visual tokenizer and decode them again."""
+        """Encode images to code grids with the visual tokenizer (one call per size) and decode them again."""
         _check_decoder(decoder, self.detokenizer)
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         opened = [open_image_argument(image, f"images[{index}]") for index, image in enumerate(images)]
-        grids = self.processor.encode_images(opened)
+        grids = encode_by_size(self.visual_tokenizer, self.processor.pixel_values(opened))
         decoded = self._decode_grids(grids, decoder, num_inference_steps, guidance_scale, seed)
         self.maybe_free_model_hooks()
         return UniMMReconstructionOutput(images=decoded, image_token_ids=grids)
+
+    def _tokenize(self, conversations: list[list[dict]], **options: Any) -> BatchFeature:
+        """The processor's tokens of chat conversations, their images encoded here: one visual tokenizer call
+        per image size for the whole batch."""
+        pixel_values = self.processor.batch_pixel_values(messages=conversations)
+        grids = encode_by_size(self.visual_tokenizer, pixel_values)
+        return self.processor(messages=conversations, image_grids=grids, **options)
 
 
 def _onload(module: torch.nn.Module) -> None:
@@ -586,6 +683,45 @@ def _component_dtype(dtype: torch.dtype | Mapping[str, torch.dtype] | None, name
     if isinstance(dtype, Mapping):
         return dtype.get(name, dtype.get("default", torch.float32))
     return dtype
+
+
+def _per_prompt(value: Any, count: int, argument: str) -> list:
+    """One value per prompt: ``value`` for each, or the list ``value`` checked against the prompt count."""
+    if not isinstance(value, (list, tuple)):
+        return [value] * count
+    if len(value) != count:
+        raise ValueError(f"`{argument}` has {len(value)} entries but there are {count} prompts.")
+    return list(value)
+
+
+def _pick(values: list, indices: list[int]) -> list:
+    return [values[index] for index in indices]
+
+
+def _groups(values: list) -> list[tuple[Any, list[int]]]:
+    """``(value, indices)`` of each distinct value (by equality: dataclasses are not hashable), in order."""
+    groups: list[tuple[Any, list[int]]] = []
+    for index, value in enumerate(values):
+        group = next((indices for known, indices in groups if known == value), None)
+        if group is None:
+            groups.append((value, [index]))
+        else:
+            group.append(index)
+    return groups
+
+
+def _request_generators(seed: Seed, counts: Sequence[int]) -> list[torch.Generator] | None:
+    """The diffusion decoder's generators for a list of per-request seeds (``None`` for an int or no seed):
+    one CPU generator per request, shared by its ``counts[i]`` images in order, so that a request's noise does
+    not depend on the others. An unseeded request's generator is seeded from torch's default generator."""
+    if not isinstance(seed, (list, tuple)):
+        return None
+    generators = []
+    for request_seed, count in zip(seed, counts, strict=True):
+        if request_seed is None:
+            request_seed = int(torch.randint(2**62, ()))
+        generators += [torch.Generator().manual_seed(int(request_seed))] * count
+    return generators
 
 
 def _unpadded(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:

@@ -40,7 +40,7 @@ from unimm.pipelines.conversations import open_image_argument
 
 from .batching import GenerationBatcher, QueueFullError
 from .config import ServingConfig
-from .engine import ChatAnswer, ChatJob, ImageJob, ServingEngine
+from .engine import ChatAnswer, ChatJob, ImageJob, ServingEngine, warm_up
 from .schemas import ChatCompletionRequest, ChatMessage, ImageGenerationRequest, error_body, parameter_path
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,9 @@ def create_app(pipeline: UniMMPipeline, config: ServingConfig | None = None) -> 
         raise ValueError("this checkpoint has no detokenizer/: serve it with decoder='pixel'")
     pipeline.set_progress_bar_config(disable=True)  # a server's log is no place for progress bars
     engine = ServingEngine(pipeline, decoder, config.num_inference_steps, config.decoder_guidance_scale)
+    if pipeline.compile_decoding:  # compile now, not while the first requests wait
+        seconds = warm_up(engine, config.max_batch_size, pipeline.image_grid())
+        logger.info("compiled warm-up over batches up to %d rows: %.1f s", config.max_batch_size, seconds)
     batcher = GenerationBatcher(
         engine.run, config.max_batch_size, config.batch_wait_ms, config.max_queue_size
     )

@@ -1,10 +1,12 @@
 """What the server asks of the model: a batch of chat answers (some of them streamed) or a batch of image
-requests, each as one call of the generation engine (``UniMMForCausalLM.generate_multimodal``).
+requests, each as one call of the generation engine (``UniMMForCausalLM.generate_multimodal``), through public
+methods of the pipeline and its components only.
 
 Runs in the batcher's worker thread. A batch of image requests may mix prompts, ``n``, sizes, guidance
-scales and seeds: the engine takes them per request. Chat requests share one sampling setting per batch
-(the batcher groups them by it); each has its own ``max_tokens``, seed and, when streamed, its own
-streamer.
+scales and seeds: it is one ``UniMMPipeline.generate_images`` call, which takes them per prompt. Chat
+requests share one sampling setting per batch (the batcher groups them by it); each has its own
+``max_tokens``, seed and, when streamed, its own streamer; the images of all of them are encoded together,
+one visual tokenizer call per image size.
 
 Seeds: a request with a ``seed`` draws all its randomness from its own generators (the engine's
 per-request seeds; the diffusion decoder's noise too), so it gives the same answer or images whatever batch
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,7 +143,7 @@ class ServingEngine:
         self.decoder = decoder
         self.num_inference_steps = num_inference_steps
         self.decoder_guidance_scale = decoder_guidance_scale
-        self.eos_token_ids = set(pipeline.llm._resolve_eos(None))
+        self.eos_token_ids = set(pipeline.llm.eos_token_ids)
         self.context_length = getattr(pipeline.llm.config.text_config, "max_position_embeddings", None)
 
     def run(self, jobs: list[ChatJob | ImageJob]) -> list[Any]:
@@ -162,9 +165,33 @@ class ServingEngine:
         return self.chat(jobs)
 
     # ------------------------------------------------------------------ chat
-    def _prompt_ids(self, job: ChatJob) -> list[int]:
-        """The conversation up to the assistant header (its images encoded), checked against the context."""
-        batch = self.pipeline.processor(messages=[job.conversation], add_generation_prompt=True)
+    def _prompts(self, jobs: list[ChatJob], results: list[Any]) -> dict[int, list[int]]:
+        """Each job's prompt ids by job index, the images of all jobs encoded in one visual tokenizer call per
+        size; a job whose images or text do not tokenize gets its error in ``results``."""
+        processor = self.pipeline.processor
+        pixel_values: dict[int, list] = {}
+        for index, job in enumerate(jobs):
+            try:
+                pixel_values[index] = processor.batch_pixel_values(messages=[job.conversation])
+            except (OSError, ValueError) as error:
+                results[index] = error
+        everything = [pixels for job_pixels in pixel_values.values() for pixels in job_pixels]
+        grids = iter(self.pipeline.encode(everything) if everything else [])
+        prompts = {}
+        for index, job_pixels in pixel_values.items():
+            job_grids = [next(grids) for _ in job_pixels]
+            try:
+                prompts[index] = self._prompt_ids(jobs[index], job_grids)
+            except (OSError, ValueError) as error:
+                results[index] = error
+        return prompts
+
+    def _prompt_ids(self, job: ChatJob, grids: list) -> list[int]:
+        """The conversation up to the assistant header (its images' code grids given), checked against the
+        context."""
+        batch = self.pipeline.processor(
+            messages=[job.conversation], add_generation_prompt=True, image_grids=grids
+        )
         ids = batch["input_ids"][0].tolist()
         if self.context_length is not None and len(ids) + job.max_new_tokens > self.context_length:
             raise ValueError(
@@ -177,12 +204,7 @@ class ServingEngine:
         """Answer every job in one engine call, each with its own ``max_tokens`` and seed, streaming the
         text of those with ``on_text``; a job whose prompt does not tokenize fails alone."""
         results: list[Any] = [None] * len(jobs)
-        prompts = {}
-        for index, job in enumerate(jobs):
-            try:
-                prompts[index] = self._prompt_ids(job)
-            except (OSError, ValueError) as error:
-                results[index] = error
+        prompts = self._prompts(jobs, results)
         if not prompts:
             return results
         order = list(prompts)
@@ -198,6 +220,7 @@ class ServingEngine:
             max_new_tokens=[job.max_new_tokens for job in batch],
             seed=_per_request_seeds([job.seed for job in batch]),
             streamer=streamers if any(streamers) else None,
+            compile=self.pipeline.compile_decoding,
         )
         for row, index in enumerate(order):
             length = int(output.sequence_lengths[row])
@@ -211,37 +234,51 @@ class ServingEngine:
 
     # ------------------------------------------------------------------ images
     def generate_images(self, jobs: list[ImageJob]) -> list[list[PIL.Image.Image]]:
-        """Every image of every job in one guided, constrained engine call, then one decode per size.
+        """Every image of every job in one ``UniMMPipeline.generate_images`` call: one guided, constrained
+        engine call, then one decode per size.
 
-        A job is one request of ``n`` rows, as a prompt of ``UniMMPipeline.generate_images``, so a seeded
-        job gives that method's images for ``seed=[seed]`` in any batch."""
-        pipeline = self.pipeline
-        counts = [job.n for job in jobs]
-        seeds = _per_request_seeds([job.seed for job in jobs])
-        prompt_ids, unconditional_ids = pipeline._image_prompts([job.prompt for job in jobs])
-        output = pipeline.llm.generate_multimodal(
-            prompt_ids,
-            mode="image",
-            image_grid=[job.grid for job in jobs],
+        A job is one prompt of that call, with its own ``n``, size, guidance scale and seed, so a seeded job
+        gives that method's images for ``seed=[seed]`` in any batch."""
+        factor = self.pipeline.visual_tokenizer.config.downsample_factor
+        output = self.pipeline.generate_images(
+            [job.prompt for job in jobs],
+            num_images_per_prompt=[job.n for job in jobs],
             guidance_scale=[job.guidance_scale for job in jobs],
-            unconditional_input_ids=unconditional_ids,
-            num_images_per_prompt=counts,
-            seed=seeds,
-        )
-        grids = [row_images[0] for row_images in output.image_token_ids]  # (h, w) each
-        images = pipeline._decode_grids(
-            grids,
-            self.decoder,
-            self.num_inference_steps,
-            self.decoder_guidance_scale,
-            None,
-            pipeline._seeded_generators(seeds, counts),
+            height=[job.grid[0] * factor for job in jobs],
+            width=[job.grid[1] * factor for job in jobs],
+            seed=_per_request_seeds([job.seed for job in jobs]),
+            decoder=self.decoder,
+            num_inference_steps=self.num_inference_steps,
+            decoder_guidance_scale=self.decoder_guidance_scale,
         )
         results, start = [], 0
         for job in jobs:
-            results.append(images[start : start + job.n])
+            results.append(output.images[start : start + job.n])
             start += job.n
         return results
+
+
+def warm_up(engine: ServingEngine, max_batch_size: int, grid: tuple[int, int]) -> float:
+    """Run chat answers and guided image codes for batches of 1, 2, 4, ... up to ``max_batch_size`` rows
+    through the engine, so the compiled decode steps (``UniMMPipeline.enable_compile``) are built before the
+    first request, not during it (no image is decoded to pixels: that part is not compiled). Returns the
+    seconds it took."""
+    started = time.perf_counter()
+    pipeline = engine.pipeline
+    rows = [2**power for power in range(max_batch_size.bit_length())]
+    rows += [max_batch_size] if rows[-1] != max_batch_size else []
+    for count in rows:
+        engine.chat([ChatJob([{"role": "user", "content": "hello"}], max_new_tokens=2) for _ in range(count)])
+        prompt_ids, unconditional_ids = pipeline.image_prompt_ids(["warm-up"] * count)
+        pipeline.llm.generate_multimodal(
+            prompt_ids,
+            mode="image",
+            image_grid=grid,
+            guidance_scale=3.0,
+            unconditional_input_ids=unconditional_ids,
+            compile=pipeline.compile_decoding,
+        )
+    return time.perf_counter() - started
 
 
 def _per_request_seeds(seeds: list[int | None]) -> list[int | None] | None:
