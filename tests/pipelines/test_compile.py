@@ -61,3 +61,19 @@ def test_a_compiled_server_warms_up_and_answers_as_the_eager_pipeline(caplog):
     assert images.status_code == 200
     counters = torch._dynamo.utils.counters["stats"]
     assert counters["unique_graphs"] > 0  # the warm-up did compile
+
+
+def test_serve_quantize_option_loads_an_int8_language_model(tmp_path):
+    """``from_pretrained(..., quantization="int8")`` and ``unimm serve --quantize int8`` (torchao)."""
+    pytest.importorskip("torchao", reason="the `quantization` extra (installed by `make install`)")
+    from unimm.commands.pipeline_arguments import load_pipeline
+    from unimm.pipelines.quantization import is_quantized
+
+    build_random_pipeline("tiny", seed=0).save_pretrained(tmp_path / "tiny")
+    args = cli.build_parser().parse_args(
+        ["serve", str(tmp_path / "tiny"), "--quantize", "int8", "--no-compile"]
+    )
+    pipeline = load_pipeline(args)
+    assert is_quantized(pipeline.llm) and not is_quantized(pipeline.visual_tokenizer)
+    answer = pipeline.chat([{"role": "user", "content": "w1"}], max_new_tokens=2)
+    assert len(answer.texts) == 1

@@ -55,7 +55,10 @@ def load_pipeline(args: argparse.Namespace):
 
     device = resolve_device(args.device)
     pipeline = UniMMPipeline.from_pretrained(
-        args.checkpoint, dtype=resolve_dtype(args.dtype, device), device=device
+        args.checkpoint,
+        dtype=resolve_dtype(args.dtype, device),
+        device=device,
+        quantization=getattr(args, "quantize", None),
     )
     pipeline.enable_compile(getattr(args, "compile", False))
     return pipeline

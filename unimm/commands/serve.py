@@ -53,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="decode through the compiled engine, built before the first request by a warm-up over batches of "
         "1, 2, 4, ... --max-batch-size rows (start-up takes longer, requests are faster); --no-compile: eager",
     )
+    parser.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        default=None,
+        help="quantize the language model's weights as they load (torchao: int8 on CPU or CUDA, int4 on CUDA)",
+    )
     for field in fields(ServingConfig):
         shown = DEFAULTS_SHOWN.get(field.name, field.default)
         default = "" if shown in (MISSING, None) else f" (default: {shown})"

@@ -148,12 +148,16 @@ class UniMMPipeline(DiffusionPipeline):
         dtype: torch.dtype | Mapping[str, torch.dtype] | None = torch.float32,
         device: str | torch.device | None = None,
         attn_implementation: str | None = None,
+        quantization: str | Any | None = None,
         **kwargs: Any,
     ) -> UniMMPipeline:
         """Load a checkpoint folder or Hub repo; ``dtype`` and ``device`` apply to every component,
         ``attn_implementation`` (``"sdpa"``, ``"flash_attention_2"``, ...) to the language model; other
         keyword arguments go to ``DiffusionPipeline.from_pretrained`` (``device_map``, ``variant``, ...),
         the loading options among them to the nested detokenizer too.
+
+        ``quantization`` (``"int8"``, ``"int4"`` on CUDA, or a transformers quantization config) quantizes the
+        language model's linear weights as they load (torchao; see ``unimm.pipelines.quantization``).
 
         ``dtype`` may be a dict as in diffusers, one dtype per component name (``"llm"``,
         ``"visual_tokenizer"``, ``"detokenizer"``) and a ``"default"`` for the others (else float32).
@@ -170,6 +174,12 @@ class UniMMPipeline(DiffusionPipeline):
         # 3. Components through diffusers, which passes neither dtype nor device_map to a nested pipeline:
         #    load that one here.
         saved = json.loads((folder / MODEL_INDEX).read_text())
+        if quantization is not None and "llm" not in kwargs:
+            from unimm.pipelines.quantization import load_quantized_llm
+
+            kwargs["llm"] = load_quantized_llm(
+                folder / "llm", quantization, dtype=_component_dtype(dtype, "llm"), device=device
+            )
         if "detokenizer" not in kwargs and (saved.get("detokenizer") or [None])[0] is not None:
             options = {name: kwargs[name] for name in NESTED_LOAD_OPTIONS if name in kwargs}
             kwargs["detokenizer"] = DetokenizerPipeline.from_pretrained(
