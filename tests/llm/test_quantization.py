@@ -143,6 +143,27 @@ def test_pipeline_with_a_quantized_llm_chats_and_draws(tmp_path):
 
 
 @needs_torchao
+@pytest.mark.integration
+def test_compiled_engine_on_int8_weights_matches_the_eager_engine(saved_model):
+    """The compiled CPU decode step swaps linears for its own kernels (fused reductions, oneDNN's packed
+    copies); torchao's int8 weights are not plain tensors, so those swaps must leave them to torchao."""
+    _, path = saved_model
+    model = load_quantized_llm(path, "int8")
+    arguments = dict(
+        input_ids=[[1, 5, 6], [1, 7]],
+        mode="image",
+        image_grid=(2, 3),
+        guidance_scale=2.0,
+        unconditional_input_ids=[[1], [1]],
+        seed=0,
+    )
+    eager = model.generate_multimodal(**arguments)
+    compiled = model.generate_multimodal(**arguments, compile=True)
+    for expected, actual in zip(eager.image_token_ids, compiled.image_token_ids):
+        torch.testing.assert_close(actual[0], expected[0], rtol=0, atol=0)
+
+
+@needs_torchao
 @pytest.mark.gpu
 def test_int4_on_cuda_generates_close_to_bf16(device):
     """int4 weights (groups of 64, tinygemm's layout) on the demo model, whose layer sizes the groups divide."""

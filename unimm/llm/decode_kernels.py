@@ -77,7 +77,7 @@ def packed_weight_cache(module: nn.Module) -> Iterator[None]:
     step multiplies take twice their memory."""
     previous = getattr(_cache, "weights", None)
     _cache.weights = _PackedWeights(
-        {parameter.untyped_storage().data_ptr() for parameter in module.parameters()}
+        {parameter.untyped_storage().data_ptr() for parameter in module.parameters() if is_plain(parameter)}
     )
     try:
         yield
@@ -171,7 +171,8 @@ class FusedDecodeMode(TorchFunctionMode):
         if func is F.linear:
             input, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if input.device.type == "cpu":
+            # A quantized weight (torchao's int8 and int4 tensors are subclasses) runs its own kernel.
+            if input.device.type == "cpu" and is_plain(weight):
                 if input.numel() <= self.max_linear_rows * input.shape[-1]:
                     return rowwise_linear(input, weight, bias)
                 if _packs(input, weight):
@@ -195,6 +196,12 @@ class FusedDecodeMode(TorchFunctionMode):
         return dict(
             query=query, key=key, value=value, attn_mask=attn_mask, scale=scale, enable_gqa=enable_gqa
         )
+
+
+def is_plain(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a plain tensor or parameter, not a subclass with its own storage and kernels
+    (torchao's quantized weights): only plain weights are multiplied by this module's kernels."""
+    return type(tensor) in (torch.Tensor, nn.Parameter)
 
 
 def _packs(input: torch.Tensor, weight: torch.Tensor) -> bool:
