@@ -4,19 +4,27 @@ One language model that understands images and generates them: a dual-codebook v
 turns images into discrete tokens, any Hugging Face causal LM with an extended vocabulary models
 interleaved image-text sequences, and a diffusion detokenizer turns generated tokens into pixels.
 
-Importing ``unimm`` registers its configs and models with the transformers Auto classes (the
-``unimm.llm`` and ``unimm.tokenizer`` subpackages do it when imported, so both are imported here); every
-other public name is imported on first use, so the diffusion stack, peft and the data libraries load
-only when a program needs them.
+Importing ``unimm`` registers its configs and models with the transformers Auto classes: the ``unimm.llm``
+and ``unimm.tokenizer`` subpackages do it when imported, and ``import unimm`` imports them as soon as
+transformers' Auto classes are imported (at once if they already are). So ``import unimm`` itself loads neither
+torch nor transformers, and every public name is imported on first use.
 """
 
 from __future__ import annotations
 
-from unimm.lazy import lazy_exports
+import importlib
 
-# Imported for their side effect: they register UniMMConfig, UniMMForCausalLM, UniMMProcessor,
-# DualCodebookConfig and DualCodebookTokenizer with the Auto classes.
-from . import llm, tokenizer  # noqa: F401
+from unimm.lazy import lazy_exports, when_imported
+
+
+def _register_auto_classes() -> None:
+    # Imported for their side effect: they register UniMMConfig, UniMMForCausalLM, UniMMProcessor,
+    # DualCodebookConfig and DualCodebookTokenizer with the Auto classes.
+    for subpackage in ("llm", "tokenizer"):
+        importlib.import_module(f".{subpackage}", __name__)
+
+
+when_imported("transformers.models.auto", _register_auto_classes)
 
 __version__ = "0.1.0.dev0"
 

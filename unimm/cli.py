@@ -39,11 +39,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``unimm`` parser. Every command is listed, but only the modules of ``commands`` (default: all)
+    are imported to add their arguments: ``unimm --help`` imports none, ``unimm chat ...`` only the chat one."""
     parser = argparse.ArgumentParser(prog="unimm", description="Unified multimodal autoregressive models.")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
+        if commands is not None and name not in commands:
+            subparsers.add_parser(name, help=help_text)
+            continue
         module = importlib.import_module(module_name)
         sub = subparsers.add_parser(
             name,
@@ -56,8 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _requested_command(argv: Sequence[str]) -> list[str]:
+    """The command named in ``argv`` (its first word that is a command), as a list of at most one."""
+    return [word for word in argv if word in COMMANDS][:1]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_requested_command(argv)).parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
