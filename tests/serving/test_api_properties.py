@@ -160,6 +160,8 @@ IMAGE_FIELDS = {
     "output_format": mostly(st.sampled_from(["png", "jpeg", "webp"]), text),
     "guidance_scale": mostly(st.floats(1.0, 50.0), fraction),
     "seed": mostly(st.integers(0, MAX_SEED), positive),
+    "stream": st.booleans(),
+    "partial_images": mostly(st.integers(0, 3), positive),
 }
 
 

@@ -295,3 +295,76 @@ def test_an_unexpected_failure_is_a_500_in_the_openai_shape_without_traceback(ma
         response = test_client.post("/v1/images/generations", json={"prompt": "a cat"})
         message = assert_openai_error(response, 500)
     assert "secret" not in message and response.json()["error"]["type"] == "server_error"
+
+
+def sse_events(text: str) -> list[tuple[str, dict]]:
+    """``(event name, JSON data)`` of each event of a stream with named events."""
+    events = []
+    for event in text.strip().split("\n\n"):
+        name, data = event.split("\n")
+        assert name.startswith("event: ") and data.startswith("data: "), event
+        events.append((name.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
+    return events
+
+
+def stream_images(client, body: dict):
+    with client.stream("POST", "/v1/images/generations", json={**body, "stream": True}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return sse_events(response.read().decode())
+
+
+def test_streamed_image_generation_sends_openais_events(client):
+    from openai.types import ImageGenCompletedEvent, ImageGenPartialImageEvent
+
+    events = stream_images(client, {"prompt": "a cat", "size": "24x16", "partial_images": 3, "seed": 1})
+    assert [name for name, _ in events] == ["image_generation.partial_image"] * 3 + [
+        "image_generation.completed"
+    ]
+    for name, data in events:
+        model = ImageGenPartialImageEvent if name.endswith("partial_image") else ImageGenCompletedEvent
+        event = model.model_validate(data)  # every field OpenAI's types require, of the right types
+        assert event.type == name and event.size == "24x16" and data["image_index"] == 0
+        assert PIL.Image.open(io.BytesIO(base64.b64decode(event.b64_json))).size == (24, 16)
+    assert [data["partial_image_index"] for _, data in events[:-1]] == [0, 1, 2]
+    plain = client.post("/v1/images/generations", json={"prompt": "a cat", "size": "24x16", "seed": 1}).json()
+    assert events[-1][1]["b64_json"] == plain["data"][0]["b64_json"]
+
+
+def test_streamed_image_generation_without_partial_images_sends_the_images(client):
+    events = stream_images(client, {"prompt": "a cat", "n": 2, "partial_images": 0})
+    assert [(name, data["image_index"]) for name, data in events] == [
+        ("image_generation.completed", 0),
+        ("image_generation.completed", 1),
+    ]
+
+
+def test_streamed_image_errors_before_the_stream_are_json(client, tiny_pipeline, monkeypatch):
+    images = "/v1/images/generations"
+    stream = {"prompt": "a cat", "stream": True}
+    assert_openai_error(client.post(images, json={**stream, "partial_images": 4}), 400, "partial_images")
+    assert_openai_error(client.post(images, json={**stream, "size": "17x16"}), 400, "size", "invalid_size")
+    assert_openai_error(client.post(images, json={**stream, "n": 9}), 400, "n")
+
+    def refuse(*args, **kwargs):
+        raise ValueError("the prompt is too long for this model")
+
+    monkeypatch.setattr(tiny_pipeline, "generate_images", refuse)
+    message = assert_openai_error(client.post(images, json={**stream, "partial_images": 2}), 400)
+    assert message == "the prompt is too long for this model"
+
+
+def test_a_streamed_image_generation_that_fails_after_its_previews_ends_with_an_error_event(
+    client, tiny_pipeline, monkeypatch
+):
+    original = tiny_pipeline.generate_images
+
+    def fail_after_the_codes(*args, **kwargs):
+        original(*args, **kwargs)  # the previews go out
+        raise RuntimeError("the decoder ran out of memory")
+
+    monkeypatch.setattr(tiny_pipeline, "generate_images", fail_after_the_codes)
+    events = stream_images(client, {"prompt": "a cat", "partial_images": 1})
+    assert [name for name, _ in events] == ["image_generation.partial_image", "error"]
+    error = events[-1][1]["error"]
+    assert error["type"] == "server_error" and "memory" not in error["message"]  # the details go to the log

@@ -1,7 +1,8 @@
 """The chat page in a real browser: Debian's headless chromium driven by Playwright (no browser download).
 
 It uploads an image and asks about it (the answer streams in), then generates an image with the guidance
-slider and a seed, and saves a screenshot of the page next to the test's other output (tmp_path)."""
+slider and a seed (streamed: the image grows through its partial images), and saves a screenshot of the page
+next to the test's other output (tmp_path)."""
 
 from __future__ import annotations
 
@@ -55,7 +56,18 @@ def test_page_chats_about_an_uploaded_image_and_generates_one(page, image_file, 
     expect(page.locator(".message.user img.uploaded")).to_have_count(1)
     expect(page.locator("#attachment")).to_be_hidden()
 
-    # 2. Generate an image with guidance 4.5 (the slider) and seed 7.
+    # 2. Generate an image with guidance 4.5 (the slider) and seed 7, streamed: every partial image the
+    #    server sends replaces the last one (a MutationObserver records the sources the image shows).
+    page.evaluate(
+        """() => {
+            window.shownSources = [];
+            new MutationObserver((changes) => {
+                for (const change of changes) {
+                    if (change.target.matches?.("img.generated")) window.shownSources.push(change.target.src);
+                }
+            }).observe(document.body, { subtree: true, attributes: true, attributeFilter: ["src"] });
+        }"""
+    )
     page.eval_on_selector(
         "#guidance", "(slider) => { slider.value = '4.5'; slider.dispatchEvent(new Event('input')); }"
     )
@@ -71,8 +83,14 @@ def test_page_chats_about_an_uploaded_image_and_generates_one(page, image_file, 
         7,
         1,
     )
+    assert request["stream"] is True and request["partial_images"] == 3
     generated = page.locator(".message.assistant[data-done] img.generated")
     expect(generated).to_have_count(1)
+    # The tiny model's 4 code rows: previews after rows 1, 2 and 3, then the final image.
+    expect(generated).to_have_attribute("data-partials", "3")
+    expect(generated).to_have_class("generated")  # no longer "generated partial"
+    shown = page.evaluate("window.shownSources")
+    assert len(shown) == 4 and len(set(shown)) == 4 and shown[-1] == generated.get_attribute("src")
     page.wait_for_function(
         "() => [...document.querySelectorAll('img.generated')].every((image) => image.naturalWidth === 16)"
     )

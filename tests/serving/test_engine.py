@@ -224,3 +224,38 @@ def test_chat_jobs_with_images_share_one_visual_tokenizer_call(
     assert encoded == [3] and engine_calls == [4]
     for image, answer in zip(images, answers):
         assert answer.text == tiny_pipeline.chat("what is this ?", images=image, max_new_tokens=6).text
+
+
+def test_streamed_image_jobs_get_their_own_previews_and_the_same_images(engine, engine_calls):
+    previews: dict[str, list[tuple[int, int, tuple[int, int]]]] = {"cat": [], "bag": []}
+
+    def collect(name):
+        return lambda index, partial, image: previews[name].append((index, partial, image.size))
+
+    jobs = [
+        ImageJob("a cat", n=2, grid=(4, 4), seed=1, partial_images=2, on_preview=collect("cat")),
+        ImageJob("a dog", n=1, grid=(4, 4), seed=2),
+        ImageJob("a bag", n=1, grid=(2, 4), seed=3, partial_images=3, on_preview=collect("bag")),
+    ]
+    streamed = engine.run(jobs)
+    assert engine_calls == [4]  # one engine call, previews or not
+    # 4 rows, 2 partial images: after rows 1 and 3; 2 rows, 3 partial images: after row 1 only.
+    assert sorted(previews["cat"]) == [(0, 0, (16, 16)), (0, 1, (16, 16)), (1, 0, (16, 16)), (1, 1, (16, 16))]
+    assert previews["bag"] == [(0, 0, (16, 8))]
+    assert jobs[0].streamed and not jobs[1].streamed and jobs[0].prompt_tokens > 0
+    plain = engine.run([ImageJob(job.prompt, n=job.n, grid=job.grid, seed=job.seed) for job in jobs])
+    assert [pixels(images) for images in streamed] == [pixels(images) for images in plain]
+
+
+def test_streamed_image_jobs_stop_the_engine_only_when_every_client_has_gone(engine):
+    gone = ImageJob("a cat", n=1, grid=(4, 4), partial_images=3)
+    gone.on_preview = lambda *preview: gone.cancelled.set()  # leaves after the first preview
+    kept = ImageJob("a dog", n=1, grid=(4, 4))
+    outcomes = engine.run([gone, kept])
+    assert [len(images) for images in outcomes] == [1, 1]  # the other request still wants its image
+
+    both = [ImageJob(prompt, n=1, grid=(4, 4), partial_images=3) for prompt in ("a cat", "a dog")]
+    for job in both:
+        job.on_preview = lambda *preview, job=job: job.cancelled.set()
+    outcomes = engine.run(both)
+    assert all(isinstance(outcome, StreamCancelled) for outcome in outcomes)

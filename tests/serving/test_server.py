@@ -185,3 +185,26 @@ def test_a_chunked_body_over_the_limit_is_refused(server):
     response = connection.getresponse()
     assert response.status == 413
     assert b'"error"' in response.read()
+
+
+def test_openai_client_streams_partial_images_then_the_images(openai_client):
+    """``stream=True, partial_images=2``: OpenAI's partial-image events of each image, then each image, the
+    same as unstreamed."""
+    request = dict(model="tiny", prompt="a cat", n=2, size="16x16", extra_body={"seed": 3})
+    events = list(openai_client.images.generate(**request, stream=True, partial_images=2))
+    partial = [event for event in events if isinstance(event, openai.types.ImageGenPartialImageEvent)]
+    completed = [event for event in events if isinstance(event, openai.types.ImageGenCompletedEvent)]
+    assert len(partial) + len(completed) == len(events) and events[-2:] == completed
+    # Our own field image_index says which of the n images an event is about.
+    assert sorted((event.image_index, event.partial_image_index) for event in partial) == [
+        (0, 0), (0, 1), (1, 0), (1, 1),
+    ]  # fmt: skip
+    assert [event.image_index for event in completed] == [0, 1]
+    for event in events:
+        assert event.size == "16x16" and event.output_format == "png"
+        assert PIL.Image.open(io.BytesIO(base64.b64decode(event.b64_json))).size == (16, 16)
+    assert (
+        completed[0].usage.output_tokens == 24
+    )  # <|boi|> <|h|> <|w|>, 4 rows of 4 codes and <|eol|>, <|eoi|>
+    whole = openai_client.images.generate(**request)
+    assert [event.b64_json for event in completed] == [item.b64_json for item in whole.data]

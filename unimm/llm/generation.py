@@ -11,7 +11,8 @@ layers write into preallocated buffers, see ``kv_cache.py``):
 4. loop: the plan gives the step's constraints, :class:`DecodeSteps` runs the step (logits, classifier-free
    guidance on rows inside images, the constraint mask and forced tokens, per-modality sampling with noise
    from :class:`~unimm.llm.sampling.StepNoise`), the plan records the tokens and answers with the block the
-   next forward feeds, :class:`RowStreams` passes text tokens to the streamers.
+   next forward feeds, :class:`RowStreams` passes text tokens to the streamers (and every token to a
+   :class:`~unimm.llm.streamers.BatchStreamer`).
 
 An unconditional row is fed its conditional row's tokens but sees only the image tokens (its context is the
 prompt with the text dropped, the rule training uses): the generated text is masked out of its attention.
@@ -45,6 +46,7 @@ from .generation_request import (
 )
 from .kv_cache import preallocated_cache, set_cache_length
 from .sampling import ModalitySampling, RequestNoise, RowSampler, StepNoise
+from .streamers import BatchStreamer
 
 __all__ = ["CACHE_IMPLEMENTATIONS", "MODES", "TokenChoice", "UniMMGenerationMixin", "UniMMGenerationOutput"]
 
@@ -129,17 +131,25 @@ def _execution_device(module: nn.Module) -> torch.device:
 
 
 class RowStreams:
-    """The streamers of one call, by row: each is fed its request's prompt ``(1, T)``, then its row's text
-    tokens ``(1,)`` as they are chosen (image tokens are skipped), and ``end()`` when its row is done."""
+    """The streamers of one call. By row: each is fed its request's prompt ``(1, T)``, then its row's text
+    tokens ``(1,)`` as they are chosen (image tokens are skipped), and ``end()`` when its row is done. The
+    request's :class:`~unimm.llm.streamers.BatchStreamer`, if any, is fed every token of every row ``(N, T)``,
+    block by block, starting with the ``header`` written before the first forward."""
 
-    def __init__(self, request: GenerationRequest, image_start: int):
+    def __init__(self, request: GenerationRequest, image_start: int, header: torch.Tensor):
         self.image_start = image_start
         self.open = dict(request.streamers)  # row -> streamer, until the row is done
         for row, streamer in request.streamers:  # a streamed request has one row: rows and requests coincide
             streamer.put(torch.tensor([request.prompts[row]]))
+        self.batch = request.batch_streamer
+        if self.batch is not None and header.shape[1]:
+            self.batch.put(header)
 
     def put(self, tokens: torch.Tensor, unfinished: torch.Tensor, block: FedBlock) -> None:
-        """Pass each open row its token of ``tokens`` ``(N,)`` if it is text; end the rows now done."""
+        """Pass each open row its token of ``tokens`` ``(N,)`` if it is text; end the rows now done. The batch
+        streamer gets the whole block (the chosen tokens and the forced ones after them)."""
+        if self.batch is not None:
+            self.batch.put(block.tokens)
         if not self.open:
             return
         text = unfinished & ~block.part_of_image[:, 0] & (tokens < self.image_start)  # (N,)
@@ -157,6 +167,8 @@ class RowStreams:
     def end(self) -> None:
         for streamer in self.open.values():
             streamer.end()
+        if self.batch is not None:
+            self.batch.end()
 
 
 @dataclass
@@ -285,7 +297,7 @@ class UniMMGenerationMixin:
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
         seed: int | Sequence[int | None] | None = None,
-        streamer: BaseStreamer | Sequence[BaseStreamer | None] | None = None,
+        streamer: BaseStreamer | BatchStreamer | Sequence[BaseStreamer | None] | None = None,
         cache_implementation: str = "preallocated",
         compile: bool = False,
     ) -> UniMMGenerationOutput:
@@ -322,7 +334,9 @@ class UniMMGenerationMixin:
             streamer: a transformers streamer for a call of one row, or a list with one streamer (or
                 ``None``) per request, with ``num_images_per_prompt=1``. Each is fed its request's
                 prompt ``(1, T)``, then its text tokens ``(1,)`` as they are chosen (image tokens are
-                skipped), and ``end()`` when its row is done.
+                skipped), and ``end()`` when its row is done. Or a
+                :class:`~unimm.llm.streamers.BatchStreamer`, for any call: fed every row's tokens, image tokens
+                included, block by block (what previews of images are made of).
             cache_implementation: ``"preallocated"`` (a ``DynamicCache`` whose layers write in place into
                 buffers reserved for the longest row, see ``unimm.llm.kv_cache``), ``"dynamic"``
                 (transformers' ``DynamicCache``, concatenates per step) or ``"static"`` (``StaticCache``).
@@ -377,7 +391,7 @@ class UniMMGenerationMixin:
         the generated tokens ``(N, L)`` and their number per row ``(N,)``."""
         image_start = self.vocabulary.text_vocab_size
         plan = decode_plan(self.vocabulary, request, device)
-        streams = RowStreams(request, image_start)
+        streams = RowStreams(request, image_start, plan.tokens[:, : plan.first_step])
         guided_index, guidance = request.guidance(device)  # (U,), (U, 1)
         samplings = request.text_sampling, request.image_sampling
         choice = self._token_choice(*samplings, guided_index, guidance, plan.text_only, plan.scheduled)

@@ -20,6 +20,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from .sampling import ModalitySampling
+from .streamers import BatchStreamer
 from .vocabulary import ImageVocabulary
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ class GenerationRequest:
         generator: one generator for the whole batch (``None``: torch's default, or per-request ones).
         request_generators: or one generator per request (``None`` entries: torch's default).
         streamers: ``(row, streamer)`` pairs.
+        batch_streamer: a streamer of every row's tokens (``None``: none).
         cache_implementation: ``"preallocated"``, ``"dynamic"`` or ``"static"``.
         compile: whether each decode step runs as a ``torch.compile`` graph.
     """
@@ -69,6 +71,7 @@ class GenerationRequest:
     streamers: list[tuple[int, BaseStreamer]]
     cache_implementation: str
     compile: bool
+    batch_streamer: BatchStreamer | None = None
 
     @cached_property
     def rows(self) -> list[int]:
@@ -121,7 +124,8 @@ def normalise_request(
     max_new_tokens = _positive_ints(max_new_tokens, count, "max_new_tokens")
     unconditional = _unconditional_prompts(unconditional_input_ids, unconditional_attention_mask, count)
     grids, budgets = _check_requests(model, prompts, modes, grids, scales, unconditional, max_new_tokens)
-    streamers = _streamers(streamer, count, repeats)
+    batch_streamer = streamer if isinstance(streamer, BatchStreamer) else None
+    streamers = _streamers(None if batch_streamer is not None else streamer, count, repeats)
     generator, request_generators = _generators(seed, generator, count, device)
     eos = resolve_eos_token_ids(model, eos_token_id)
     pad = resolve_pad_token_id(model, pad_token_id, eos)
@@ -130,7 +134,7 @@ def normalise_request(
         unconditional_prompts=unconditional, images_per_prompt=repeats, text_sampling=text_sampling,
         image_sampling=image_sampling, eos_token_ids=eos, pad_token_id=pad,
         generator=generator, request_generators=request_generators, streamers=streamers,
-        cache_implementation=cache_implementation, compile=compile,
+        cache_implementation=cache_implementation, compile=compile, batch_streamer=batch_streamer,
     )  # fmt: skip
 
 

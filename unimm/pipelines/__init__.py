@@ -1,6 +1,7 @@
 """Pipelines over the three components: chat, image generation, interleaved output, reconstruction."""
 
 from .pipeline_unimm import (
+    ImagePreviewStreamer,
     UniMMChatOutput,
     UniMMImageOutput,
     UniMMInterleavedOutput,
@@ -9,6 +10,7 @@ from .pipeline_unimm import (
 )
 
 __all__ = [
+    "ImagePreviewStreamer",
     "UniMMChatOutput",
     "UniMMImageOutput",
     "UniMMInterleavedOutput",

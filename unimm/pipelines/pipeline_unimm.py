@@ -39,6 +39,7 @@ from unimm.tokenizer import DualCodebookTokenizer
 from .checkpoint_folder import MODEL_INDEX, check_checkpoint_folder
 from .conversations import conversations_with_images, open_image_argument
 from .model_card import build_model_card
+from .previews import ImagePreviewStreamer, ImageRowPreviews
 
 logger = logging.getLogger(__name__)
 
@@ -359,6 +360,7 @@ class UniMMPipeline(DiffusionPipeline):
         num_inference_steps: int = 20,
         decoder_guidance_scale: float = 2.0,
         image_sampling: ModalitySampling | Sequence[ModalitySampling | None] | None = None,
+        streamer: ImagePreviewStreamer | None = None,
     ) -> UniMMImageOutput:
         """Generate ``num_images_per_prompt`` images per prompt: every prompt and image in one batched,
         constrained and guided language-model call, then one batched decode per image size.
@@ -381,32 +383,49 @@ class UniMMPipeline(DiffusionPipeline):
             image_sampling: sampling of image codes (default: temperature 1, no top-k/top-p). The engine takes
                 one sampling per call: prompts of different samplings run in one call per sampling (with an
                 int ``seed`` each such call is seeded with it; per-prompt seeds are unaffected).
+            streamer: previews of every image while its codes are written
+                (:class:`~unimm.pipelines.previews.ImagePreviewStreamer`: every N rows, or N per image; the rows
+                written so far through the pixel decoder, the rest grey), handed to its callback or iterated
+                from another thread; it ends when this call returns or fails. The images this call returns are
+                the same with or without it. A streamer rather than diffusers' ``callback_on_step_end``: the
+                steps are the engine's token steps, inside one (possibly compiled) decode loop the pipeline does
+                not run itself, and the images of one call finish their rows at different steps; the engine
+                hands its tokens out through transformers' streamer hook (which streams text too), and a
+                streamer serves a callback and an iterating consumer alike.
         """
-        # 1. Check inputs; one value per prompt.
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
-            raise ValueError("prompts must be a string or a non-empty list of strings")
-        _check_decoder(decoder, self.detokenizer)
-        count = len(prompts)
-        heights, widths = _per_prompt(height, count, "height"), _per_prompt(width, count, "width")
-        requests = {
-            "grids": [self.image_grid(h, w) for h, w in zip(heights, widths)],
-            "scales": _per_prompt(guidance_scale, count, "guidance_scale"),
-            "counts": _per_prompt(num_images_per_prompt, count, "num_images_per_prompt"),
-            "seeds": _per_prompt(seed, count, "seed") if isinstance(seed, (list, tuple)) else seed,
-            "samplings": _per_prompt(image_sampling, count, "image_sampling"),
-        }
-        # 2. Conditional prompts and their unconditional forms (text dropped, as in training).
-        prompt_ids, unconditional_ids = self.image_prompt_ids(prompts)
-        # 3. All prompts x images in one call of the constrained engine (one per image sampling).
-        _onload(self.llm)
-        grids = self._generate_codes(prompt_ids, unconditional_ids, **requests)
-        # 4. One batched decode per image size; per-prompt seeds give each prompt its own decoder noise.
-        generators = _request_generators(seed, requests["counts"])
-        decoder_seed = seed if generators is None else None  # an int, or the generators say it all
-        images = self._decode_grids(
-            grids, decoder, num_inference_steps, decoder_guidance_scale, decoder_seed, generators
-        )
+        try:
+            # 1. Check inputs; one value per prompt.
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            if not prompts or not all(isinstance(prompt, str) for prompt in prompts):
+                raise ValueError("prompts must be a string or a non-empty list of strings")
+            _check_decoder(decoder, self.detokenizer)
+            count = len(prompts)
+            heights, widths = _per_prompt(height, count, "height"), _per_prompt(width, count, "width")
+            requests = {
+                "grids": [self.image_grid(h, w) for h, w in zip(heights, widths)],
+                "scales": _per_prompt(guidance_scale, count, "guidance_scale"),
+                "counts": _per_prompt(num_images_per_prompt, count, "num_images_per_prompt"),
+                "seeds": _per_prompt(seed, count, "seed") if isinstance(seed, (list, tuple)) else seed,
+                "samplings": _per_prompt(image_sampling, count, "image_sampling"),
+            }
+            previews = streamer.per_prompt(count) if streamer is not None else None
+            # 2. Conditional prompts and their unconditional forms (text dropped, as in training).
+            prompt_ids, unconditional_ids = self.image_prompt_ids(prompts)
+            # 3. All prompts x images in one call of the constrained engine (one per image sampling), previews
+            #    made as the rows are written.
+            _onload(self.llm)
+            grids = self._generate_codes(
+                prompt_ids, unconditional_ids, **requests, streamer=streamer, previews=previews
+            )
+            # 4. One batched decode per image size; per-prompt seeds give each prompt its own decoder noise.
+            generators = _request_generators(seed, requests["counts"])
+            decoder_seed = seed if generators is None else None  # an int, or the generators say it all
+            images = self._decode_grids(
+                grids, decoder, num_inference_steps, decoder_guidance_scale, decoder_seed, generators
+            )
+        finally:
+            if streamer is not None:
+                streamer.end()
         self.maybe_free_model_hooks()
         one_size = len({tuple(grid.shape) for grid in grids}) == 1
         return UniMMImageOutput(images=images, image_token_ids=torch.stack(grids) if one_size else grids)
@@ -420,10 +439,25 @@ class UniMMPipeline(DiffusionPipeline):
         counts: list[int],
         seeds: Seed,
         samplings: list[ModalitySampling | None],
+        streamer: ImagePreviewStreamer | None = None,
+        previews: list[int] | None = None,
     ) -> list[torch.Tensor]:
-        """The ``(h, w)`` code grids of every image, prompt-major: one engine call per distinct sampling."""
+        """The ``(h, w)`` code grids of every image, prompt-major: one engine call per distinct sampling;
+        ``streamer`` gets previews by the setting ``previews`` of each prompt."""
         per_prompt: list[list[torch.Tensor]] = [[] for _ in prompt_ids]
+        first_image = [sum(counts[:index]) for index in range(len(counts))]  # of each prompt, in the output
         for sampling, indices in _groups(samplings):
+            row_previews = None
+            if streamer is not None:
+                images = [
+                    (first_image[index] + number, index, grids[index])
+                    for index in indices
+                    for number in range(counts[index])
+                ]
+                rows = [streamer.preview_rows(previews[index], grid[0]) for _, index, grid in images]
+                row_previews = ImageRowPreviews(
+                    streamer, self.llm.vocabulary, images, rows, decode=self._preview_decode
+                )
             output = self.llm.generate_multimodal(
                 _pick(prompt_ids, indices),
                 mode="image",
@@ -433,12 +467,17 @@ class UniMMPipeline(DiffusionPipeline):
                 image_sampling=sampling,
                 num_images_per_prompt=_pick(counts, indices),
                 seed=_pick(seeds, indices) if isinstance(seeds, list) else seeds,
+                streamer=row_previews,
                 compile=self.compile_decoding,
             )
             rows = iter(output.image_token_ids)  # request-major, one image per row
             for index in indices:
                 per_prompt[index] = [next(rows)[0] for _ in range(counts[index])]
         return [grid for prompt_grids in per_prompt for grid in prompt_grids]
+
+    def _preview_decode(self, grids: list[torch.Tensor]) -> list[PIL.Image.Image]:
+        """Partial code grids to images with the fast pixel decoder (one call per shape), for previews."""
+        return self._decode_grids(grids, "pixel", num_inference_steps=0, guidance_scale=1.0)
 
     def image_grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """The ``(h, w)`` code grid of an image of ``height x width`` pixels (``None``: the default grid)."""
@@ -788,6 +827,7 @@ def _resolve_folder(pipeline_class: type[DiffusionPipeline], name: str, download
 
 
 __all__ = [
+    "ImagePreviewStreamer",
     "UniMMChatOutput",
     "UniMMImageOutput",
     "UniMMInterleavedOutput",

@@ -1,7 +1,8 @@
 """The FastAPI app: an OpenAI-compatible API and a chat page over one ``UniMMPipeline``.
 
     POST /v1/chat/completions    messages with text and image_url parts (data URLs); stream: true -> SSE
-    POST /v1/images/generations  prompt, n, size, response_format b64_json, guidance_scale, seed
+    POST /v1/images/generations  prompt, n, size, response_format b64_json, guidance_scale, seed;
+                                 stream: true (+ partial_images 0-3) -> SSE of partial images, then the images
     GET  /v1/models, /v1/models/{id}, /health, /  (the page)
 
 Handlers parse and check requests (a bad one gets a 4xx error in the OpenAI shape), then queue a job for
@@ -177,8 +178,8 @@ async def chat_completions(body: ChatCompletionRequest, served: Served) -> dict[
     return reply.completion(await _outcome(_submit(served.batcher, job)))
 
 
-@router.post("/v1/images/generations")
-async def images_generations(body: ImageGenerationRequest, served: Served) -> dict[str, Any]:
+@router.post("/v1/images/generations", response_model=None)
+async def images_generations(body: ImageGenerationRequest, served: Served) -> dict[str, Any] | Response:
     served.check_model(body.model)
     config = served.config
     if body.response_format != "b64_json":
@@ -194,17 +195,19 @@ async def images_generations(body: ImageGenerationRequest, served: Served) -> di
         raise APIError(400, message, "prompt", "string_above_max_length")
     grid = _image_grid(served.pipeline, body.size)
     job = ImageJob(body.prompt, body.n, grid, body.guidance_scale, body.seed)
+    factor = served.pipeline.visual_tokenizer.config.downsample_factor
+    size = f"{grid[1] * factor}x{grid[0] * factor}"
+    if body.stream:
+        job.partial_images = body.partial_images or 0
+        reply = _ImageEvents(
+            body.output_format, size, served.pipeline.llm.vocabulary.image_sequence_length(*grid)
+        )
+        return await _stream_images(served.batcher, job, reply)
     images = await _outcome(_submit(served.batcher, job))
     data = await run_in_threadpool(
         lambda: [{"b64_json": _encode_image(image, body.output_format)} for image in images]
     )
-    factor = served.pipeline.visual_tokenizer.config.downsample_factor
-    return {
-        "created": int(time.time()),
-        "data": data,
-        "output_format": body.output_format,
-        "size": f"{grid[1] * factor}x{grid[0] * factor}",
-    }
+    return {"created": int(time.time()), "data": data, "output_format": body.output_format, "size": size}
 
 
 # ---------------------------------------------------------------------- requests -> jobs
@@ -394,6 +397,90 @@ async def _stream(
             yield _event("[DONE]")
         finally:
             job.cancelled.set()  # a client that leaves mid-answer frees the engine at the next token
+            future.cancel()
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+class _ImageEvents:
+    """The events of a streamed image generation, as OpenAI's Images API sends them
+    (``openai.types.ImageGenStreamEvent``): ``image_generation.partial_image`` with ``partial_image_index``,
+    then ``image_generation.completed`` with the usage. Both carry ``image_index`` (our own field, as
+    ``guidance_scale`` and ``seed`` are): which of the request's ``n`` images the event is about."""
+
+    def __init__(self, output_format: str, size: str, image_tokens: int) -> None:
+        self.output_format, self.size, self.image_tokens = output_format, size, image_tokens
+
+    def partial(self, image_index: int, partial_image_index: int, b64_json: str) -> str:
+        payload = self._common("image_generation.partial_image", image_index, b64_json)
+        return _named_event(payload["type"], {**payload, "partial_image_index": partial_image_index})
+
+    def completed(self, image_index: int, b64_json: str, prompt_tokens: int) -> str:
+        usage = {
+            "input_tokens": prompt_tokens,
+            "input_tokens_details": {"text_tokens": prompt_tokens, "image_tokens": 0},
+            "output_tokens": self.image_tokens,
+            "total_tokens": prompt_tokens + self.image_tokens,
+        }
+        payload = self._common("image_generation.completed", image_index, b64_json)
+        return _named_event(payload["type"], {**payload, "usage": usage})
+
+    def _common(self, kind: str, image_index: int, b64_json: str) -> dict[str, Any]:
+        return {
+            "type": kind,
+            "b64_json": b64_json,
+            "background": "opaque",  # the model draws every pixel
+            "created_at": int(time.time()),
+            "output_format": self.output_format,
+            "quality": "auto",
+            "size": self.size,
+            "image_index": image_index,
+        }
+
+
+def _named_event(name: str, payload: dict[str, Any]) -> str:
+    return f"event: {name}\ndata: {json.dumps(payload)}\n\n"
+
+
+async def _stream_images(batcher: GenerationBatcher, job: ImageJob, reply: _ImageEvents) -> Response:
+    """Server-sent events of the partial images as they are made, then of the images. As for chat, the
+    response starts with the first event, so a request the model refuses still gets its 4xx JSON error."""
+    loop = asyncio.get_running_loop()
+    previews: asyncio.Queue = asyncio.Queue()
+    job.on_preview = lambda *preview: loop.call_soon_threadsafe(previews.put_nowait, preview)
+    future = _submit(batcher, job)
+    # Previews are queued from the worker before the job's result is set, so _END comes after them all.
+    future.add_done_callback(lambda _: previews.put_nowait(_END))
+    try:
+        first = await previews.get()
+    except asyncio.CancelledError:
+        job.cancelled.set()
+        future.cancel()
+        raise
+    if first is _END and not future.cancelled() and future.exception() is not None:
+        await _outcome(future)  # raises the error response
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            preview = first
+            while preview is not _END:
+                image_index, partial_image_index, image = preview
+                data = await run_in_threadpool(_encode_image, image, reply.output_format)
+                yield reply.partial(image_index, partial_image_index, data)
+                preview = await previews.get()
+            try:
+                images = future.result()
+            except Exception as error:  # failed mid-stream: the status line is already sent
+                logger.error("a streamed image generation failed", exc_info=error)
+                message = "the image generation failed while it ran"
+                yield _named_event("error", error_body(message, "server_error"))
+                return
+            for image_index, image in enumerate(images):
+                data = await run_in_threadpool(_encode_image, image, reply.output_format)
+                yield reply.completed(image_index, data, job.prompt_tokens)
+        finally:
+            job.cancelled.set()  # a client that leaves frees the engine at the next preview
             future.cancel()
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

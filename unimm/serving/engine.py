@@ -8,6 +8,10 @@ requests share one sampling setting per batch (the batcher groups them by it); e
 ``max_tokens``, seed and, when streamed, its own streamer; the images of all of them are encoded together,
 one visual tokenizer call per image size.
 
+Streamed image requests get previews (``partial_images`` per image, the rows written so far through the pixel
+decoder) from an :class:`~unimm.pipelines.ImagePreviewStreamer` on the batch's ``generate_images`` call; the
+final images are the same as unstreamed.
+
 Seeds: a request with a ``seed`` draws all its randomness from its own generators (the engine's
 per-request seeds; the diffusion decoder's noise too), so it gives the same answer or images whatever batch
 it lands in: those of ``UniMMPipeline.generate_images(prompt, n, ..., seed=[seed])`` (a list: an int seed
@@ -28,7 +32,8 @@ import PIL.Image
 from transformers import TextStreamer
 
 from unimm.llm import ModalitySampling
-from unimm.pipelines import UniMMPipeline
+from unimm.pipelines import ImagePreviewStreamer, UniMMPipeline
+from unimm.pipelines.previews import ImagePreview
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +88,15 @@ class ImageJob:
     grid: tuple[int, int]
     guidance_scale: float = 3.0
     seed: int | None = None
+    # Streaming: `partial_images` previews of each image, each handed to `on_preview(image_index,
+    # partial_image_index, image)` in the worker thread.
+    partial_images: int = 0
+    on_preview: Callable[[int, int, PIL.Image.Image], None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # Set once a preview went out: the job is not run again after a failed batch (no repeated previews).
+    streamed: bool = field(default=False, init=False, repr=False)
+    # Set by the engine for streamed jobs: the prompt's tokens (the usage of OpenAI's completed event).
+    prompt_tokens: int = field(default=0, init=False, repr=False)
 
     @property
     def rows(self) -> int:
@@ -240,6 +254,16 @@ class ServingEngine:
         A job is one prompt of that call, with its own ``n``, size, guidance scale and seed, so a seeded job
         gives that method's images for ``seed=[seed]`` in any batch."""
         factor = self.pipeline.visual_tokenizer.config.downsample_factor
+        streamer = None
+        if any(job.on_preview is not None for job in jobs):
+            prompt_ids, _ = self.pipeline.image_prompt_ids([job.prompt for job in jobs])
+            for job, ids in zip(jobs, prompt_ids):
+                job.prompt_tokens = len(ids)
+            if any(job.on_preview is not None and job.partial_images for job in jobs):
+                streamer = ImagePreviewStreamer(
+                    partial_images=[job.partial_images if job.on_preview is not None else 0 for job in jobs],
+                    callback=lambda preview: _hand_out(preview, jobs),
+                )
         output = self.pipeline.generate_images(
             [job.prompt for job in jobs],
             num_images_per_prompt=[job.n for job in jobs],
@@ -250,12 +274,26 @@ class ServingEngine:
             decoder=self.decoder,
             num_inference_steps=self.num_inference_steps,
             decoder_guidance_scale=self.decoder_guidance_scale,
+            streamer=streamer,
         )
         results, start = [], 0
         for job in jobs:
             results.append(output.images[start : start + job.n])
             start += job.n
         return results
+
+
+def _hand_out(preview: ImagePreview, jobs: list[ImageJob]) -> None:
+    """Give a preview to its job (numbered within the job). Once the clients of every job of the call have
+    gone, raise :class:`StreamCancelled` to free the engine; not before (the other jobs' images are wanted)."""
+    job = jobs[preview.prompt_index]
+    if job.cancelled.is_set():
+        if all(other.cancelled.is_set() for other in jobs):
+            raise StreamCancelled("the clients of every image request of the batch have gone")
+        return
+    first = sum(other.n for other in jobs[: preview.prompt_index])
+    job.streamed = True
+    job.on_preview(preview.index - first, preview.partial_image_index, preview.image)
 
 
 def warm_up(engine: ServingEngine, max_batch_size: int, grid: tuple[int, int]) -> float:

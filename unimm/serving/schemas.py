@@ -15,6 +15,8 @@ from pydantic_core import PydanticCustomError
 
 # torch.Generator.manual_seed takes at most 64 bits; JSON clients mostly stay under 2**53 anyway.
 MAX_SEED = 2**63 - 1
+# OpenAI's Images API streams 0 to 3 partial images per image.
+MAX_PARTIAL_IMAGES = 3
 
 
 def _encodable(value: Any) -> Any:
@@ -89,7 +91,9 @@ class ChatCompletionRequest(_Lenient):
 
 class ImageGenerationRequest(_Lenient):
     """``POST /v1/images/generations`` with two fields of our own: ``guidance_scale`` (classifier-free
-    guidance of the language model, 1 turns it off) and ``seed``."""
+    guidance of the language model, 1 turns it off) and ``seed``. ``stream: true`` answers with server-sent
+    events as OpenAI's Images API does: ``partial_images`` (0-3) previews of each image, then each image;
+    ``partial_images`` is ignored without ``stream``."""
 
     prompt: Text = Field(min_length=1)
     model: Text | None = None
@@ -99,6 +103,8 @@ class ImageGenerationRequest(_Lenient):
     output_format: Literal["png", "jpeg", "webp"] = "png"
     guidance_scale: float = Field(default=3.0, ge=1.0, le=50.0)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    stream: bool = False
+    partial_images: int | None = Field(default=None, ge=0, le=MAX_PARTIAL_IMAGES)
 
 
 def error_body(

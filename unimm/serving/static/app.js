@@ -3,6 +3,7 @@
 
 const $ = (id) => document.getElementById(id);
 const MAX_UPLOAD_SIDE = 512; // uploads are scaled down in the browser: the model sees a few dozen pixels
+const PARTIAL_IMAGES = 3; // previews per generated image (OpenAI's maximum): the image grows in 4 steps
 
 const state = {
   model: null,
@@ -26,18 +27,21 @@ function addMessage(role, text = "") {
   return element;
 }
 
+// One <img> per URL (an empty URL: filled in later), returned in order.
 function addImages(message, urls, className) {
   const row = document.createElement("div");
   row.className = "images";
-  for (const url of urls) {
+  const images = urls.map((url) => {
     const image = document.createElement("img");
-    image.src = url;
+    if (url) image.src = url;
     image.className = className;
-    image.alt = className;
+    image.alt = className.split(" ")[0];
     row.append(image);
-  }
+    return image;
+  });
   message.append(row);
   scrollDown();
+  return images;
 }
 
 function finish(message) {
@@ -82,8 +86,9 @@ async function post(path, body) {
   return response;
 }
 
-// Server-sent events of a streamed chat completion: calls onText with each piece of the answer.
-async function readStream(response, onText) {
+// Server-sent events: calls onData with each JSON payload; an error payload throws. Ends at the end of the
+// stream or at "[DONE]" (a chat stream's last event).
+async function readEvents(response, onData) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -99,13 +104,20 @@ async function readStream(response, onText) {
         if (!line.startsWith("data: ")) continue;
         const data = line.slice(6);
         if (data === "[DONE]") return;
-        const chunk = JSON.parse(data);
-        if (chunk.error) throw new Error(chunk.error.message);
-        const piece = chunk.choices?.[0]?.delta?.content;
-        if (piece) onText(piece);
+        const payload = JSON.parse(data);
+        if (payload.error) throw new Error(payload.error.message);
+        onData(payload);
       }
     }
   }
+}
+
+// A streamed chat completion: calls onText with each piece of the answer.
+async function readStream(response, onText) {
+  await readEvents(response, (chunk) => {
+    const piece = chunk.choices?.[0]?.delta?.content;
+    if (piece) onText(piece);
+  });
 }
 
 async function ask() {
@@ -150,7 +162,15 @@ async function generate() {
   }
   const guidance = Number($("guidance").value);
   const seedText = $("seed").value.trim();
-  const body = { model: state.model, prompt, n: Number($("count").value), guidance_scale: guidance };
+  const count = Number($("count").value);
+  const body = {
+    model: state.model,
+    prompt,
+    n: count,
+    guidance_scale: guidance,
+    stream: true,
+    partial_images: PARTIAL_IMAGES,
+  };
   if (seedText) body.seed = Number(seedText);
   const request = addMessage("user", prompt);
   const meta = document.createElement("span");
@@ -161,9 +181,19 @@ async function generate() {
   setBusy(true);
   const answer = addMessage("assistant");
   try {
-    const result = await (await post("/v1/images/generations", body)).json();
-    const format = result.output_format || "png";
-    addImages(answer, result.data.map((item) => `data:image/${format};base64,${item.b64_json}`), "generated");
+    // Each image grows as its rows are written: partial images replace each other, then the final one.
+    const response = await post("/v1/images/generations", body);
+    const images = addImages(answer, Array(count).fill(""), "generated partial");
+    await readEvents(response, (event) => {
+      const image = images[event.image_index ?? 0];
+      image.src = `data:image/${event.output_format || "png"};base64,${event.b64_json}`;
+      if (event.type === "image_generation.partial_image") {
+        image.dataset.partials = String(Number(image.dataset.partials || 0) + 1);
+      } else if (event.type === "image_generation.completed") {
+        image.classList.remove("partial");
+      }
+      scrollDown();
+    });
     finish(answer);
   } catch (error) {
     answer.remove();
