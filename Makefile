@@ -64,6 +64,9 @@ $(INSTALLED): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev,assets]"
+	# lmms-eval for tests/evaluation/test_lmms_eval.py, without the torchvision and torch it asks for
+	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3
+	$(PY) -m pip install -q loguru tenacity sacrebleu pytz evaluate jsonlines pytablewriter
 	touch $@
 
 clean:

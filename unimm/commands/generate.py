@@ -3,6 +3,12 @@
     unimm generate --prompt "a photo of a sneaker" --prompt "an emoji of a cat" --num-images-per-prompt 4
 
 All prompts and images are generated in one batched call of the language model, then decoded in one batch.
+
+The prompts of the field's benchmarks are drawn into the folder layout their official scorers read
+(``unimm.evaluation.prompt_suites``), ``--batch-size`` prompts per call, prompt *i* with seed ``--seed + i``:
+
+    unimm generate --geneval geneval/prompts/evaluation_metadata.jsonl --output-dir outputs/geneval
+    unimm generate --dpg-bench ELLA/dpg_bench/prompts --output-dir outputs/dpg_bench --resume
 """
 
 from __future__ import annotations
@@ -22,13 +28,40 @@ from unimm.commands.pipeline_arguments import (
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_BATCH_SIZE = (
+    8  # as unimm.evaluation.prompt_suites.DEFAULT_BATCH_SIZE; `unimm --help` imports no torch
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_pipeline_arguments(parser)
-    parser.add_argument(
-        "--prompt", action="append", required=True, help="a text prompt (repeat for several prompts)"
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="a text prompt (repeat for several prompts)")
+    prompts.add_argument(
+        "--geneval",
+        type=Path,
+        metavar="JSONL",
+        help="GenEval's evaluation_metadata.jsonl: write <output-dir>/<NNNNN>/metadata.jsonl + samples/<NNNN>.png",
+    )
+    prompts.add_argument(
+        "--dpg-bench",
+        type=Path,
+        metavar="FOLDER",
+        help="DPG-Bench's prompt folder (one <item id>.txt per prompt): write <output-dir>/<item id>.png, the "
+        "prompt's images in a grid two wide",
     )
     parser.add_argument("--num-images-per-prompt", type=int, default=4, help="images per prompt (default: 4)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"with --geneval/--dpg-bench: prompts per batched call (default: {DEFAULT_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --geneval/--dpg-bench: keep the prompts already drawn in --output-dir (same settings)",
+    )
     add_guidance_argument(parser)
     parser.add_argument(
         "--height",
@@ -72,21 +105,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from unimm.llm import ModalitySampling
 
+    options = {
+        "guidance_scale": args.guidance_scale,
+        "height": args.height,
+        "width": args.width,
+        "decoder": args.decoder,
+        "num_inference_steps": args.steps,
+        "decoder_guidance_scale": args.decoder_guidance_scale,
+        "image_sampling": ModalitySampling(
+            do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p
+        ),
+    }
+    if args.geneval is not None or args.dpg_bench is not None:
+        return _generate_suite(args, options)
     try:
         pipeline = load_pipeline(args)
         output = pipeline.generate_images(
-            args.prompt,
-            num_images_per_prompt=args.num_images_per_prompt,
-            guidance_scale=args.guidance_scale,
-            height=args.height,
-            width=args.width,
-            seed=args.seed,
-            decoder=args.decoder,
-            num_inference_steps=args.steps,
-            decoder_guidance_scale=args.decoder_guidance_scale,
-            image_sampling=ModalitySampling(
-                do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p
-            ),
+            args.prompt, num_images_per_prompt=args.num_images_per_prompt, seed=args.seed, **options
         )
     except (OSError, ValueError) as error:
         return report_error(error)
@@ -101,4 +136,29 @@ def main(args: argparse.Namespace) -> int:
     grid_path = args.output_dir / "grid.png"
     stack_rows(rows).save(grid_path)
     print(f"{len(output.images)} images in {args.output_dir}; grid: {grid_path}")
+    return 0
+
+
+def _generate_suite(args: argparse.Namespace, options: dict) -> int:
+    """``--geneval`` / ``--dpg-bench``: every prompt of the suite, in its scorer's folder layout."""
+    from unimm.evaluation.prompt_suites import DPG_BENCH, GENEVAL, generate_prompt_suite, read_prompt_suite
+
+    suite, source = (GENEVAL, args.geneval) if args.geneval is not None else (DPG_BENCH, args.dpg_bench)
+    try:
+        read_prompt_suite(suite, source)  # a bad prompt file fails before the checkpoint loads
+        run = generate_prompt_suite(
+            load_pipeline(args),
+            suite,
+            source,
+            args.output_dir,
+            num_images_per_prompt=args.num_images_per_prompt,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            resume=args.resume,
+            **options,
+        )
+    except (OSError, ValueError) as error:
+        return report_error(error)
+    print(f"{run.generated} prompts drawn, {run.skipped} already there, in {run.output_dir}")
+    print(f"score with: {run.scorer_hint()}")
     return 0
