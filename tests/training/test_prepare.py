@@ -8,8 +8,10 @@ import random
 import shutil
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -226,9 +228,12 @@ def test_condition_dropout_rate() -> None:
 
 def test_answers_keep_one_full_stop() -> None:
     args = PrepareArguments(dataset="emoji", visual_tokenizer="vq", output_dir="out", backbone=TINY_BACKBONE)
-    builder = SampleBuilder(args)
-    assert builder.answer("A red circle.") == builder.answer(" A red circle ") == "A red circle."
-    assert builder.prompt(" a red circle ") == "a red circle"
+    builder, rng = SampleBuilder(args), random.Random(0)
+    answers = {
+        args.wording.name(builder.fields(caption), rng) for caption in ("A red circle.", " A red circle ")
+    }
+    assert answers == {"A red circle."}
+    assert args.wording.prompt(builder.fields(" a red circle "), rng) == "a red circle"
 
 
 # --- resuming ---------------------------------------------------------------------------------------
@@ -358,6 +363,270 @@ def test_a_pretrained_text_model_keeps_its_weights_and_replays_its_chats(
     assert kinds["text_replay"] == round(multimodal * 0.25 / 0.75)
 
 
+# --- several sources and skills ---------------------------------------------------------------------
+
+SQUARES = ("red", "green", "blue")  # a labelled source: a ClassLabel column "red_square", ...
+TRIANGLES = ("yellow", "purple")  # an image folder: captions only, repeated twice
+PER_CLASS = 3
+SKILL_TEMPLATES = {
+    "multi_turn": {"share": 1, "another": ["another one"], "what_drawn": ["what did you draw?"],
+                   "draw_other": ["now {subject}"]},
+    "interleaved": {"share": 1, "requests": ["show me {subject_1} and {subject_2}"],
+                    "answers": ["{subject_1}:{image_1}{subject_2}:{image_2}"]},
+    "edit": {"share": 1, "darker_factor": 0.5, "mirror": ["mirror it"], "darker": ["make it darker"],
+             "invert": ["invert it"], "relabel": ["turn it into {subject}"]},
+    "composition": {"share": 1, "wide": ["{subject_1} next to {subject_2}"],
+                    "tall": ["{subject_1} above {subject_2}"]},
+}  # fmt: skip
+PROBES = ["a red square", "A RED SQUARE", "draw a pink square"]
+
+
+def _shape_image(colour: str, shape: str, index: int) -> Image.Image:
+    """16 px, square: what the model sees is these pixels exactly (no resize)."""
+    image = Image.new("RGB", (SIDE, SIDE), "white")
+    draw = ImageDraw.Draw(image)
+    offset = index % PER_CLASS
+    if shape == "square":
+        draw.rectangle((2 + offset, 3, 10 + offset, 11), fill=colour)
+    else:
+        draw.polygon([(2 + offset, 13), (8 + offset, 2), (13, 13)], fill=colour)
+    return image
+
+
+@pytest.fixture(scope="module")
+def skill_sources(tmp_path_factory) -> tuple[list[dict], dict[str, list[Image.Image]]]:
+    """Two sources and every image by the subject that names it."""
+    from unimm.data.schema import image_segment, sample_features, text_segment
+
+    root = tmp_path_factory.mktemp("skill-data")
+    by_subject: dict[str, list[Image.Image]] = {}
+    rows = {"segments": [], "shape": []}
+    for label, colour in enumerate(SQUARES):
+        for index in range(PER_CLASS):
+            image = _shape_image(colour, "square", index)
+            rows["segments"].append([image_segment(image), text_segment(f"a photo of a {colour} square")])
+            rows["shape"].append(label)
+            by_subject.setdefault(f"a {colour} square", []).append(image)
+    names = datasets.ClassLabel(names=[f"{colour}_square" for colour in SQUARES])
+    datasets.Dataset.from_dict(rows, features=sample_features(shape=names)).save_to_disk(
+        str(root / "squares")
+    )
+    folder = root / "triangles"
+    folder.mkdir()
+    metadata = []
+    for colour in TRIANGLES:
+        for index in range(PER_CLASS):
+            image = _shape_image(colour, "triangle", index)
+            image.save(folder / f"{colour}{index}.png")
+            metadata.append({"file_name": f"{colour}{index}.png", "text": f"a {colour} triangle"})
+            by_subject.setdefault(f"a {colour} triangle", []).append(image)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in metadata))
+    sources = [
+        {"dataset": str(root / "squares"), "name": "squares", "label_column": "shape"},
+        {"dataset": str(folder), "name": "triangles", "repeats": 2},
+    ]
+    return sources, by_subject
+
+
+@pytest.fixture(scope="module")
+def skilled(tmp_path_factory, skill_sources, visual_tokenizer) -> Path:
+    output = tmp_path_factory.mktemp("skilled") / "out"
+    values = dict(
+        sources=skill_sources[0], visual_tokenizer=str(visual_tokenizer), output_dir=str(output),
+        backbone={**TINY_BACKBONE, "max_position_embeddings": 512}, max_grid=8, eval_fraction=0.25,
+        encode_batch_size=8, cache_dir=str(tmp_path_factory.mktemp("cache")), condition_dropout=0.0,
+        prompt_templates=["{subject}"], questions=["what is this?"], skills=SKILL_TEMPLATES,
+        probe_prompts=PROBES,
+    )  # fmt: skip
+    prepare(parse_prepare_recipe(values))
+    return output
+
+
+class Codes:
+    """Which subjects' images a code grid can be (the tiny tokenizer may give two images one grid)."""
+
+    def __init__(self, visual_tokenizer: Path, by_subject: dict[str, list[Image.Image]]) -> None:
+        self.model = DualCodebookTokenizer.from_pretrained(visual_tokenizer).eval()
+        saved = DualCodebookImageProcessor.from_pretrained(visual_tokenizer)
+        self.processor = DualCodebookImageProcessor(**{**saved.to_dict(), "size": None})  # as prepare encodes
+        self.by_subject = by_subject
+        self.subjects: dict[tuple, set[str]] = {}
+        for subject, images in by_subject.items():
+            for image in images:
+                self.subjects.setdefault(self.encode(np.asarray(image)), set()).add(subject)
+
+    def encode(self, pixels: np.ndarray) -> tuple:
+        image = Image.fromarray(np.ascontiguousarray(pixels))
+        values = self.processor(images=[image], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            codes = self.model.encode(values)[0]  # (h, w)
+        return tuple(codes.shape), tuple(codes.flatten().tolist())
+
+    def edits(self, shown: tuple, transform) -> set[tuple]:
+        """The grids of ``transform`` applied to every image that encodes to ``shown``."""
+        return {
+            self.encode(transform(np.asarray(image)))
+            for images in self.by_subject.values()
+            for image in images
+            if self.encode(np.asarray(image)) == shown
+        }
+
+
+def _turns(row: dict, processor: UniMMProcessor) -> list[tuple[str, bool, Any]]:
+    """A chat row as ``(role, trained, text or (grid shape, codes))`` pieces; a piece's tokens are all trained
+    or none. Size tokens are part of an image's trained tokens."""
+    vocabulary, tokenizer = processor.vocabulary, processor.tokenizer
+    markers = {tokenizer.convert_tokens_to_ids(f"<|{role}|>"): role for role in ("user", "assistant")}
+    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    ids, labels = row["input_ids"], row["labels"]
+    pieces, role, position = [], None, 0
+    while position < len(ids):
+        token = ids[position]
+        if token in markers:
+            assert labels[position] == IGNORE_INDEX  # the header is prompt
+            role, position = markers[token], position + 1
+            continue
+        if token == vocabulary.boi_token_id:
+            stop = ids.index(vocabulary.eoi_token_id, position) + 1
+            grid = vocabulary.token_ids_to_image(ids[position:stop])
+            content = (tuple(grid.shape), tuple(grid.flatten().tolist()))
+        else:
+            stop = position + 1
+            while (
+                stop < len(ids)
+                and ids[stop] not in markers
+                and ids[stop] not in (end, vocabulary.boi_token_id)
+            ):
+                stop += 1
+            stop += ids[stop] == end if stop < len(ids) else 0  # the turn's end belongs to its text
+            content = tokenizer.decode([t for t in ids[position:stop] if t != end])
+        trained = role == "assistant"  # the loss is on the assistant's turns, all of them
+        assert labels[position:stop] == (
+            ids[position:stop] if trained else [IGNORE_INDEX] * (stop - position)
+        )
+        pieces.append((role, trained, content))
+        position = stop
+    return [(role, trained, content) for role, trained, content in pieces if content != ""]
+
+
+def test_sources_repeat_and_label_their_rows(skilled: Path) -> None:
+    summary = json.loads((skilled / "prepare.json").read_text())
+    train, evaluation = summary["tables"]["train"], summary["tables"]["eval"]
+    # 9 squares and 6 triangles, a quarter held out per source; triangles twice per pass in training.
+    assert train["sources"] == [{"name": "squares", "rows": 7, "repeats": 1},
+                                {"name": "triangles", "rows": 4, "repeats": 2}]  # fmt: skip
+    assert evaluation["sources"] == [{"name": "squares", "rows": 2, "repeats": 1},
+                                     {"name": "triangles", "rows": 2, "repeats": 1}]  # fmt: skip
+    kinds = train["rows_per_kind"]
+    assert kinds["generation"] == kinds["understanding"] == 7 + 2 * 4
+    assert set(kinds) == {"generation", "understanding", "multi_turn", "interleaved", "edit", "composition"}
+    assert train["skills"]["composition"].keys() == {"wide", "tall"} and train["derived_images"] > 0
+    for kind, lengths in train["lengths_per_kind"].items():
+        assert lengths["longest"] <= 512 and lengths["mean"] <= lengths["longest"], kind
+    # Answers name the label ("red_square" read as "a red square"); captions only where there is no label.
+    processor = UniMMProcessor.from_pretrained(skilled / "init")
+    answers = {
+        _turns(row, processor)[-1][2] for row in _table(skilled, "train") if row["kind"] == UNDERSTANDING
+    }
+    assert answers == {f"a {colour} square." for colour in SQUARES} | {f"a {c} triangle." for c in TRIANGLES}
+
+
+def test_every_skill_chat_follows_its_request(skilled, skill_sources, visual_tokenizer) -> None:
+    processor = UniMMProcessor.from_pretrained(skilled / "init")
+    codes = Codes(visual_tokenizer, skill_sources[1])
+    assert len(codes.subjects) >= 10  # the 15 images are told apart by their codes (else this test is weak)
+    transforms = {
+        "mirror it": lambda pixels: pixels[:, ::-1],
+        "make it darker": lambda pixels: np.rint(pixels * 0.5).astype(np.uint8),
+        "invert it": lambda pixels: 255 - pixels,
+    }
+    checked = Counter()
+    for split in ("train", "eval"):
+        for row in _table(skilled, split):
+            if row["kind"] in (GENERATION, UNDERSTANDING):
+                continue
+            turns = _turns(row, processor)
+            checked[row["kind"]] += 1
+            _check_skill_row(row["kind"], turns, codes, transforms, processor)
+    assert set(checked) == {"multi_turn", "interleaved", "edit", "composition"}
+
+
+def _check_skill_row(kind, turns, codes: Codes, transforms, processor) -> None:
+    def subjects(image) -> set[str]:
+        return codes.subjects.get(image, set())
+
+    if kind == "composition":
+        (user, _, prompt), (assistant, trained, image) = turns
+        first, word, second = (
+            prompt.partition(" next to ") if " next to " in prompt else prompt.partition(" above ")
+        )
+        axis = 1 if word == " next to " else 0
+        assert (
+            image[0] == ((4, 8) if axis else (8, 4)) and trained
+        )  # the size tokens are the model's to write
+        assert image in {
+            codes.encode(np.concatenate([np.asarray(a), np.asarray(b)], axis=axis))
+            for a in codes.by_subject[first]
+            for b in codes.by_subject[second]
+        }
+        return
+    if kind == "edit":
+        (_, _, shown), (_, _, instruction), (assistant, trained, result) = turns
+        assert assistant == "assistant" and trained and not isinstance(shown, str)
+        if instruction.startswith("turn it into "):
+            target = instruction.removeprefix("turn it into ")
+            assert target in subjects(result) and target not in subjects(shown)
+        else:
+            assert result in codes.edits(shown, transforms[instruction])  # the exact transform, encoded
+        return
+    if kind == "interleaved":
+        (_, _, request), *answer = turns
+        first, second = request.removeprefix("show me ").split(" and ")
+        assert [content for _, _, content in answer][0::2] == [f"{first}:", f"{second}:"]
+        assert first in subjects(answer[1][2]) and second in subjects(answer[3][2]) and first != second
+        return
+    # multi_turn: every answer follows from the turns before it
+    last_image, drawn, answers = None, None, 0
+    for index, (role, _, content) in enumerate(turns):
+        if role == "user" and not isinstance(content, str):
+            last_image, drawn = content, None
+        if role != "assistant":
+            continue
+        answers += 1
+        request = turns[index - 1][2]
+        if isinstance(content, str):
+            named = content.removesuffix(".")
+            assert named in subjects(drawn if request == "what did you draw?" else last_image)
+            drawn = None
+            continue
+        if request == "another one":
+            assert subjects(content) & subjects(last_image)
+        else:  # the opening request, or "now <another class>"
+            assert request.removeprefix("now ") in subjects(content)
+        last_image = drawn = content
+    assert 2 <= answers <= 4
+
+
+def test_probe_prompts_show_what_the_model_never_saw(skilled: Path) -> None:
+    probe = json.loads((skilled / "prepare.json").read_text())["probe"]
+    # Word-level, lower-cased: the upper-case prompt reads as the trained one. No text holds "pink"; "draw"
+    # is known (from "what did you draw?") but never opens a turn, so its no-space form is never trained.
+    assert probe["prompts"] == len(PROBES) and probe["prompts_with_either"] == 1
+    assert probe["unknown_tokens"] == probe["unseen_tokens"] == 1
+    assert probe["examples"] == {"unknown": [" pink"], "unseen": ["draw"]}
+
+
+def test_derived_images_are_kept_for_a_rerun(skilled: Path, tmp_path: Path) -> None:
+    before = _table(skilled, "train")[:]
+    shards = {path: path.stat().st_mtime_ns for path in (skilled / "codes" / "train-derived").glob("shard-*")}
+    assert shards
+    shutil.rmtree(skilled / "train")
+    values = json.loads((skilled / "arguments.json").read_text())
+    prepare(parse_prepare_recipe({**values, "probe_prompts": PROBES, "cache_dir": str(tmp_path)}))
+    assert {path: path.stat().st_mtime_ns for path in shards} == shards  # not encoded again
+    assert _table(skilled, "train")[:] == before
+
+
 # --- text tokenizers --------------------------------------------------------------------------------
 
 
@@ -391,7 +660,7 @@ def test_prepare_with_a_bpe_tokenizer(shapes, visual_tokenizer, tmp_path) -> Non
 
 def test_a_tokenizer_that_leaves_words_out_is_an_error(shapes, visual_tokenizer, tmp_path) -> None:
     args = _arguments(
-        shapes, visual_tokenizer, tmp_path / "out", str(tmp_path / "cache"), text_tokenizer_min_frequency=3,
+        shapes, visual_tokenizer, tmp_path / "out", str(tmp_path / "cache"), text_tokenizer_min_frequency=100,
         questions=["Whatever is this gizmo?"],
     )  # fmt: skip
     with pytest.raises(
@@ -445,7 +714,13 @@ def test_relative_paths_are_found_next_to_the_recipe(shapes, visual_tokenizer, t
         (["text_model_name_or_path=some/lm"], "set exactly one of backbone"),
         (["dataset=no/such/folder"], "dataset.path: no file or folder at"),
         (["condition_dropout=1.5"], "condition_dropout must be in [0, 1)"),
-        (["prompt_template=Draw it"], "prompt_template 'Draw it' must contain {caption}"),
+        (["prompt_templates=[Draw it]"], "prompt_templates[0]: 'Draw it' must always contain {subject}"),
+        (["dataset=null"], "set exactly one of dataset (one dataset spec) and sources"),
+        (
+            ["dataset=null", "sources=[{dataset: emoji, repeats: 0}]"],
+            "sources[0].repeats must be a whole number >= 1",
+        ),
+        (["skills={edit: {share: 1, ops: [blur]}}"], "skills.edit.ops: unknown 'blur'"),
     ],
 )
 def test_bad_inputs_are_one_line_errors(
@@ -484,3 +759,27 @@ def test_the_llm_stage_learns_from_the_prepared_tables(prepared, tmp_path) -> No
     exported = UniMMForCausalLM.from_pretrained(result.export_dir)
     processor = UniMMProcessor.from_pretrained(result.export_dir)  # carried over from init/
     assert processor.vocabulary.vocab_size == exported.config.vocab_size
+
+
+def test_remembered_layouts_tokenize_as_the_processor(skilled: Path) -> None:
+    from unimm.training.prepare import ChatTokens
+
+    processor = UniMMProcessor.from_pretrained(skilled / "init")
+    tokenize = ChatTokens(processor, max_layouts=2)
+    rng = random.Random(0)
+
+    def image(role: str, grid: tuple[int, int]) -> dict:
+        codes = [rng.randrange(processor.vocabulary.codebook_size) for _ in range(grid[0] * grid[1])]
+        return {"type": IMAGE, "role": role, "image_token_ids": codes, "image_grid": list(grid)}
+
+    def chat() -> dict:  # a shown image, a question, then an answer of text and two images (one wide)
+        return {"segments": [
+            image("user", (4, 4)), {"type": TEXT, "role": "user", "text": "what is this?"},
+            {"type": TEXT, "role": "assistant", "text": "a red square:"}, image("assistant", (4, 4)),
+            {"type": TEXT, "role": "assistant", "text": "and"}, image("assistant", (4, 8)),
+        ]}  # fmt: skip
+
+    samples = [chat() for _ in range(4)] + [{"segments": [{"type": TEXT, "role": "user", "text": "hi"}]}]
+    for sample in samples * 2:  # the second pass finds every layout remembered but the oldest
+        assert tokenize(sample) == processor.tokenize_sample(sample)
+    assert len(tokenize.layouts) == 2

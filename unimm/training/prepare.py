@@ -5,17 +5,21 @@
 Writes, under ``output_dir``:
 
 - ``codes/<split>/``  the images' token ids (``unimm.data.pretokenize``: sharded, resumable, bad images
-  skipped and counted);
+  skipped and counted); ``codes/<split>-derived/`` those of the images skills derive (edits, compositions);
 - ``init/``           the LLM's initial folder: ``UniMMForCausalLM`` (the base LM with the image vocabulary,
   code rows from the codebook) and its ``UniMMProcessor``; the LLM stage's ``model_name_or_path``;
 - ``train/``, ``eval/``  token tables (``input_ids``, ``labels`` with -100 where no loss is taken, ``kind``):
   the LLM stage's ``train_dataset`` / ``eval_dataset``;
-- ``prepare.json``    rows per kind and split, the longest sequence, bad records, unknown text tokens.
+- ``prepare.json``    rows per kind and split, sequence lengths, bad records, unknown text tokens, and how
+  the ``probe_prompts`` tokenize.
 
-What each row teaches follows its layout (``row_kind``): an image-caption pair gives two chats, caption →
-image (a ``condition_dropout`` share with the text dropped, for classifier-free guidance) and image +
-question → the caption as the answer; a conversation is trained on its assistant turns; an interleaved
-document (or an image or text alone) on every token.
+The data are one ``dataset`` spec or a list of ``sources`` (``unimm.data.sources``: each a spec with a label
+column, a naming ``subject`` and ``repeats``). What each row teaches follows its layout (``row_kind``): an
+image-caption pair gives two chats, a prompt → image (drawn from ``prompt_templates``; a ``condition_dropout``
+share with the text dropped, for classifier-free guidance) and image + question → the answer naming it
+(``answer_template``); a conversation is trained on its assistant turns; an interleaved document (or an image
+or text alone) on every token. ``skills`` add multi-turn conversations, interleaved answers, edits and
+wide or tall compositions, planned from the labelled pairs (``unimm.data.skills``).
 
 Each step is skipped when its output exists, and every output is written under a temporary name and renamed
 when complete, so a rerun after a crash resumes. ``arguments.json`` records the arguments of the first run: a
@@ -33,7 +37,8 @@ import logging
 import os
 import random
 import shutil
-from collections import Counter
+import string
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -42,9 +47,11 @@ from typing import Any
 
 import datasets
 import numpy as np
+import PIL.Image
 import pyarrow
 import pyarrow.compute
 import torch
+from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -54,15 +61,23 @@ from transformers import (
 
 from unimm.data.bad_records import BadRecords
 from unimm.data.pretokenize import TEMPORARY_MARK, atomic_write, pretokenize_images, process_state
-from unimm.data.schema import IMAGE, TEXT, drop_text
-from unimm.data.spec import (
-    EVAL_SPLIT,
-    TRAIN_SPLIT,
-    load_dataset_spec,
-    parse_dataset_spec,
-    resolve_spec_paths,
-    split_for_eval,
+from unimm.data.schema import IMAGE, TEXT, drop_text, image_segment, open_image, sample_features
+from unimm.data.skills import (
+    PIXEL_EDITS,
+    ImageRef,
+    PlannedChat,
+    SkillPlan,
+    SkillPlanner,
+    SkillSettings,
+    Thing,
+    Wording,
+    compose,
+    edit_pixels,
+    subject_template,
+    thing_fields,
 )
+from unimm.data.sources import SourceSpec, load_sources, parse_source, parse_sources
+from unimm.data.spec import parse_dataset_spec, resolve_spec_paths
 from unimm.data.templates import (
     DEFAULT_QUESTIONS,
     PAIR,
@@ -77,6 +92,7 @@ from unimm.data.text_replay import (
     text_chat_sample,
 )
 from unimm.llm import UniMMForCausalLM, UniMMProcessor
+from unimm.llm.processing_unimm import IGNORE_INDEX
 from unimm.llm.text_chat import generate_text_replay
 from unimm.llm.text_tokenizer import (
     CHAT_TEMPLATE,
@@ -92,7 +108,8 @@ from unimm.training.arguments import read_recipe_file, recipe_search_folders
 
 logger = logging.getLogger(__name__)
 
-# The kinds of sequences rows become (the tables' `kind` column); row layouts are unimm.data.templates'.
+# The kinds of sequences rows become (the tables' `kind` column); row layouts are unimm.data.templates', the
+# skills' kinds unimm.data.skills'.
 GENERATION, UNCONDITIONAL, UNDERSTANDING, TEXT_REPLAY = (
     "generation",
     "unconditional_generation",
@@ -103,15 +120,18 @@ WORD_LEVEL, BPE = "word_level", "bpe"
 TEXT_TOKENIZERS = (WORD_LEVEL, BPE)
 SPLITS = ("train", "eval")  # output folders; the spec's held-out split ("test") becomes "eval"
 STEP_FOLDERS = ("init", *SPLITS)
-CODES_FOLDER = "codes"
+CODES_FOLDER, DERIVED_SUFFIX = "codes", "-derived"
 SUMMARY_FILE, ARGUMENTS_FILE, STEP_FILE = "prepare.json", "arguments.json", "prepare_step.json"
 INIT_FILES = ("config.json", "processor_config.json")  # what a complete init/ holds (besides weights)
 REPLAY_FILE = "text_replay.jsonl"
 # Fields that change how the work is done, not what it produces: a rerun may change them.
-UNRECORDED_FIELDS = ("encode_batch_size", "cache_dir", "overwrite_output_dir")
+UNRECORDED_FIELDS = ("encode_batch_size", "cache_dir", "overwrite_output_dir", "probe_prompts")
 LAYOUT_FIELDS = ("type", "role", "text", "image_grid")
+ROW_COLUMNS = ("source", "label", "source_row")  # read besides the layout (unimm.data.sources)
 ARROW_BATCH_ROWS = 1000
 MAP_BATCH_ROWS = 256
+SKILL_CHUNK_ROWS = 2000  # skill chats tokenized per in-memory Arrow chunk
+CACHED_LAYOUTS = 20000  # chat layouts ChatTokens keeps (a few KB each)
 TOKEN_FEATURES = datasets.Features(
     {
         "input_ids": datasets.Sequence(datasets.Value("int32")),
@@ -119,18 +139,27 @@ TOKEN_FEATURES = datasets.Features(
         "kind": datasets.Value("string"),
     }
 )
+DERIVED_FEATURES = sample_features(derived=datasets.Value("int64"))
 REPLAY_EVAL_SHARE = 20  # one replayed chat in 20 is held out for evaluation
+PROBE_EXAMPLES = 10  # words of the probe prompts shown per problem
 
 
 @dataclass
 class PrepareArguments:
     """``recipes/prepare/*.yaml``: the data, the visual tokenizer, the base LM and how sequences are built."""
 
-    dataset: str | dict[str, Any] = field(
-        metadata={"help": "a dataset spec (unimm.data.spec): a demo name, a path or a mapping"}
-    )
     visual_tokenizer: str = field(metadata={"help": "a trained DualCodebookTokenizer folder (its export)"})
     output_dir: str = field(metadata={"help": "writes codes/, init/, train/, eval/ and prepare.json"})
+    dataset: str | dict | None = field(
+        default=None, metadata={"help": "a dataset spec (unimm.data.spec): a demo name, a path or a mapping"}
+    )
+    sources: list[dict] | None = field(
+        default=None,
+        metadata={
+            "help": "or several: [{dataset, label_column, label_names, subject, repeats, ...}] "
+            "(unimm.data.sources)"
+        },
+    )
     text_model_name_or_path: str | None = field(
         default=None, metadata={"help": "a pretrained causal LM (folder or Hub id): its tokenizer too"}
     )
@@ -163,21 +192,39 @@ class PrepareArguments:
     image_loss_weight: float = field(default=1.0, metadata={"help": "loss weight of image tokens vs text"})
     text_vocab_multiple: int = field(default=64, metadata={"help": "from scratch: round the vocabulary up"})
     condition_dropout: float = field(default=0.1, metadata={"help": "share of train generations, no text"})
-    questions: list[str] = field(
-        default_factory=lambda: list(DEFAULT_QUESTIONS), metadata={"help": "asked about a pair's image"}
+    prompt_templates: list[str] = field(
+        default_factory=lambda: ["{caption}"],
+        metadata={
+            "help": "the user turn that asks for a pair's image, one drawn per row: {caption}, {subject}, "
+            "{label}, {article}, and [a|b] alternatives (unimm.data.skills)"
+        },
     )
-    prompt_template: str = field(
-        default="{caption}", metadata={"help": "the user turn that asks for an image"}
+    questions: list[str] = field(
+        default_factory=lambda: list(DEFAULT_QUESTIONS),
+        metadata={"help": "asked about a pair's image, one drawn per row ([a|b] alternatives too)"},
     )
     answer_template: str = field(
-        default="{caption}.",
-        metadata={"help": "the answer about an image (the caption's final '.' is not doubled)"},
+        default="{subject}.",
+        metadata={"help": "the answer naming an image (a field's final '.' is not doubled)"},
+    )
+    upper_case_share: float = field(default=0.0, metadata={"help": "share of user turns in upper case"})
+    capitalize_share: float = field(default=0.0, metadata={"help": "share of user turns capitalised"})
+    skills: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "extra chats per labelled pair: {multi_turn, interleaved, edit, composition: share or "
+            "{share, templates...}} (unimm.data.skills)"
+        },
+    )
+    probe_prompts: list[str] = field(
+        default_factory=list,
+        metadata={"help": "wordings the data do not hold: prepare.json says how they tokenize"},
     )
     eval_fraction: float = field(
         default=0.05, metadata={"help": "held out when the spec has no eval split (0: no eval table)"}
     )
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = 1000
+    max_train_samples: int | None = field(default=None, metadata={"help": "per source"})
+    max_eval_samples: int | None = field(default=1000, metadata={"help": "per source"})
     text_replay_fraction: float = field(
         default=0.0,
         metadata={
@@ -196,12 +243,25 @@ class PrepareArguments:
             raise ValueError("set exactly one of backbone (train from scratch) and text_model_name_or_path")
         if self.backbone is not None and "model_type" not in self.backbone:
             raise ValueError("backbone needs a model_type (e.g. {model_type: llama, hidden_size: 64})")
-        parse_dataset_spec(self.dataset, random_access=True)  # a malformed spec fails with the recipe
+        if (self.dataset is None) == (self.sources is None):
+            raise ValueError("set exactly one of dataset (one dataset spec) and sources (a list of them)")
+        # A malformed spec, source or template fails with the recipe.
+        if self.dataset is not None:
+            parse_dataset_spec(self.dataset, random_access=True)  # its errors name `dataset`
+            self.source_specs: list[SourceSpec] = [parse_source({"dataset": self.dataset}, "dataset")]
+        else:
+            self.source_specs = parse_sources(self.sources)
+        self.subjects = [
+            subject_template(source.subject, f"sources[{index}].subject")
+            for index, source in enumerate(self.source_specs)
+        ]
         if self.text_tokenizer not in TEXT_TOKENIZERS:
             raise ValueError(f"text_tokenizer must be one of {TEXT_TOKENIZERS}, got {self.text_tokenizer!r}")
         for name in ("condition_dropout", "text_replay_fraction", "eval_fraction", "max_unknown_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.upper_case_share + self.capitalize_share > 1.0:
+            raise ValueError("upper_case_share + capitalize_share must be at most 1")
         for name in (
             "max_grid",
             "text_vocab_multiple",
@@ -211,26 +271,25 @@ class PrepareArguments:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.prompt_templates, str):
+            self.prompt_templates = [self.prompt_templates]
         if not self.questions:
             raise ValueError("questions must not be empty")
-        for name in ("prompt_template", "answer_template"):
-            _check_template(name, getattr(self, name))
+        self.wording = Wording.from_values(
+            self.prompt_templates, self.questions, self.answer_template, self.upper_case_share,
+            self.capitalize_share,
+        )  # fmt: skip
+        self.skill_settings = SkillSettings.from_value(self.skills)
         if self.text_replay_fraction and self.text_model_name_or_path is None:
             raise ValueError("text_replay_fraction needs text_model_name_or_path: it replays a pretrained LM")
 
     def recorded(self) -> dict[str, Any]:
         """The fields that decide the outputs (compared on a rerun)."""
-        values = dataclasses.asdict(self)
-        return {name: value for name, value in values.items() if name not in UNRECORDED_FIELDS}
+        return {name: value for name, value in self.as_dict().items() if name not in UNRECORDED_FIELDS}
 
-
-def _check_template(name: str, template: str) -> None:
-    try:
-        filled = template.format(caption="")
-    except (KeyError, IndexError, ValueError) as error:
-        raise ValueError(f"{name} {template!r}: only {{caption}} may stand in braces ({error})") from None
-    if filled == template:
-        raise ValueError(f"{name} {template!r} must contain {{caption}}")
+    def as_dict(self) -> dict[str, Any]:
+        """The recipe's fields (not what ``__post_init__`` derives from them)."""
+        return {item.name: getattr(self, item.name) for item in dataclasses.fields(self)}
 
 
 # --- recipes ----------------------------------------------------------------------------------------
@@ -259,6 +318,13 @@ def parse_prepare_recipe(
             values[key] = find_input(values[key], base)
     if values.get("dataset") is not None:
         values["dataset"] = _dataset_with_base(values["dataset"], base)
+    if isinstance(values.get("sources"), list):
+        values["sources"] = [
+            {**item, "dataset": _dataset_with_base(item["dataset"], base)}
+            if isinstance(item, Mapping) and item.get("dataset") is not None
+            else item
+            for item in values["sources"]
+        ]
     try:
         (args,) = HfArgumentParser(PrepareArguments).parse_dict(values, allow_extra_keys=False)
     except (ValueError, TypeError) as error:  # a missing field, or a check of __post_init__
@@ -297,38 +363,49 @@ class SampleBuilder:
     """Rows of the sample schema → the ``(kind, sample)`` chats they teach (see the module docstring)."""
 
     def __init__(self, args: PrepareArguments) -> None:
-        self.args = args
+        self.args, self.wording = args, args.wording
 
-    def prompt(self, caption: str) -> str:
-        return self.args.prompt_template.format(caption=caption.strip())
-
-    def answer(self, caption: str) -> str:
-        # "{caption}." must not turn "A red circle." into "A red circle.."
-        return self.args.answer_template.format(caption=caption.strip().rstrip("."))
+    def fields(self, caption: str, source: int = 0, label: str | None = None) -> dict[str, str]:
+        """The template fields of a pair row (``unimm.data.skills.thing_fields``)."""
+        return thing_fields(caption, label, self.args.subjects[source])
 
     def __call__(
-        self, segments: Sequence[Mapping[str, Any]], rng: random.Random, train: bool
+        self,
+        segments: Sequence[Mapping[str, Any]],
+        rng: random.Random,
+        train: bool,
+        source: int = 0,
+        label: str | None = None,
     ) -> list[tuple[str, dict]]:
         kind = row_kind(segments)
         if kind != PAIR:
             return [(kind, {"segments": list(segments)})]
         (image,) = (segment for segment in segments if segment["type"] == IMAGE)
         (caption,) = (segment["text"] for segment in segments if segment["type"] == TEXT)
-        fields = {name: image.get(name) for name in ("image", "image_token_ids", "image_grid")}
-        generation = generation_sample(self.prompt(caption), fields)
+        values = self.fields(caption, source, label)
+        image_fields = {name: image.get(name) for name in ("image", "image_token_ids", "image_grid")}
+        generation = generation_sample(self.wording.prompt(values, rng), image_fields)
         dropped = train and rng.random() < self.args.condition_dropout
-        question = rng.choice(self.args.questions)
+        question = self.wording.question(rng)
         return [
             (UNCONDITIONAL, drop_text(generation)) if dropped else (GENERATION, generation),
-            (UNDERSTANDING, understanding_sample(question, self.answer(caption), fields)),
+            (UNDERSTANDING, understanding_sample(question, self.wording.name(values, rng), image_fields)),
         ]
 
-    def texts(self, segments: Sequence[Mapping[str, Any]]) -> list[str]:
+    def texts(
+        self,
+        segments: Sequence[Mapping[str, Any]],
+        rng: random.Random,
+        source: int = 0,
+        label: str | None = None,
+    ) -> list[str]:
         """The texts the row's chats hold (for a text tokenizer learned from them)."""
-        if row_kind(segments) != PAIR:
-            return [segment["text"] for segment in segments if segment["type"] == TEXT and segment["text"]]
-        (caption,) = (segment["text"] for segment in segments if segment["type"] == TEXT)
-        return [self.prompt(caption), self.answer(caption)]
+        return [
+            segment["text"]
+            for _, sample in self(segments, rng, train=False, source=source, label=label)
+            for segment in sample["segments"]
+            if segment["type"] == TEXT and segment["text"]
+        ]
 
 
 # --- scanning the encoded rows ----------------------------------------------------------------------
@@ -340,35 +417,56 @@ class SplitScan:
 
     rows: int = 0
     kept: list[int] = field(default_factory=list)  # rows whose image grids fit the vocabulary
+    kept_sources: list[int] = field(default_factory=list)  # the source of each kept row
     grids: Counter = field(default_factory=Counter)  # (h, w) of every kept image
     grid_too_large: int = 0
     texts: list[str] = field(default_factory=list)  # every text its chats hold
+    things: list[Thing] = field(default_factory=list)  # the kept pairs, as skills see them
+    thing_source_rows: list[int] = field(default_factory=list)  # where each thing's pixels are
 
 
-def row_layouts(dataset: datasets.Dataset) -> Iterator[list[dict[str, Any]]]:
-    """Each row's segments with ``LAYOUT_FIELDS`` only, read as Arrow (token ids are never converted)."""
-    rows = dataset.select_columns(["segments"]).with_format("arrow")
+def row_layouts(dataset: datasets.Dataset) -> Iterator[tuple[list[dict[str, Any]], dict[str, Any]]]:
+    """Each row's segments with ``LAYOUT_FIELDS`` only, and its ``ROW_COLUMNS``, read as Arrow (token ids
+    are never converted)."""
+    rows = dataset.select_columns(["segments", *ROW_COLUMNS]).with_format("arrow")
     for batch in rows.iter(batch_size=ARROW_BATCH_ROWS):
         segments = batch.column("segments").combine_chunks()
         values = pyarrow.compute.list_flatten(segments)
         columns = {name: pyarrow.compute.struct_field(values, name).to_pylist() for name in LAYOUT_FIELDS}
+        metadata = {name: batch.column(name).to_pylist() for name in ROW_COLUMNS}
         offsets = segments.offsets.to_numpy()
         offsets = offsets - offsets[0]
-        for start, end in zip(offsets[:-1], offsets[1:]):
-            yield [{name: columns[name][index] for name in LAYOUT_FIELDS} for index in range(start, end)]
+        for row, (start, end) in enumerate(zip(offsets[:-1], offsets[1:])):
+            layout = [{name: columns[name][index] for name in LAYOUT_FIELDS} for index in range(start, end)]
+            yield layout, {name: metadata[name][row] for name in ROW_COLUMNS}
 
 
-def scan_split(dataset: datasets.Dataset, builder: SampleBuilder, max_grid: int) -> SplitScan:
+def scan_split(dataset: datasets.Dataset, builder: SampleBuilder, max_grid: int, seed: str) -> SplitScan:
     scan = SplitScan(rows=len(dataset))
-    for index, segments in enumerate(row_layouts(dataset)):
+    for index, (segments, metadata) in enumerate(row_layouts(dataset)):
         grids = [tuple(s["image_grid"]) for s in segments if s["type"] == IMAGE]
         if any(max(grid) > max_grid for grid in grids):
             scan.grid_too_large += 1
             continue
         scan.kept.append(index)
+        scan.kept_sources.append(metadata["source"])
         scan.grids.update(grids)
-        scan.texts.extend(builder.texts(segments))
+        rng = random.Random(f"{seed}:{index}")
+        scan.texts.extend(builder.texts(segments, rng, metadata["source"], metadata["label"]))
+        if row_kind(segments) == PAIR:
+            (caption,) = (segment["text"] for segment in segments if segment["type"] == TEXT)
+            fields = builder.fields(caption, metadata["source"], metadata["label"])
+            key = metadata["label"] if metadata["label"] is not None else caption.strip()
+            scan.things.append(Thing(index, metadata["source"], key, fields))
+            scan.thing_source_rows.append(metadata["source_row"])
     return scan
+
+
+def repeated(rows: Sequence[int], sources: Sequence[int], repeats: Sequence[int]) -> list[int]:
+    """``rows`` once per pass, a row of source ``s`` in the first ``repeats[s]`` passes."""
+    return [
+        row for turn in range(max(repeats)) for row, source in zip(rows, sources) if repeats[source] > turn
+    ]
 
 
 # --- the steps --------------------------------------------------------------------------------------
@@ -388,6 +486,7 @@ class Preparation:
         self.builder = SampleBuilder(args)
         self.loading_bad_records = BadRecords()
         self.encoding_bad_records = {split: BadRecords() for split in SPLITS}
+        self.sources_record: list[dict[str, Any]] = []
 
     def run(self) -> dict[str, Any]:
         # 1. The output folder: refused if made with other arguments; leftovers of a killed run removed.
@@ -405,8 +504,11 @@ class Preparation:
                 self.build_table, split, processor=processor, max_positions=init["max_position_embeddings"]
             )
             tables[split] = run_step(self.output / split, build)
-        # 4. The summary.
-        summary = {"arguments": dataclasses.asdict(self.args), "init": init, "tables": tables}
+        # 4. The summary, with how the probe prompts tokenize against what the train table holds.
+        summary = {"arguments": self.args.as_dict(), "init": init, "tables": tables}
+        if self.args.probe_prompts:
+            summary["probe"] = probe_prompts(self.args.probe_prompts, processor, self.output / "train")
+            logger.info("probe prompts: %s", _probe_line(summary["probe"]))
         atomic_write(
             self.output / SUMMARY_FILE, lambda path: path.write_text(json.dumps(summary, indent=2) + "\n")
         )
@@ -453,8 +555,14 @@ class Preparation:
 
     @cached_property
     def sources(self) -> dict[str, datasets.Dataset | None]:
-        side = self.args.image_size or self.visual_tokenizer[0].config.image_size
-        return load_splits(self.args, side, self.loading_bad_records)
+        """Every source's rows of each split in one table (``unimm.data.sources``)."""
+        args = self.args
+        splits, self.sources_record = load_sources(
+            args.source_specs, image_size=args.image_size or self.visual_tokenizer[0].config.image_size,
+            eval_fraction=args.eval_fraction, seed=args.seed, max_train_samples=args.max_train_samples,
+            max_eval_samples=args.max_eval_samples, cache_dir=args.cache_dir, bad_records=self.loading_bad_records,
+        )  # fmt: skip
+        return splits
 
     @cached_property
     def encoded(self) -> dict[str, datasets.Dataset]:
@@ -476,7 +584,8 @@ class Preparation:
     @cached_property
     def scans(self) -> dict[str, SplitScan]:
         scans = {
-            split: scan_split(rows, self.builder, self.args.max_grid) for split, rows in self.encoded.items()
+            split: scan_split(rows, self.builder, self.args.max_grid, f"{self.args.seed}:corpus:{split}")
+            for split, rows in self.encoded.items()
         }
         for split, scan in scans.items():
             if scan.grid_too_large:
@@ -484,10 +593,53 @@ class Preparation:
                     "%s: %d of %d rows hold an image larger than max_grid=%d codes per side and are left out",
                     split, scan.grid_too_large, scan.rows, self.args.max_grid,
                 )  # fmt: skip
-        if not scans[TRAIN_SPLIT].kept:
-            scan = _scan_line(scans[TRAIN_SPLIT], self.args.max_grid)
+        if not scans["train"].kept:
+            scan = _scan_line(scans["train"], self.args.max_grid)
             raise ValueError(f"the training data has no usable rows ({scan})")
         return scans
+
+    def repeats(self, split: str) -> list[int]:
+        """Passes over each source's rows: its ``repeats`` in training, one in evaluation."""
+        return [source.repeats if split == "train" else 1 for source in self.args.source_specs]
+
+    @cached_property
+    def plans(self) -> dict[str, SkillPlan]:
+        """The skill chats of each split, anchored on its labelled pairs (repeated as their sources are)."""
+        settings, plans = self.args.skill_settings, {}
+        if settings.composition.share:
+            self._check_composition_grid()
+        for split, scan in self.scans.items():
+            planner = SkillPlanner(scan.things, settings, self.args.wording)
+            things = range(len(scan.things))
+            anchors = repeated(things, [thing.source for thing in scan.things], self.repeats(split))
+            plans[split] = planner.plan(anchors, f"{self.args.seed}:{split}:skills")
+            if settings.active():
+                logger.info("%s: %d skill chats planned, %d derived images", split, len(plans[split].chats),
+                            len(plans[split].derived))  # fmt: skip
+        return plans
+
+    def part_size(self) -> dict[str, int]:
+        """The size each image of a composition is brought to: the processor's fixed size, or a square of
+        its shortest edge (or of the tokenizer's side)."""
+        vq_model, image_processor = self.visual_tokenizer
+        size = image_processor.size
+        if size is not None and getattr(size, "height", None) and getattr(size, "width", None):
+            return {"height": size.height, "width": size.width}
+        side = (
+            getattr(size, "shortest_edge", None) if size is not None else None
+        ) or vq_model.config.image_size
+        return {"height": side, "width": side}
+
+    def _check_composition_grid(self) -> None:
+        factor = self.visual_tokenizer[0].config.downsample_factor
+        part = self.part_size()
+        largest = 2 * max(part["height"], part["width"]) // factor
+        if largest > self.args.max_grid:
+            raise ValueError(
+                f"skills.composition: two {part['height']}x{part['width']} images in a row make a grid "
+                f"{largest} codes long, more than max_grid={self.args.max_grid}: raise max_grid or leave "
+                "composition out"
+            )
 
     # -- step: init -------------------------------------------------------------------------------
 
@@ -495,7 +647,12 @@ class Preparation:
         """The unified model and its processor, saved to ``folder``; returns the step's record."""
         args = self.args
         vq_model, image_processor = self.visual_tokenizer
-        corpus = [*args.questions, *(text for scan in self.scans.values() for text in scan.texts)]
+        corpus = [
+            *(_literal(text) for text in (*args.wording.fragments(), *args.skill_settings.fragments())),
+            *(text for scan in self.scans.values() for text in scan.texts),
+            *(text for plan in self.plans.values() for chat in plan.chats for text in chat.texts()),
+        ]
+        corpus = [text for text in corpus if text.strip()]
         text_model, text_tokenizer = load_text_model(args, corpus)
         unknown = check_unknown_tokens(args, text_tokenizer, corpus)
         if args.text_replay_fraction:  # before the vocabulary grows: the replies are the untouched LM's own
@@ -533,7 +690,7 @@ class Preparation:
 
     def _default_grid(self, vq_model: DualCodebookTokenizer) -> tuple[int, int]:
         """The most common grid of the training images (the grid generation uses when none is asked)."""
-        grids = self.scans[TRAIN_SPLIT].grids
+        grids = self.scans["train"].grids
         if grids:
             return grids.most_common(1)[0][0]
         side = vq_model.config.image_size // vq_model.config.downsample_factor
@@ -545,41 +702,92 @@ class Preparation:
         self, split: str, folder: Path, processor: UniMMProcessor, max_positions: int | None
     ) -> dict[str, Any]:
         """The token table of one split (shuffled), saved to ``folder``; returns the step's record."""
-        table, too_long = self._sequences(split, processor, max_positions)
+        parts = [self._sequences(split, processor)]
+        plan = self.plans[split]
+        if plan.chats:
+            parts.append(self._skill_sequences(split, processor))
+        table = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        table, too_long = drop_too_long(table, max_positions, split)
+        if not len(table):
+            counts = f"{_scan_line(self.scans[split], self.args.max_grid)}, {sum(too_long.values())} too long"
+            raise ValueError(f"{split}: no usable rows ({counts})")
         replay = self._replay_rows(split, len(table), processor)
         if replay is not None:
             table = datasets.concatenate_datasets([table, replay])
         table = table.shuffle(seed=self.args.seed, keep_in_memory=True).flatten_indices(keep_in_memory=True)
         table.save_to_disk(str(folder))
-        record = {**table_record(table, processor), "too_long": too_long, **self._source_record(split)}
+        record = {
+            **table_record(table, processor), "too_long": too_long, **self._source_record(split),
+            "skills": plan.variants(), "derived_images": len(plan.derived),
+        }  # fmt: skip
         logger.info("%s: %s", split, _kinds_line(record))
         return record
 
-    def _sequences(
-        self, split: str, processor: UniMMProcessor, max_positions: int | None
-    ) -> tuple[datasets.Dataset, dict[str, int]]:
-        """The split's usable rows as token rows (two per pair); those longer than ``max_positions`` (the
-        LM's) left out and counted per kind."""
+    def _sequences(self, split: str, processor: UniMMProcessor) -> datasets.Dataset:
+        """The split's usable rows as token rows (two per pair), each source's rows ``repeats`` times."""
         args, scan = self.args, self.scans[split]
-        rows = self.encoded[split].select(scan.kept, keep_in_memory=True)
+        positions = repeated(scan.kept, scan.kept_sources, self.repeats(split))
+        rows = self.encoded[split].select(positions, keep_in_memory=True)
         options = {
             "builder": self.builder,
-            "processor": processor,
+            "tokenize": ChatTokens(processor),
             "train": split == "train",
             "seed": args.seed,
         }
         # In memory: the table is saved to the output folder, not to a cache beside the data. A fingerprint
         # of our own spares `datasets` hashing the processor.
-        table = rows.map(
+        return rows.map(
             tokenize_rows, batched=True, batch_size=MAP_BATCH_ROWS, with_indices=True, fn_kwargs=options,
             remove_columns=rows.column_names, features=TOKEN_FEATURES, keep_in_memory=True,
             new_fingerprint=f"prepare-{split}-{args.seed}", desc=f"{split} sequences",
         )  # fmt: skip
-        table, too_long = drop_too_long(table, max_positions, split)
-        if not len(table):
-            counts = f"{_scan_line(scan, args.max_grid)}, {sum(too_long.values())} too long"
-            raise ValueError(f"{split}: no usable rows ({counts})")
-        return table, too_long
+
+    def _skill_sequences(self, split: str, processor: UniMMProcessor) -> datasets.Dataset:
+        """The split's planned skill chats as token rows, their images in place."""
+        plan, scan = self.plans[split], self.scans[split]
+        rows = FirstImages(self.encoded[split])
+        derived = self.derived_images(split)
+
+        def image(ref: ImageRef) -> tuple[np.ndarray, list[int]]:
+            return derived[ref.index] if ref.derived else rows[scan.things[ref.index].row]
+
+        chunks, columns, tokenize = [], _token_columns(), ChatTokens(processor)
+        for chat in _progress(plan.chats, f"{split} skill sequences"):
+            tokens = tokenize(resolve_chat(chat, image))
+            columns["input_ids"].append(tokens["input_ids"])
+            columns["labels"].append(tokens["labels"])
+            columns["kind"].append(chat.kind)
+            if len(columns["kind"]) == SKILL_CHUNK_ROWS:
+                chunks.append(datasets.Dataset.from_dict(columns, features=TOKEN_FEATURES))
+                columns = _token_columns()
+        chunks.append(datasets.Dataset.from_dict(columns, features=TOKEN_FEATURES))
+        return datasets.concatenate_datasets(chunks)
+
+    def derived_images(self, split: str) -> DerivedCodes:
+        """The codes of the images the split's skills derive, encoded once into ``codes/<split>-derived``."""
+        plan, scan = self.plans[split], self.scans[split]
+        if not plan.derived:
+            return DerivedCodes({}, None)
+        vq_model, image_processor = self.visual_tokenizer
+        # Derived images are made at the size the model sees, which the encoding keeps (wide stays wide).
+        as_they_are = type(image_processor)(**{**image_processor.to_dict(), "size": None})
+        pixels = DerivedPixels(self.sources[split], image_processor, self.part_size(),
+                               self.args.skill_settings.edit.darker_factor)  # fmt: skip
+        chunks = []
+        for start in range(0, len(plan.derived), SKILL_CHUNK_ROWS):
+            batch = plan.derived[start : start + SKILL_CHUNK_ROWS]
+            images = [
+                pixels(image.op, [scan.thing_source_rows[thing] for thing in image.things]) for image in batch
+            ]
+            columns = {"segments": [[image_segment(image)] for image in images],
+                       "derived": list(range(start, start + len(batch)))}  # fmt: skip
+            chunks.append(datasets.Dataset.from_dict(columns, features=DERIVED_FEATURES))
+        encoded = pretokenize_images(
+            datasets.concatenate_datasets(chunks), vq_model, as_they_are,
+            self.output / CODES_FOLDER / f"{split}{DERIVED_SUFFIX}", rows_per_shard=self.args.rows_per_shard,
+            batch_size=self.args.encode_batch_size, bad_records=self.encoding_bad_records[split],
+        )  # fmt: skip
+        return DerivedCodes(dict(zip(encoded["derived"], range(len(encoded)))), FirstImages(encoded))
 
     def _source_record(self, split: str) -> dict[str, Any]:
         """Where a split's rows went before tokenization: read, skipped as bad, left out for their grid."""
@@ -588,7 +796,14 @@ class Preparation:
             "encoding": _tally(self.encoding_bad_records[split]),
         }
         source_rows, grid_too_large = len(self.sources[split]), self.scans[split].grid_too_large
-        return {"source_rows": source_rows, "grid_too_large": grid_too_large, "bad_records": bad_records}
+        sources = [
+            {"name": item["name"], "rows": item["rows"][split], "repeats": self.repeats(split)[index]}
+            for index, item in enumerate(self.sources_record)
+        ]
+        return {
+            "source_rows": source_rows, "sources": sources, "grid_too_large": grid_too_large,
+            "bad_records": bad_records,
+        }  # fmt: skip
 
     def _replay_rows(
         self, split: str, multimodal_rows: int, processor: UniMMProcessor
@@ -607,7 +822,7 @@ class Preparation:
             processor.tokenize_sample(text_chat_sample(chat["question"], chat["answer"])) for chat in chats
         ]
         logger.info("%s: %d text replay sequences from %d chats", split, count, len(rows))
-        columns = {"input_ids": [], "labels": [], "kind": []}
+        columns = _token_columns()
         for index in range(count):
             row = rows[index % len(rows)]
             columns["input_ids"].append(row["input_ids"])
@@ -616,21 +831,182 @@ class Preparation:
         return datasets.Dataset.from_dict(columns, features=TOKEN_FEATURES)
 
 
+def _token_columns() -> dict[str, list]:
+    return {"input_ids": [], "labels": [], "kind": []}
+
+
+def _progress(items: Sequence[Any], description: str) -> Iterator[Any]:
+    return iter(tqdm(items, desc=description, leave=False))
+
+
+def _literal(text: str) -> str:
+    """A template fragment without its ``{field}`` names (their values are in the corpus already)."""
+    return "".join(literal for literal, _, _, _ in string.Formatter().parse(text))
+
+
+# --- images of the skills ---------------------------------------------------------------------------
+
+
+class FirstImages:
+    """The codes and grid of each row's first image in an encoded table, read from Arrow (the ids stay one
+    numpy array: no Python list per row)."""
+
+    def __init__(self, dataset: datasets.Dataset) -> None:
+        segments = dataset.with_format("arrow")[:].column("segments").combine_chunks()
+        values = pyarrow.compute.list_flatten(segments)
+        parents = pyarrow.compute.list_parent_indices(segments).to_numpy()
+        images = np.flatnonzero(
+            pyarrow.compute.equal(pyarrow.compute.struct_field(values, "type"), IMAGE)
+            .fill_null(False)
+            .to_numpy(zero_copy_only=False)
+        )
+        rows, first = np.unique(parents[images], return_index=True)
+        self.segment = np.full(len(dataset), -1, dtype=np.int64)
+        self.segment[rows] = images[first]
+        ids = pyarrow.compute.struct_field(values, "image_token_ids")
+        self.offsets, self.ids = ids.offsets.to_numpy(), ids.values.to_numpy()
+        self.grids = pyarrow.compute.struct_field(values, "image_grid")
+
+    def __getitem__(self, row: int) -> tuple[np.ndarray, list[int]]:
+        segment = int(self.segment[row])
+        if segment < 0:
+            raise ValueError(f"row {row} of the encoded table has no image")
+        ids = self.ids[self.offsets[segment] : self.offsets[segment + 1]].copy()  # writable, for torch
+        return ids, self.grids[segment].as_py()
+
+
+@dataclass
+class DerivedCodes:
+    """Derived image index → ``(codes, grid)``; a derived image the encoding could not make is missing."""
+
+    rows: dict[int, int]
+    images: FirstImages | None
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, list[int]]:
+        if index not in self.rows or self.images is None:
+            raise ValueError(f"derived image {index} was not encoded (see the bad records of prepare.json)")
+        return self.images[self.rows[index]]
+
+
+class DerivedPixels:
+    """The pixels of a derived image, from the source rows' images as the model sees them (the image
+    processor's resize, no normalisation), so that an edit is the exact transform of what it shows."""
+
+    def __init__(
+        self, sources: datasets.Dataset, image_processor: DualCodebookImageProcessor,
+        part_size: dict[str, int], darker_factor: float,
+    ) -> None:  # fmt: skip
+        self.sources, self.image_processor = sources, image_processor
+        self.part_size, self.darker_factor = part_size, darker_factor
+
+    def view(self, source_row: int, size: dict[str, int] | None = None) -> np.ndarray:
+        """``(H, W, C)`` uint8: the row's first image resized as the processor resizes it."""
+        segment = next(s for s in self.sources[source_row]["segments"] if s["type"] == IMAGE)
+        options = {} if size is None else {"size": size}
+        values = self.image_processor(
+            images=[open_image(segment["image"])],
+            do_rescale=False,
+            do_normalize=False,
+            return_tensors=None,
+            **options,
+        )["pixel_values"][0]  # (C, H, W), 0..255
+        return np.rint(np.asarray(values)).clip(0, 255).astype(np.uint8).transpose(1, 2, 0)
+
+    def __call__(self, op: str, source_rows: Sequence[int]) -> PIL.Image.Image:
+        if op in PIXEL_EDITS:
+            pixels = edit_pixels(self.view(source_rows[0]), op, self.darker_factor)
+        else:
+            pixels = compose([self.view(row, self.part_size) for row in source_rows], op)
+        return PIL.Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+
+
+class ChatTokens:
+    """``processor.tokenize_sample`` for samples whose images are codes, remembered per layout: samples that
+    differ only in their images' codes (the same texts, roles and grids) share one rendering of the chat
+    template and the text tokenizer, and each image's tokens are put in its place. The result is the
+    processor's, token for token; at most ``max_layouts`` layouts are kept (the least recently used go)."""
+
+    def __init__(self, processor: UniMMProcessor, max_layouts: int = CACHED_LAYOUTS) -> None:
+        self.processor, self.vocabulary, self.max_layouts = processor, processor.vocabulary, max_layouts
+        self.layouts: OrderedDict[tuple, tuple[np.ndarray, np.ndarray, list[int]]] = OrderedDict()
+
+    def __call__(self, sample: Mapping[str, Any]) -> dict[str, list[int]]:
+        segments = sample["segments"]
+        images = [segment for segment in segments if segment["type"] == IMAGE]
+        if any(
+            segment.get("image_token_ids") is None or segment.get("image_grid") is None for segment in images
+        ):
+            return self.processor.tokenize_sample(dict(sample))  # pixels: the processor encodes them
+        key = tuple(
+            (segment["type"], segment.get("role") or "",
+             segment.get("text") if segment["type"] == TEXT else tuple(segment["image_grid"]))
+            for segment in segments
+        )  # fmt: skip
+        layout = self.layouts.get(key)
+        if layout is None:
+            layout = self._layout(segments)
+            self.layouts[key] = layout
+            if len(self.layouts) > self.max_layouts:
+                self.layouts.popitem(last=False)
+        else:
+            self.layouts.move_to_end(key)
+        template_ids, template_labels, starts = layout
+        input_ids, labels = template_ids.copy(), template_labels.copy()
+        for start, segment in zip(starts, images):
+            height, width = segment["image_grid"]
+            codes = torch.as_tensor(np.asarray(segment["image_token_ids"], dtype=np.int64)).view(
+                height, width
+            )
+            tokens = self.vocabulary.image_to_token_ids(codes).numpy()
+            stop = start + len(tokens)
+            input_ids[start:stop] = tokens
+            if labels[start] != IGNORE_INDEX:
+                labels[start:stop] = tokens
+        return {"input_ids": input_ids.tolist(), "labels": labels.tolist()}
+
+    def _layout(self, segments: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """The sample rendered with code 0 in every image, and where each image's tokens start."""
+        placeholder = [
+            {**segment, "image_token_ids": [0] * (segment["image_grid"][0] * segment["image_grid"][1])}
+            if segment["type"] == IMAGE
+            else dict(segment)
+            for segment in segments
+        ]
+        tokens = self.processor.tokenize_sample({"segments": placeholder})
+        input_ids = np.asarray(tokens["input_ids"], dtype=np.int64)
+        starts = np.flatnonzero(input_ids == self.vocabulary.boi_token_id).tolist()  # one per image, in order
+        return input_ids, np.asarray(tokens["labels"], dtype=np.int64), starts
+
+
+def resolve_chat(
+    chat: PlannedChat, image: Callable[[ImageRef], tuple[np.ndarray, Sequence[int]]]
+) -> dict[str, Any]:
+    """A planned chat as a sample of the schema, each image reference replaced by its codes."""
+    segments = []
+    for role, content in chat.segments:
+        if isinstance(content, ImageRef):
+            ids, grid = image(content)
+            segments.append({"type": IMAGE, "role": role, "image_token_ids": ids, "image_grid": list(grid)})
+        else:
+            segments.append({"type": TEXT, "role": role, "text": content})
+    return {"segments": segments}
+
+
 def tokenize_rows(
     batch: dict[str, list],
     indices: list[int],
     builder: SampleBuilder,
-    processor: UniMMProcessor,
+    tokenize: Callable[[dict], dict[str, list[int]]],
     train: bool,
     seed: int,
 ) -> dict[str, list]:
     """``datasets.map`` function: encoded rows → token rows (two per pair). Each row draws its dropout and
-    question from its own generator, so the table does not depend on batching."""
-    columns: dict[str, list] = {"input_ids": [], "labels": [], "kind": []}
-    for segments, index in zip(batch["segments"], indices):
+    wording from its own generator, so the table does not depend on batching."""
+    columns: dict[str, list] = _token_columns()
+    for segments, source, label, index in zip(batch["segments"], batch["source"], batch["label"], indices):
         rng = random.Random(f"{seed}:{'train' if train else 'eval'}:{index}")
-        for kind, sample in builder(segments, rng, train):
-            tokens = processor.tokenize_sample(sample)
+        for kind, sample in builder(segments, rng, train, source, label):
+            tokens = tokenize(sample)
             columns["input_ids"].append(tokens["input_ids"])
             columns["labels"].append(tokens["labels"])
             columns["kind"].append(kind)
@@ -656,17 +1032,58 @@ def drop_too_long(
 
 
 def table_record(table: datasets.Dataset, processor: UniMMProcessor) -> dict[str, Any]:
-    """Rows per kind, the longest sequence and the (unknown) text tokens of a token table."""
+    """Rows per kind, sequence lengths (per kind too) and the (unknown) text tokens of a token table."""
     ids = table.data.column("input_ids")
     flat = pyarrow.compute.list_flatten(ids)
     unknown_id = unknown_token_id(processor.tokenizer)
+    lengths = pyarrow.compute.list_value_length(ids).to_numpy()
+    kinds = np.asarray(table["kind"])
+    per_kind = {
+        kind: {
+            "mean": round(float(lengths[kinds == kind].mean()), 1),
+            "longest": int(lengths[kinds == kind].max()),
+        }
+        for kind in sorted(set(kinds.tolist()))
+    }
     return {
         "rows": len(table),
-        "rows_per_kind": dict(sorted(Counter(table["kind"]).items())),
-        "longest": int(pyarrow.compute.max(pyarrow.compute.list_value_length(ids)).as_py()),
+        "rows_per_kind": dict(sorted(Counter(kinds.tolist()).items())),
+        "longest": int(lengths.max()),
+        "lengths_per_kind": per_kind,
         "text_tokens": _count(pyarrow.compute.less(flat, processor.vocabulary.text_vocab_size)),
         "unknown_text_tokens": 0 if unknown_id is None else _count(pyarrow.compute.equal(flat, unknown_id)),
     }
+
+
+def probe_prompts(prompts: Sequence[str], processor: UniMMProcessor, train_folder: Path) -> dict[str, Any]:
+    """How wordings the data do not hold tokenize: unknown tokens, and tokens the train table never holds
+    (known to the tokenizer, but never trained: as useless to the model)."""
+    train = datasets.load_from_disk(str(train_folder))
+    seen = set(
+        pyarrow.compute.unique(pyarrow.compute.list_flatten(train.data.column("input_ids"))).to_pylist()
+    )
+    unknown_id = unknown_token_id(processor.tokenizer)
+    total, unknown, unseen, prompts_hit = 0, 0, 0, 0
+    examples: dict[str, list[str]] = {"unknown": [], "unseen": []}
+    for prompt in prompts:
+        encoded = processor.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        hit = False
+        for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"]):
+            total += 1
+            problem = "unknown" if token == unknown_id else "unseen" if token not in seen else None
+            if problem is None:
+                continue
+            hit = True
+            unknown += problem == "unknown"
+            unseen += problem == "unseen"
+            word = prompt[start:end]
+            if word not in examples[problem] and len(examples[problem]) < PROBE_EXAMPLES:
+                examples[problem].append(word)
+        prompts_hit += hit
+    return {
+        "prompts": len(prompts), "tokens": total, "unknown_tokens": unknown, "unseen_tokens": unseen,
+        "prompts_with_either": prompts_hit, "examples": examples,
+    }  # fmt: skip
 
 
 def _count(mask: pyarrow.Array) -> int:
@@ -719,23 +1136,6 @@ def _processor_size(args: PrepareArguments, trained_side: int) -> dict[str, int]
     if args.image_size:
         return {"height": args.image_size, "width": args.image_size}
     return None
-
-
-def load_splits(
-    args: PrepareArguments, image_size: int, bad_records: BadRecords
-) -> dict[str, datasets.Dataset | None]:
-    """``{"train", "eval"}`` of the spec: its own eval split, else ``eval_fraction`` of train held out (at
-    most ``max_eval_samples``); each cut to its first ``max_*_samples`` rows. ``image_size``: the side of
-    the demo datasets' images."""
-    spec = parse_dataset_spec(args.dataset, random_access=True)
-    loaded = load_dataset_spec(spec, image_size=image_size, cache_dir=args.cache_dir, bad_records=bad_records)
-    train, held_out = loaded[TRAIN_SPLIT], loaded.get(EVAL_SPLIT)
-    if not len(train):
-        raise ValueError(f"dataset {spec.to_value()!r} has no usable rows: {bad_records.report()}")
-    train, held_out = split_for_eval(
-        train, held_out, args.eval_fraction, args.seed, args.max_train_samples, args.max_eval_samples
-    )
-    return {"train": train, "eval": held_out}
 
 
 def load_text_model(args: PrepareArguments, corpus: Sequence[str]) -> tuple[Any, Any]:
@@ -830,6 +1230,14 @@ def _kinds_line(record: dict[str, Any]) -> str:
 
 def _table_line(tables: Mapping[str, dict[str, Any] | None]) -> str:
     return "; ".join(f"{split} {record['rows']} rows" for split, record in tables.items() if record)
+
+
+def _probe_line(probe: Mapping[str, Any]) -> str:
+    return (
+        f"{probe['prompts']} prompts, {probe['tokens']} tokens: {probe['unknown_tokens']} unknown "
+        f"{probe['examples']['unknown']}, {probe['unseen_tokens']} never in the train table "
+        f"{probe['examples']['unseen']}"
+    )
 
 
 __all__ = ["PrepareArguments", "SampleBuilder", "load_prepare_recipe", "parse_prepare_recipe", "prepare"]
