@@ -644,6 +644,11 @@ def test_bpe_and_word_level_unknown_rates_on_held_out_captions() -> None:
         assert bpe.decode(bpe(text)["input_ids"]) == text  # case and punctuation kept
     rendered = bpe.apply_chat_template([{"role": "user", "content": "a red circle"}], tokenize=False)
     assert bpe.convert_tokens_to_ids(END_OF_TURN) in bpe(rendered, add_special_tokens=False)["input_ids"]
+    # A word opening a turn is the token it is in mid-sentence.
+    opening = bpe.apply_chat_template([{"role": "user", "content": "circle"}], tokenize=False)
+    opening_ids = bpe(opening, add_special_tokens=False)["input_ids"]
+    sentence_ids = bpe("a red circle")["input_ids"]
+    assert opening_ids[1:-1] == sentence_ids[len(bpe("a red")["input_ids"]) :]  # between <|user|> and <|end|>
 
 
 def test_prepare_with_a_bpe_tokenizer(shapes, visual_tokenizer, tmp_path) -> None:

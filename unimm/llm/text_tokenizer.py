@@ -62,11 +62,15 @@ def build_bpe_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer learned from ``corpus``: no text is ever unknown (any byte is a token),
     case is kept, and ``decode(encode(text)) == text``. Same special tokens and chat template as
-    :func:`~unimm.llm.text_tokenizer.build_word_level_tokenizer`, less its unknown token."""
+    :func:`~unimm.llm.text_tokenizer.build_word_level_tokenizer`, less its unknown token.
+
+    Every piece of text between special tokens gets a leading space before it is split (and decoding drops
+    the first one), so a word that opens a turn (``<|user|>sneaker``) is the same token as in mid-sentence
+    (`` sneaker``): without it a bare class name is a token the model never saw after a chat marker."""
     specials = [token for token in SPECIAL_TOKENS if token != UNK]
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    backend.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(content=" ", left=1, right=0)])
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
