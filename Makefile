@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo demo-model smollm2-model test test-fast test-slow test-gpu lint format data assets install clean
+.PHONY: demo demo-model smollm2-model test test-fast test-slow test-gpu lint format docs data assets install clean
 
 demo: $(INSTALLED) data
 	$(PY) -m unimm.cli demo
@@ -47,6 +47,11 @@ format: $(INSTALLED)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# The documentation site (mkdocs.yml, docs/) into build/site; --strict: a broken link or API reference fails.
+# `make test` runs the same build (tests/docs/test_site.py) and every code example of the docs and the README.
+docs: $(INSTALLED)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 data:
 	scripts/install_data.sh
 
@@ -63,11 +68,11 @@ install: $(INSTALLED)
 $(INSTALLED): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,assets]"
+	$(PY) -m pip install -q -e ".[dev,assets,docs]"
 	# lmms-eval for tests/evaluation/test_lmms_eval.py, without the torchvision and torch it asks for
 	$(PY) -m pip install -q --no-deps lmms-eval==0.7.3
 	$(PY) -m pip install -q loguru tenacity sacrebleu pytz evaluate jsonlines pytablewriter
 	touch $@
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) outputs build/site .pytest_cache .ruff_cache *.egg-info
