@@ -45,9 +45,19 @@ def test_packed_linear_matches_linear(rows, with_bias):
     output = packed_linear(input, weight, bias)
     assert output.shape == (rows, 1, 48)
     torch.testing.assert_close(output, F.linear(input, weight, bias), rtol=1e-5, atol=1e-5)
-    rows_bf16, weight_bf16 = input.bfloat16(), weight.bfloat16()
+
+
+@pytest.mark.skipif(
+    torch.bfloat16 not in PACKED_LINEAR_DTYPES,
+    reason="oneDNN's bf16 linear needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT, which this CPU lacks",
+)
+@pytest.mark.parametrize("rows", [9, 33])
+def test_packed_linear_in_bf16_matches_linear(rows):
+    generator = torch.Generator().manual_seed(rows)
+    input = torch.randn(rows, 1, 32, generator=generator).bfloat16()  # (M, T, in)
+    weight = torch.randn(48, 32, generator=generator).bfloat16()
     torch.testing.assert_close(
-        packed_linear(rows_bf16, weight_bf16, None), F.linear(rows_bf16, weight_bf16), rtol=2e-2, atol=2e-2
+        packed_linear(input, weight, None), F.linear(input, weight), rtol=2e-2, atol=2e-2
     )
 
 

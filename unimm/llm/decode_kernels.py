@@ -31,9 +31,13 @@ from torch.overrides import TorchFunctionMode
 # Above this many rows the BLAS kernel wins again: on the EPYC, the 29 linears of the benchmark's default
 # model took 2.7 against 4.6 ms as fused reductions at 8 rows, and 6.6 against 5.5 ms at 16.
 MAX_FUSED_LINEAR_ROWS = 8
-# Weight dtypes oneDNN's packed linear takes on the CPU, where this PyTorch build has oneDNN (asked once here:
-# dynamo cannot trace the question inside a graph).
-PACKED_LINEAR_DTYPES = (torch.float32, torch.bfloat16) if torch.backends.mkldnn.is_available() else ()
+# Weight dtypes oneDNN's packed linear takes on this CPU, where this PyTorch build has oneDNN: bf16 needs AVX-512
+# (BW/VL/DQ) or AVX-NE-CONVERT. Asked once here: dynamo cannot trace the questions inside a graph.
+PACKED_LINEAR_DTYPES = (
+    (torch.float32, *((torch.bfloat16,) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ()))
+    if torch.backends.mkldnn.is_available()
+    else ()
+)
 # Queries per row up to which attention is written out (a decode step feeds one or two tokens).
 MAX_FUSED_ATTENTION_QUERIES = 2
 
