@@ -19,7 +19,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -358,25 +358,35 @@ def _event(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-async def _stream(
-    batcher: GenerationBatcher, job: ChatJob, reply: _ChatReply, include_usage: bool
-) -> Response:
-    """Server-sent events of the answer as it is generated. The response starts with the first piece of
-    text, so a request the model refuses still gets its 4xx JSON error instead of a broken stream."""
+async def _start_stream(
+    batcher: GenerationBatcher, job: ChatJob | ImageJob, listen: Callable[[Callable[[Any], None]], None]
+) -> tuple[asyncio.Queue, asyncio.Future, Any]:
+    """Submit a streamed job whose worker hands its items (text pieces, previews) to the callback ``listen``
+    installs on it: returns the queue of those items (``_END`` last), the job's future and the first item. A
+    job that fails before its first item raises its error response here, before any event is sent."""
     loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue = asyncio.Queue()
-    job.on_text = lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
+    items: asyncio.Queue = asyncio.Queue()
+    listen(lambda item: loop.call_soon_threadsafe(items.put_nowait, item))
     future = _submit(batcher, job)
-    # Pieces are queued from the worker before the job's result is set, so _END comes after them all.
-    future.add_done_callback(lambda _: pieces.put_nowait(_END))
+    # Items are queued from the worker before the job's result is set, so _END comes after them all.
+    future.add_done_callback(lambda _: items.put_nowait(_END))
     try:
-        first = await pieces.get()
+        first = await items.get()
     except asyncio.CancelledError:
         job.cancelled.set()
         future.cancel()
         raise
     if first is _END and not future.cancelled() and future.exception() is not None:
         await _outcome(future)  # raises the error response
+    return items, future, first
+
+
+async def _stream(
+    batcher: GenerationBatcher, job: ChatJob, reply: _ChatReply, include_usage: bool
+) -> Response:
+    """Server-sent events of the answer as it is generated. The response starts with the first piece of
+    text, so a request the model refuses still gets its 4xx JSON error instead of a broken stream."""
+    pieces, future, first = await _start_stream(batcher, job, lambda put: setattr(job, "on_text", put))
 
     async def events() -> AsyncIterator[str]:
         try:
@@ -446,20 +456,9 @@ def _named_event(name: str, payload: dict[str, Any]) -> str:
 async def _stream_images(batcher: GenerationBatcher, job: ImageJob, reply: _ImageEvents) -> Response:
     """Server-sent events of the partial images as they are made, then of the images. As for chat, the
     response starts with the first event, so a request the model refuses still gets its 4xx JSON error."""
-    loop = asyncio.get_running_loop()
-    previews: asyncio.Queue = asyncio.Queue()
-    job.on_preview = lambda *preview: loop.call_soon_threadsafe(previews.put_nowait, preview)
-    future = _submit(batcher, job)
-    # Previews are queued from the worker before the job's result is set, so _END comes after them all.
-    future.add_done_callback(lambda _: previews.put_nowait(_END))
-    try:
-        first = await previews.get()
-    except asyncio.CancelledError:
-        job.cancelled.set()
-        future.cancel()
-        raise
-    if first is _END and not future.cancelled() and future.exception() is not None:
-        await _outcome(future)  # raises the error response
+    previews, future, first = await _start_stream(
+        batcher, job, lambda put: setattr(job, "on_preview", lambda *preview: put(preview))
+    )
 
     async def events() -> AsyncIterator[str]:
         try:
