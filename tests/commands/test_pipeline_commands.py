@@ -94,13 +94,22 @@ def test_reconstruct_writes_images_and_reports_psnr(checkpoint, image_file, tmp_
 
 
 @pytest.mark.integration
-def test_demo_runs_the_pipeline_when_a_checkpoint_exists(checkpoint, tmp_path, capsys):
+def test_demo_shows_every_scene_in_one_picture_and_a_transcript(checkpoint, tmp_path, capsys):
+    from unimm.commands.demo import DEMO_SCENES, PICTURE_NAME
+    from unimm.commands.labelled_picture import PAGE_MAX_WIDTH
+
     output_dir = tmp_path / "demo"
     arguments = ["demo", "--checkpoint", checkpoint, "--output-dir", str(output_dir), "--num-images", "2"]
     arguments += ["--num-prompts", "1", "--num-images-per-prompt", "2", "--decoder", "pixel"]
     assert cli.main(arguments) == 0
-    assert (output_dir / "demo_chat.png").is_file() and (output_dir / "demo_generate.png").is_file()
-    assert capsys.readouterr().out.count("What is this?") == 4  # 2 Fashion-MNIST + 2 emoji questions
+    out = capsys.readouterr().out
+    assert all(f"== {scene.title} ==" in out for scene in DEMO_SCENES)  # no scene left out
+    # 2 + 2 questions, 1 + 1 drawings, 2 conversations of 3 turns, 2 interleaved, 4 edits, 3 wide or tall.
+    assert out.count("\n  you: ") == 4 + 2 + 6 + 2 + 4 + 3
+    assert out.count("\n  model: ") == out.count("\n  you: ")
+    assert "<2 images" in out and "pixel decoder" in out
+    assert sorted(path.name for path in output_dir.iterdir()) == [PICTURE_NAME]
+    assert PIL.Image.open(output_dir / PICTURE_NAME).width <= PAGE_MAX_WIDTH
 
 
 @pytest.mark.integration

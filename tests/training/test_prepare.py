@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -234,6 +235,46 @@ def test_answers_keep_one_full_stop() -> None:
     }
     assert answers == {"A red circle."}
     assert args.wording.prompt(builder.fields(" a red circle "), rng) == "a red circle"
+
+
+def test_prompts_name_a_row_by_its_synonyms_and_answers_keep_the_label() -> None:
+    source = {
+        "dataset": "fashion_mnist",
+        "label_column": "label",
+        "label_names": ["bag", "ankle_boot"],
+        "label_synonyms": {"bag": ["handbag", "purse"], "ankle boot": "boot"},
+    }
+    args = PrepareArguments(
+        sources=[source], visual_tokenizer="vq", output_dir="out", backbone=TINY_BACKBONE,
+        prompt_templates=["{subject}"], synonym_share=0.5,
+    )  # fmt: skip
+    builder = SampleBuilder(args)
+    pair = [
+        {"type": IMAGE, "role": "", "image_token_ids": [1, 2, 3, 4], "image_grid": [2, 2]},
+        {"type": TEXT, "role": "", "text": "a photo of a bag"},
+    ]
+    prompts, answers = Counter(), Counter()
+    for index in range(2000):
+        chats = dict(builder(pair, random.Random(index), train=False, label="bag"))
+        prompts[chats[GENERATION]["segments"][0]["text"]] += 1
+        answers[chats[UNDERSTANDING]["segments"][-1]["text"]] += 1
+    assert set(prompts) == {"a bag", "a handbag", "a purse"}
+    assert abs(prompts["a bag"] / 2000 - 0.5) < 0.04
+    assert answers == Counter({"a bag.": 2000})
+
+
+@pytest.mark.parametrize(
+    ("synonyms", "message"),
+    [
+        ({"handbag": ["purse"]}, "'handbag' is not one of label_names (did you mean 'bag'?)"),
+        ({"bag": []}, "label_synonyms.bag: expected a list of non-empty names"),
+        (["bag"], "label_synonyms: expected {label: [synonym, ...]}"),
+    ],
+)
+def test_bad_synonyms_name_what_is_wrong(synonyms, message) -> None:
+    source = {"dataset": "emoji", "label_column": "name", "label_names": ["bag"], "label_synonyms": synonyms}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        PrepareArguments(sources=[source], visual_tokenizer="vq", output_dir="out", backbone=TINY_BACKBONE)
 
 
 # --- resuming ---------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ A source is a mapping of ``SOURCE_KEYS``::
         label_column: label                     # the class of each row (ints named by label_names, or text)
         label_names: [t-shirt, pair of trousers, pullover, dress, coat, sandal, shirt, sneaker, bag, ankle boot]
         subject: "{article} {label}"            # how prompts and answers name a row: "a sneaker"
+        label_synonyms: {bag: [handbag, purse]} # other names prompts may use (answers keep the label)
       - dataset: emoji
         label_column: name                      # "red_heart": underscores read as spaces
         subject: "an emoji of {label}"
@@ -29,7 +30,7 @@ import difflib
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ SOURCE_KEYS = (
     "label_column",
     "label_names",
     "subject",
+    "label_synonyms",
     "max_train_samples",
     "max_eval_samples",
 )
@@ -75,6 +77,7 @@ class SourceSpec:
     label_column: str | None = None
     label_names: tuple[str, ...] | None = None
     subject: str = CAPTION_SUBJECT
+    label_synonyms: dict[str, tuple[str, ...]] = field(default_factory=dict)
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
 
@@ -132,12 +135,51 @@ def parse_source(value: Any, where: str) -> SourceSpec:
         raise ValueError(f"{where}.subject: expected a template string, got {subject!r}")
     if label_column is None and "{label}" in subject:
         raise ValueError(f"{where}.subject {subject!r} uses {{label}}: set label_column")
+    synonyms = parse_synonyms(
+        value.get("label_synonyms"), label_column, label_names, f"{where}.label_synonyms"
+    )
     name = value.get("name") or _default_name(spec)
     return SourceSpec(
         dataset=value["dataset"], name=str(name), repeats=repeats, label_column=label_column,
-        label_names=label_names, subject=subject, max_train_samples=value.get("max_train_samples"),
+        label_names=label_names, subject=subject, label_synonyms=synonyms,
+        max_train_samples=value.get("max_train_samples"),
         max_eval_samples=value.get("max_eval_samples"),
     )  # fmt: skip
+
+
+def parse_synonyms(
+    value: Any, label_column: str | None, label_names: tuple[str, ...] | None, where: str
+) -> dict[str, tuple[str, ...]]:
+    """``{label: [other names]}``: labels read as :func:`read_labels` writes them, each a known label name."""
+    if value is None:
+        return {}
+    if label_column is None:
+        raise ValueError(f"{where} needs label_column (synonyms name labels)")
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}: expected {{label: [synonym, ...]}}, got {value!r}")
+    known = {_label_text(name) for name in label_names} if label_names else None
+    synonyms = {}
+    for label, names in value.items():
+        if isinstance(names, str):
+            names = [names]
+        if (
+            not isinstance(names, Sequence)
+            or not names
+            or not all(isinstance(name, str) and name.strip() for name in names)
+        ):
+            raise ValueError(f"{where}.{label}: expected a list of non-empty names, got {names!r}")
+        label = _label_text(str(label))
+        if known is not None and label not in known:
+            close = difflib.get_close_matches(label, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{where}: {label!r} is not one of label_names{hint}")
+        synonyms[label] = tuple(" ".join(name.split()) for name in names)
+    return synonyms
+
+
+def _label_text(value: str) -> str:
+    """A label as prompts say it: underscores read as spaces, runs of spaces as one."""
+    return " ".join(value.replace("_", " ").split())
 
 
 def _default_name(spec: Any) -> str:
@@ -238,7 +280,7 @@ def read_labels(dataset: datasets.Dataset, source: SourceSpec, where: str) -> li
                     f"{where}.label_names: {len(names)} names, but the column holds label {value}"
                 )
             value = names[value]
-        labels.append(" ".join(str(value).replace("_", " ").split()) or None)
+        labels.append(_label_text(str(value)) or None)
     return labels
 
 

@@ -207,6 +207,10 @@ class PrepareArguments:
         default="{subject}.",
         metadata={"help": "the answer naming an image (a field's final '.' is not doubled)"},
     )
+    synonym_share: float = field(
+        default=0.3,
+        metadata={"help": "share of image prompts naming a row by one of its source's label_synonyms"},
+    )
     upper_case_share: float = field(default=0.0, metadata={"help": "share of user turns in upper case"})
     capitalize_share: float = field(default=0.0, metadata={"help": "share of user turns capitalised"})
     skills: dict[str, Any] | None = field(
@@ -257,7 +261,13 @@ class PrepareArguments:
         ]
         if self.text_tokenizer not in TEXT_TOKENIZERS:
             raise ValueError(f"text_tokenizer must be one of {TEXT_TOKENIZERS}, got {self.text_tokenizer!r}")
-        for name in ("condition_dropout", "text_replay_fraction", "eval_fraction", "max_unknown_rate"):
+        for name in (
+            "condition_dropout",
+            "text_replay_fraction",
+            "eval_fraction",
+            "max_unknown_rate",
+            "synonym_share",
+        ):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.upper_case_share + self.capitalize_share > 1.0:
@@ -369,6 +379,14 @@ class SampleBuilder:
         """The template fields of a pair row (``unimm.data.skills.thing_fields``)."""
         return thing_fields(caption, label, self.args.subjects[source])
 
+    def prompt_fields(self, values: dict[str, str], source: int, rng: random.Random) -> dict[str, str]:
+        """The fields an image prompt names the row by: now and then one of its label's synonyms ("handbag"
+        for "bag"), so prompts generalise over names; the answer naming an image keeps the label."""
+        synonyms = self.args.source_specs[source].label_synonyms.get(values["label"])
+        if not synonyms or rng.random() >= self.args.synonym_share:
+            return values
+        return thing_fields(values["caption"], rng.choice(synonyms), self.args.subjects[source])
+
     def __call__(
         self,
         segments: Sequence[Mapping[str, Any]],
@@ -384,7 +402,9 @@ class SampleBuilder:
         (caption,) = (segment["text"] for segment in segments if segment["type"] == TEXT)
         values = self.fields(caption, source, label)
         image_fields = {name: image.get(name) for name in ("image", "image_token_ids", "image_grid")}
-        generation = generation_sample(self.wording.prompt(values, rng), image_fields)
+        generation = generation_sample(
+            self.wording.prompt(self.prompt_fields(values, source, rng), rng), image_fields
+        )
         dropped = train and rng.random() < self.args.condition_dropout
         question = self.wording.question(rng)
         return [
