@@ -15,7 +15,10 @@ from collections.abc import Sequence
 
 # command -> (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("unimm.commands.demo", "chat and image generation with the embedded demo model"),
+    "demo": (
+        "unimm.commands.demo",
+        "every skill of the embedded demo model: one labelled picture and a transcript",
+    ),
     "chat": ("unimm.commands.chat", "chat with a checkpoint about images (one question or a conversation)"),
     "generate": ("unimm.commands.generate", "generate images from text prompts (PNGs and a grid)"),
     "reconstruct": ("unimm.commands.reconstruct", "encode images to image tokens and decode them again"),

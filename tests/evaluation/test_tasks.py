@@ -19,7 +19,7 @@ from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 from unimm import cli
 from unimm.commands.eval import DEFAULT_LIMIT as CLI_DEFAULT_LIMIT
-from unimm.commands.eval import build_tasks
+from unimm.commands.eval import SKILL_TASK_NAMES, build_tasks
 from unimm.evaluation.answers import contains_match, exact_match, normalize_answer, score_answer, token_f1
 from unimm.evaluation.feature_spaces import (
     AutoModelFeatures,
@@ -453,7 +453,7 @@ def test_cli_runs_tasks_end_to_end(tiny_pipeline, squares, judge_file, tmp_path,
 @pytest.mark.parametrize(
     ("options", "names"),
     [
-        ([], ["demo"]),
+        ([], ["demo", *SKILL_TASK_NAMES]),
         (["--dataset", "pics"], ["understanding", "reconstruction"]),
         (["--dataset", "pics", "--judge", "j:f"], ["understanding", "reconstruction", "prompt_following"]),
         (["--dataset", "pics", "--task", "frechet", "--task", "understanding"], ["frechet", "understanding"]),

@@ -1,6 +1,8 @@
 """Evaluate a checkpoint with tasks: report.json, report.md, PNG grids and per-example records.
 
-    unimm eval                                     # the demo report of the demo model -> outputs/eval
+    unimm eval                                     # the demo report and the skill tasks of the demo model
+    unimm eval --task demo                         # the demo report alone, straight into outputs/eval
+    unimm eval --task skills --limit 50            # the unified skills alone, 50 images per dataset task
     unimm eval outputs/demo-random --output-dir outputs/eval-random --images-per-class 20
     unimm eval checkpoints/mine --task understanding --dataset data/shapes --question "What colour is it?"
     unimm eval checkpoints/mine --task prompt_following --dataset data/shapes --judge judges.py:colour
@@ -17,13 +19,23 @@ Tasks (several --task run in one go, each in its own folder of --output-dir):
                     fashion_mnist; the judge on the real images is the ceiling
   frechet           Fréchet distance in a named feature space (--features teacher|judge|FOLDER) between generated
                     and real images, with a real-vs-real reference (two disjoint halves); not an FID
-  demo              the demo report (the default): Fashion-MNIST understanding and judged generation, reconstruction,
+  demo              the demo report: Fashion-MNIST understanding and judged generation, reconstruction,
                     emoji Fréchet distance in judge features (needs `make data`); also called fashion_mnist
+  skills            the unified skills' tasks below, each with its defaults (the demo recipe's classes and wordings,
+                    the fashion_mnist judge); with demo, the default
+  prompt_wording    every class in bare and unseen wordings, judged: mean and lowest prompt
+  multi_turn        "draw another one like it" after a held-out image; "what did you draw?" after a drawing
+  interleaved       "Show me X and Y." in interleaved mode: both images right and in order
+  edit              mirror/darker/invert: PSNR against the exact result next to the tokenizer's reconstruction of it;
+                    "turn it into Y": judged
+  composition       "X next to Y" (wide) and "X above Y" (tall): both halves judged right
+  naming            training-split emoji asked "What is this?": named exactly
 
 --dataset is a dataset spec: a demo name, a path (image folder with metadata.jsonl, JSONL, parquet,
 WebDataset tars, LLaVA JSON) or a JSON/YAML mapping. A task reads its test split when it has one, else
---split; --limit rows are drawn by --seed. Each task warns when words of its questions or prompts are
-unknown to the checkpoint's tokenizer, and when its dataset is not in the checkpoint's model card.
+--split; --limit rows are drawn by --seed (default 1000; each skill task has its own smaller default). Each
+task warns when words of its questions or prompts are unknown to the checkpoint's tokenizer, and when its
+dataset is not in the checkpoint's model card.
 """
 
 from __future__ import annotations
@@ -44,8 +56,14 @@ from unimm.commands.pipeline_arguments import (
 
 logger = logging.getLogger(__name__)
 
-TASK_NAMES = ("understanding", "reconstruction", "prompt_following", "frechet", "demo", "fashion_mnist")
-DEFAULT_TASK = "demo"
+# As unimm.evaluation.skill_tasks.SKILL_TASKS (not imported: --help stays fast).
+SKILL_TASK_NAMES = ("prompt_wording", "multi_turn", "interleaved", "edit", "composition", "naming")
+SKILLS = "skills"  # every skill task
+TASK_NAMES = (
+    "understanding", "reconstruction", "prompt_following", "frechet", "demo", "fashion_mnist", SKILLS,
+    *SKILL_TASK_NAMES,
+)  # fmt: skip
+DEFAULT_TASKS = ("demo", SKILLS)
 # With --dataset and no --task: the tasks that need nothing else (and prompt_following given --judge).
 DATASET_DEFAULT_TASKS = ("understanding", "reconstruction")
 DEFAULT_LIMIT = 1000  # as unimm.evaluation.task_base.DEFAULT_LIMIT (not imported: --help stays fast)
@@ -104,7 +122,7 @@ def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         choices=TASK_NAMES,
         default=None,
-        help=f"a task to run; repeat for several (default: {DEFAULT_TASK}; with --dataset: "
+        help=f"a task to run; repeat for several (default: {' and '.join(DEFAULT_TASKS)}; with --dataset: "
         f"{' and '.join(DATASET_DEFAULT_TASKS)}, and prompt_following with --judge)",
     )
     group.add_argument(
@@ -123,8 +141,9 @@ def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--limit",
         type=int,
-        default=DEFAULT_LIMIT,
-        help=f"rows per task at most, drawn by --seed from the split (default: {DEFAULT_LIMIT}); 0: all",
+        default=None,
+        help=f"rows per task at most, drawn by --seed from the split (default: {DEFAULT_LIMIT}; the skill tasks "
+        "100); 0: all",
     )
     group.add_argument(
         "--question",
@@ -196,25 +215,29 @@ def _dataset(value: str | None):
 
 def build_tasks(args: argparse.Namespace) -> list:
     """The tasks of the command line (--task with the shared options), then those of --tasks-file."""
-    from unimm.evaluation.task_runner import build_task, load_task_file
-    from unimm.evaluation.tasks import TASKS
+    from unimm.evaluation.task_runner import ALL_TASKS, build_task, load_task_file
 
     values = vars(args) | {
         "dataset": _dataset(args.dataset),
         "prompts": _prompts(args),
-        "limit": args.limit or None,
         "num_diffusion_reconstruction": args.num_diffusion_reconstruction,
     }
+    # --limit: unset, each task's default; 0, every row (None, which the filter below would drop).
+    explicit = {"limit": None} if args.limit == 0 else {}
     if args.task or args.tasks_file:
         names = list(args.task or [])
     elif args.dataset is not None:  # the user's data: never the demo report by default
         names = [*DATASET_DEFAULT_TASKS, *(["prompt_following"] if args.judge else [])]
     else:
-        names = [DEFAULT_TASK]
+        names = list(DEFAULT_TASKS)
+    names = [task for name in names for task in (SKILL_TASK_NAMES if name == SKILLS else (name,))]
     tasks = []
     for name in names:
-        fields = {item.name for item in dataclasses.fields(TASKS[name])} - {"label"}
-        tasks.append(build_task(name, {key: values[key] for key in fields if values.get(key) is not None}))
+        fields = {item.name for item in dataclasses.fields(ALL_TASKS[name])} - {"label"}
+        options = {key: values[key] for key in fields if values.get(key) is not None}
+        tasks.append(
+            build_task(name, options | {key: value for key, value in explicit.items() if key in fields})
+        )
     if args.tasks_file is not None:
         tasks += load_task_file(args.tasks_file)
     return tasks
@@ -226,7 +249,7 @@ def main(args: argparse.Namespace) -> int:
 
     if args.checkpoint_path is not None:
         args.checkpoint = args.checkpoint_path
-    if args.batch_size < 1 or args.limit < 0:
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 0):
         return report_error(
             ValueError(f"--batch-size must be >= 1 and --limit >= 0, got {args.batch_size} and {args.limit}")
         )

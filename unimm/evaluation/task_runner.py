@@ -33,6 +33,7 @@ import yaml
 
 from unimm.data.spec import resolve_spec_paths
 
+from .skill_tasks import SKILL_TASKS
 from .task_base import EvalTask, TaskContext, TaskResult
 from .tasks import TASKS
 
@@ -42,6 +43,8 @@ REPORT_JSON, REPORT_MD = "report.json", "report.md"
 TASK_KEY = "task"
 # Options naming files, resolved against a task file's folder when they are relative paths there.
 PATH_OPTIONS = ("judge", "features")
+# Every task by name: those of unimm.evaluation.tasks and the unified skills' (unimm.evaluation.skill_tasks).
+ALL_TASKS: dict[str, type[EvalTask]] = {**TASKS, **SKILL_TASKS}
 
 
 @dataclass
@@ -64,11 +67,11 @@ class EvaluationRun:
 
 
 def build_task(name: str, options: Mapping[str, Any] | None = None) -> EvalTask:
-    """The task ``name`` (one of ``TASKS``) with ``options`` (its dataclass fields); a one-line error for an
-    unknown name or option."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
-    task_class = TASKS[name]
+    """The task ``name`` (one of ``ALL_TASKS``) with ``options`` (its dataclass fields); a one-line error for
+    an unknown name or option."""
+    if name not in ALL_TASKS:
+        raise ValueError(f"unknown task {name!r}; expected one of {sorted(ALL_TASKS)}")
+    task_class = ALL_TASKS[name]
     fields = [item.name for item in dataclasses.fields(task_class)]
     unknown = sorted(set(options or {}) - set(fields))
     if unknown:
@@ -94,7 +97,7 @@ def load_task_file(path: str | os.PathLike) -> list[EvalTask]:
         options = dict(entry)
         name = options.pop(TASK_KEY, None)
         if name is None:
-            raise ValueError(f"{path}: task {index + 1} has no `task:` key (one of {sorted(TASKS)})")
+            raise ValueError(f"{path}: task {index + 1} has no `task:` key (one of {sorted(ALL_TASKS)})")
         if options.get("dataset") is not None:
             options["dataset"] = resolve_spec_paths(options["dataset"], base_dir)
         for option in PATH_OPTIONS:
@@ -195,6 +198,7 @@ def render_run_markdown(run: EvaluationRun) -> str:
 
 
 __all__ = [
+    "ALL_TASKS",
     "EvaluationRun",
     "build_task",
     "load_task_file",
