@@ -379,12 +379,16 @@ def compare_text_skills(pipeline: Any, text_model_name_or_path: str, output_dir:
 
 
 def evaluate_and_card(
-    checkpoint: Path, output_dir: Path, text_model_name_or_path: str | None = None, **report_options: Any
+    checkpoint: Path,
+    output_dir: Path,
+    text_model_name_or_path: str | None = None,
+    skills: bool = False,
+    **report_options: Any,
 ) -> None:
     """Write the quality report (``report_options`` go to ``evaluate_pipeline``) and put its headline
     figures into the checkpoint's model card. With ``text_model_name_or_path`` (the pretrained LM the
     unified model started from) the text questions are asked before and after, see
-    :func:`compare_text_skills`."""
+    :func:`compare_text_skills`; with ``skills``, the unified skills' tasks too (:func:`skill_metrics`)."""
     from unimm.evaluation.report import evaluate_pipeline
     from unimm.pipelines import UniMMPipeline
     from unimm.pipelines.model_card import build_model_card
@@ -415,7 +419,20 @@ def evaluate_and_card(
         metrics["general text questions correct after, plain generate() without the text-mode constraint"] = (
             f"{unconstrained['correct']}/{unconstrained['total']}"
         )
+    if skills:
+        metrics.update(skill_metrics(pipeline, checkpoint, output_dir / "skills"))
     build_model_card(pipeline, list(TRAINING_DATA), metrics).save(checkpoint / "README.md")
+
+
+def skill_metrics(pipeline: Any, checkpoint: Path, output_dir: Path) -> dict[str, str]:
+    """The unified skills' tasks (``unimm eval --task skills``: their report goes to ``output_dir``), as the
+    model card's rows: "<skill>: <metric>" -> value."""
+    from unimm.evaluation import TaskContext, run_tasks
+    from unimm.evaluation.skill_tasks import SKILL_TASKS
+
+    tasks = [task_class() for task_class in SKILL_TASKS.values()]
+    run = run_tasks(pipeline, tasks, TaskContext(output_dir=output_dir, checkpoint=str(checkpoint)))
+    return {f"{result.label}: {metric}": value for result in run.results for metric, value, _ in result.table}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -429,6 +446,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the recipe folder holding llm_data.yaml (default: recipes/demo; recipes/smollm2 for SmolLM2)",
     )
     parser.add_argument("--checkpoint", default="unimm/demo_checkpoint", help="eval: the checkpoint folder")
+    parser.add_argument(
+        "--skills", action="store_true", help="eval: the unified skills' tasks too (unimm eval --task skills)"
+    )
     parser.add_argument("--output-dir", default="outputs/demo/eval", help="eval: the report's folder")
     parser.add_argument(
         "--num-understanding", type=int, default=None, help="eval: test images asked (default: the report's)"
@@ -459,6 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(args.checkpoint),
         Path(args.output_dir),
         text_model_name_or_path=data_args.text_model_name_or_path,
+        skills=args.skills,
         **report_options,
     )
     return 0
