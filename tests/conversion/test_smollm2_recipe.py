@@ -1,12 +1,11 @@
 """The recipes/smollm2 path on the real backbones (slow: `make test-slow`; needs `make assets`, `make data`).
 
-A DINOv2-taught tokenizer (untrained: only the plumbing is checked) feeds the data step with SmolLM2 as the
-text model; one LoRA step then changes the image rows and the adapters, never SmolLM2's own weights."""
+A DINOv2-taught tokenizer (untrained: only the plumbing is checked) feeds the data step (`unimm prepare
+recipes/smollm2/prepare.yaml` at a test's size) with SmolLM2 as the text model; one LoRA step then changes the
+image rows and the adapters, never SmolLM2's own weights."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import datasets
@@ -16,19 +15,13 @@ import torch
 from unimm.llm import UniMMForCausalLM, UniMMProcessor
 from unimm.llm.lora import apply_lora
 from unimm.tokenizer import DualCodebookConfig, DualCodebookImageProcessor, DualCodebookTokenizer
+from unimm.training.prepare import load_prepare_recipe, prepare
 
 pytestmark = pytest.mark.slow
-DEMO_STEPS = Path(__file__).resolve().parents[2] / "recipes" / "demo" / "demo_steps.py"
-
-
-def _demo_steps():
-    """recipes/demo/demo_steps.py (outside the package) as a module."""
-    spec = importlib.util.spec_from_file_location(DEMO_STEPS.stem, DEMO_STEPS)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
+PREPARE_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "smollm2" / "prepare.yaml"
+# The recipe's sources without their own sizes (6,000 Fashion-MNIST images, emoji 3 times), so that
+# max_train_samples cuts both to four images seen once; no text replay (SmolLM2 would take minutes to write it).
+SMALL_SOURCES = "sources=[{dataset: fashion_mnist}, {dataset: emoji}]"
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -45,14 +38,12 @@ def smollm2_data(converted_smollm2: dict, converted_dinov2: dict, tmp_path_facto
     assert vq_model.teacher.config.model_type == "dinov2" and vq_model.config.teacher_config is not None
     vq_model.save_pretrained(folder / "tokenizer")
     DualCodebookImageProcessor.from_tokenizer_config(vq_model.config).save_pretrained(folder / "tokenizer")
-    demo_steps = _demo_steps()
-    demo_steps.build_llm_data(
-        demo_steps.DemoLlmDataArguments(
-            tokenizer_path=str(folder / "tokenizer"), output_dir=str(folder / "data"),
-            text_model_name_or_path=converted_smollm2["output_dir"], max_train_images=4, emoji_repeats=1,
-            max_eval_images=2, encode_batch_size=8,
-        )
-    )  # fmt: skip
+    overrides = [
+        f"visual_tokenizer={folder / 'tokenizer'}", f"output_dir={folder / 'data'}",
+        f"text_model_name_or_path={converted_smollm2['output_dir']}", SMALL_SOURCES, "max_train_samples=4",
+        "max_eval_samples=2", "text_replay_fraction=0.0", "encode_batch_size=8",
+    ]  # fmt: skip
+    prepare(load_prepare_recipe(PREPARE_RECIPE, overrides))
     return folder / "data"
 
 

@@ -13,14 +13,14 @@ from unimm.training.deepspeed_config import fill_deepspeed_config, load_deepspee
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 YAML_FILES = sorted((REPOSITORY / "recipes").rglob("*.yaml"))
-# What each kind of recipe holds, by a key only it has; recipes/demo|smollm2/llm_data.yaml configure the demo
-# driver's data step (tests/training/test_demo_model.py), accelerate/ holds accelerate's own configs.
+# What each kind of recipe holds, by a key only it has (a training stage, build steps, or a prepare recipe's
+# visual tokenizer); accelerate/ holds accelerate's own configs.
 RECIPES = sorted(path for path in YAML_FILES if "stage" in yaml.safe_load(path.read_text()))
 BUILD_RECIPES = sorted(path for path in YAML_FILES if "steps" in yaml.safe_load(path.read_text()))
 PREPARE_RECIPES = sorted(
     path for path in YAML_FILES if "visual_tokenizer" in yaml.safe_load(path.read_text())
 )
-OTHER_YAML = sorted(path for path in YAML_FILES if "accelerate" in path.parts or path.name == "llm_data.yaml")
+OTHER_YAML = sorted(path for path in YAML_FILES if "accelerate" in path.parts)
 DEEPSPEED_CONFIGS = sorted((REPOSITORY / "recipes" / "deepspeed").glob("*.json"))
 
 
@@ -35,7 +35,16 @@ def test_every_yaml_file_is_a_recipe_of_a_known_kind():
 def test_prepare_recipe_is_valid(path):
     from unimm.training.prepare import PrepareArguments, load_prepare_recipe
 
-    assert isinstance(load_prepare_recipe(path), PrepareArguments)
+    args = load_prepare_recipe(path)
+    assert isinstance(args, PrepareArguments)
+    assert (args.backbone is None) != (args.text_model_name_or_path is None)
+    assert not (args.text_model_name_or_path or "").startswith("~")  # expanded
+
+
+def test_every_prepare_recipe_is_found():
+    """The demo's and SmolLM2's data steps are prepare recipes, so the test above checks them."""
+    found = {str(path.relative_to(REPOSITORY / "recipes")) for path in PREPARE_RECIPES}
+    assert found >= {"demo/prepare.yaml", "smollm2/prepare.yaml", "prepare/tiny.yaml"}
 
 
 @pytest.mark.parametrize(
