@@ -4,7 +4,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from unimm.llm import ModalitySampling
 from unimm.llm import generation as generation_module
-from unimm.llm.constraints import DONE, IMAGE, ConstraintState
+from unimm.llm.constraints import DONE, IMAGE, ConstraintState, build_mask_table, image_length
 from unimm.llm.sampling import RowSampler
 
 GREEDY = ModalitySampling()
@@ -381,3 +381,46 @@ def test_schedule_equals_the_state_machine_step_by_step(tiny):
         part_of_image = state.advance(torch.where(forced >= 0, forced, codes[step]))
         assert torch.equal(schedule.part_of_image[step], part_of_image)
     assert (state.phase == DONE).all()
+
+
+def test_a_row_writing_its_own_size_only_chooses_sizes_that_fit_its_budget(tiny):
+    """Interleaved rows open an image once a 1x1 one fits; the largest size the mask then allows is the
+    largest that still fits, so the image is always closed (never cut by the budget)."""
+    vocabulary = tiny.model().vocabulary
+    table = build_mask_table(vocabulary, torch.device("cpu"), torch.float32)
+    largest = image_length(vocabulary.max_grid_height, vocabulary.max_grid_width)
+    budgets = torch.tensor([5, 6, 9, 13, largest - 1, largest])
+    rows = len(budgets)
+    state = ConstraintState(
+        vocabulary, image_mode=torch.zeros(rows, dtype=torch.bool), allow_image=torch.ones(rows, dtype=torch.bool),
+        requested_grid=torch.zeros(rows, 2, dtype=torch.long), budget=budgets, eos_token_ids=torch.tensor([2]),
+        pad_token_id=0,
+    )  # fmt: skip
+    written = [[] for _ in range(rows)]
+    for _ in range(int(budgets.max())):
+        mask_class, forced = state.plan()
+        allowed = table[mask_class] == 0  # (rows, V)
+        # Open an image where allowed, else write text; inside, take the largest allowed size and any code.
+        boi = torch.full((rows,), vocabulary.boi_token_id)
+        largest_allowed = (allowed * torch.arange(vocabulary.vocab_size)).argmax(-1)
+        first_allowed = allowed.float().argmax(-1)
+        in_text = state.phase == 0
+        choice = torch.where(
+            in_text, torch.where(allowed[:, vocabulary.boi_token_id], boi, first_allowed), largest_allowed
+        )
+        tokens = torch.where(forced >= 0, forced, choice)
+        for row, token in enumerate(tokens.tolist()):
+            if state.phase[row] != DONE:
+                written[row].append(token)
+        state.advance(tokens)
+    assert written[0].count(vocabulary.boi_token_id) == 0  # 5 tokens: no 1x1 image (6 tokens) fits
+    sizes = []
+    for row in range(1, rows):
+        tokens = written[row]
+        assert tokens[0] == vocabulary.boi_token_id and vocabulary.eoi_token_id in tokens, (row, tokens)
+        height = tokens[1] - vocabulary.height_token_offset + 1
+        width = tokens[2] - vocabulary.width_token_offset + 1
+        assert image_length(height, width) <= budgets[row]
+        sizes.append((height, width))
+    assert sizes[0] == (1, 1) and sizes[-1] == (vocabulary.max_grid_height, vocabulary.max_grid_width)
+    assert sizes[-2] != sizes[-1]  # one token short of the largest image: a smaller one

@@ -292,12 +292,10 @@ class Settings:
     images_per_prompt: int
 
 
-def layout_size(
-    pipeline: UniMMPipeline, layout: str, explicit: bool = False
-) -> tuple[int | None, int | None]:
+def layout_size(pipeline: UniMMPipeline, layout: str) -> tuple[int | None, int | None]:
     """``(height, width)`` in pixels of image answers of ``layout``; ``(None, None)`` (the model's default
-    size) for ``SQUARE`` unless ``explicit``."""
-    if layout == SQUARE and not explicit:
+    size) for ``SQUARE``."""
+    if layout == SQUARE:
         return None, None
     height, width = pipeline.image_grid()  # the default grid
     factor = pipeline.visual_tokenizer.config.downsample_factor
@@ -365,14 +363,11 @@ def answer_image(pipeline: UniMMPipeline, asked: Asked, settings: Settings) -> l
 
 
 def answer_interleaved(pipeline: UniMMPipeline, asked: Asked, settings: Settings) -> list[list[dict]]:
-    """Text and images as the model decides, every image at the default size (which keeps the token budget
-    of an image to that size: a model free to choose could always pick the largest grid)."""
-    height, width = layout_size(pipeline, SQUARE, explicit=True)
+    """Text and images as the model decides, their sizes too (the engine keeps each size to what still fits
+    the token budget)."""
     output = pipeline.generate(
         asked.conversations,
         output=INTERLEAVED,
-        height=height,
-        width=width,
         max_new_tokens=token_room(pipeline, asked.conversations, INTERLEAVED_TOKENS),
         seed=settings.seed,
         decoder=settings.decoder,

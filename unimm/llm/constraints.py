@@ -2,7 +2,8 @@
 
 Every row is in one phase: ``TEXT`` (no image tokens; ``<|boi|>`` allowed when the row may open an
 image), ``IMAGE`` (height, width, then codes, with ``<|eol|>`` forced at row ends and ``<|eoi|>`` after
-the last row) or ``DONE``. Each step :meth:`ConstraintState.plan` returns, per row, an allowed-token class
+the last row) or ``DONE``. A row that writes its own size tokens may only choose a size whose image still
+fits its token budget, so an interleaved answer opens images whenever a 1x1 one fits and never cuts one. Each step :meth:`ConstraintState.plan` returns, per row, an allowed-token class
 (an index into a precomputed additive mask table) and a forced token (``-1`` when free); :meth:`advance`
 moves every row on with the chosen tokens. Nothing loops over rows in Python.
 """
@@ -16,19 +17,44 @@ import torch
 from .vocabulary import ImageVocabulary
 
 TEXT, IMAGE, DONE = 0, 1, 2
-# Allowed-token classes (rows of the mask table).
+# Allowed-token classes (rows of the mask table); after them, "height at most k" for k = 1 .. max_grid_height,
+# then "width at most k" for k = 1 .. max_grid_width.
 CLASS_TEXT, CLASS_TEXT_OR_BOI, CLASS_HEIGHT, CLASS_WIDTH, CLASS_CODES = range(5)
+FIXED_CLASSES = 5
+IMAGE_HEADER = 3  # <|boi|> <|h|> <|w|>
+
+
+def image_length(height: torch.Tensor | int, width: torch.Tensor | int) -> torch.Tensor | int:
+    """Tokens of a ``height x width`` image: the header, rows of codes each closed by ``<|eol|>``, ``<|eoi|>``."""
+    return IMAGE_HEADER + height * (width + 1) + 1
+
+
+def height_class(limit: torch.Tensor) -> torch.Tensor:
+    """The class allowing heights ``1 .. limit`` (``limit`` at least 1 and at most the vocabulary's)."""
+    return FIXED_CLASSES + limit - 1
+
+
+def width_class(vocabulary: ImageVocabulary, limit: torch.Tensor) -> torch.Tensor:
+    """The class allowing widths ``1 .. limit``."""
+    return FIXED_CLASSES + vocabulary.max_grid_height + limit - 1
 
 
 def build_mask_table(vocabulary: ImageVocabulary, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``(num_classes, V)`` additive masks: 0 where a class allows a token, ``-inf`` elsewhere."""
-    allowed = torch.zeros(5, vocabulary.vocab_size, dtype=torch.bool)
+    num_classes = FIXED_CLASSES + vocabulary.max_grid_height + vocabulary.max_grid_width
+    allowed = torch.zeros(num_classes, vocabulary.vocab_size, dtype=torch.bool)
     allowed[CLASS_TEXT, : vocabulary.text_vocab_size] = True
     allowed[CLASS_TEXT_OR_BOI, : vocabulary.text_vocab_size] = True
     allowed[CLASS_TEXT_OR_BOI, vocabulary.boi_token_id] = True
     allowed[CLASS_HEIGHT, vocabulary.height_token_offset : vocabulary.width_token_offset] = True
     allowed[CLASS_WIDTH, vocabulary.width_token_offset : vocabulary.code_token_offset] = True
     allowed[CLASS_CODES, vocabulary.code_token_offset :] = True
+    for limit in range(1, vocabulary.max_grid_height + 1):
+        row = height_class(torch.tensor(limit))
+        allowed[row, vocabulary.height_token_offset : vocabulary.height_token_offset + limit] = True
+    for limit in range(1, vocabulary.max_grid_width + 1):
+        row = width_class(vocabulary, torch.tensor(limit))
+        allowed[row, vocabulary.width_token_offset : vocabulary.width_token_offset + limit] = True
     table = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, float("-inf"))
     return table.to(device)
 
@@ -68,10 +94,11 @@ class ConstraintState:
         self.image_step = torch.zeros_like(budget)  # tokens written since <|boi|>
         self.grid_height = self.requested_height.clone()
         self.grid_width = self.requested_width.clone()
-        # An interleaved row may open an image only if the longest image it could write still fits.
-        max_height = torch.where(self.requested_height > 0, self.requested_height, vocabulary.max_grid_height)
-        max_width = torch.where(self.requested_width > 0, self.requested_width, vocabulary.max_grid_width)
-        self.longest_image = 3 + max_height * (max_width + 1) + 1
+        # An interleaved row may open an image only if the smallest image it could write still fits (its
+        # requested size, else 1 code per unrequested side); the size tokens it writes are then kept to what fits.
+        min_height = torch.where(self.requested_height > 0, self.requested_height, 1)
+        min_width = torch.where(self.requested_width > 0, self.requested_width, 1)
+        self.smallest_image = image_length(min_height, min_width)
         # Rows that can never enter an image only need the end-of-text bookkeeping.
         self.text_only = not bool(image_mode.any() or allow_image.any())
         self._text_class = torch.full_like(budget, CLASS_TEXT)
@@ -85,17 +112,25 @@ class ConstraintState:
         in_text = self.phase == TEXT
         in_image = self.phase == IMAGE
         step = self.image_step
-        can_open = self.allow_image & (self.budget >= self.longest_image)
+        can_open = self.allow_image & (self.budget >= self.smallest_image)
         mask_class = torch.where(can_open, CLASS_TEXT_OR_BOI, CLASS_TEXT)
         forced = torch.full_like(step, -1)
         forced = torch.where(in_text & self.image_mode, vocabulary.boi_token_id, forced)
 
+        # The budget counts the token being chosen: after <|boi|>, h * (w + 1) + 3 tokens remain for the image.
         at_height = in_image & (step == 0)
-        mask_class = torch.where(at_height, CLASS_HEIGHT, mask_class)
+        width_now = torch.where(self.requested_width > 0, self.requested_width, 1)
+        fit_height = ((self.budget - IMAGE_HEADER) // (width_now + 1)).clamp(1, vocabulary.max_grid_height)
+        height_allowed = torch.where(self.requested_height > 0, CLASS_HEIGHT, height_class(fit_height))
+        mask_class = torch.where(at_height, height_allowed, mask_class)
         height_token = vocabulary.height_token_offset + self.requested_height - 1
         forced = torch.where(at_height & (self.requested_height > 0), height_token, forced)
         at_width = in_image & (step == 1)
-        mask_class = torch.where(at_width, CLASS_WIDTH, mask_class)
+        fit_width = ((self.budget - 2) // self.grid_height.clamp_min(1) - 1).clamp(
+            1, vocabulary.max_grid_width
+        )
+        width_allowed = torch.where(self.requested_width > 0, CLASS_WIDTH, width_class(vocabulary, fit_width))
+        mask_class = torch.where(at_width, width_allowed, mask_class)
         width_token = vocabulary.width_token_offset + self.requested_width - 1
         forced = torch.where(at_width & (self.requested_width > 0), width_token, forced)
 
