@@ -4,7 +4,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from unimm.llm import ModalitySampling
 from unimm.llm import generation as generation_module
-from unimm.llm.constraints import DONE, IMAGE, ConstraintState, build_mask_table, image_length
+from unimm.llm.constraints import DONE, IMAGE, ConstraintState, build_mask_table
 from unimm.llm.sampling import RowSampler
 
 GREEDY = ModalitySampling()
@@ -388,7 +388,7 @@ def test_a_row_writing_its_own_size_only_chooses_sizes_that_fit_its_budget(tiny)
     largest that still fits, so the image is always closed (never cut by the budget)."""
     vocabulary = tiny.model().vocabulary
     table = build_mask_table(vocabulary, torch.device("cpu"), torch.float32)
-    largest = image_length(vocabulary.max_grid_height, vocabulary.max_grid_width)
+    largest = vocabulary.image_sequence_length(vocabulary.max_grid_height, vocabulary.max_grid_width)
     budgets = torch.tensor([5, 6, 9, 13, largest - 1, largest])
     rows = len(budgets)
     state = ConstraintState(
@@ -420,7 +420,7 @@ def test_a_row_writing_its_own_size_only_chooses_sizes_that_fit_its_budget(tiny)
         assert tokens[0] == vocabulary.boi_token_id and vocabulary.eoi_token_id in tokens, (row, tokens)
         height = tokens[1] - vocabulary.height_token_offset + 1
         width = tokens[2] - vocabulary.width_token_offset + 1
-        assert image_length(height, width) <= budgets[row]
+        assert vocabulary.image_sequence_length(height, width) <= budgets[row]
         sizes.append((height, width))
     assert sizes[0] == (1, 1) and sizes[-1] == (vocabulary.max_grid_height, vocabulary.max_grid_width)
     assert sizes[-2] != sizes[-1]  # one token short of the largest image: a smaller one

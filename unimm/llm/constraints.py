@@ -24,11 +24,6 @@ FIXED_CLASSES = 5
 IMAGE_HEADER = 3  # <|boi|> <|h|> <|w|>
 
 
-def image_length(height: torch.Tensor | int, width: torch.Tensor | int) -> torch.Tensor | int:
-    """Tokens of a ``height x width`` image: the header, rows of codes each closed by ``<|eol|>``, ``<|eoi|>``."""
-    return IMAGE_HEADER + height * (width + 1) + 1
-
-
 def height_class(limit: torch.Tensor) -> torch.Tensor:
     """The class allowing heights ``1 .. limit`` (``limit`` at least 1 and at most the vocabulary's)."""
     return FIXED_CLASSES + limit - 1
@@ -98,7 +93,7 @@ class ConstraintState:
         # requested size, else 1 code per unrequested side); the size tokens it writes are then kept to what fits.
         min_height = torch.where(self.requested_height > 0, self.requested_height, 1)
         min_width = torch.where(self.requested_width > 0, self.requested_width, 1)
-        self.smallest_image = image_length(min_height, min_width)
+        self.smallest_image = vocabulary.image_sequence_length(min_height, min_width)
         # Rows that can never enter an image only need the end-of-text bookkeeping.
         self.text_only = not bool(image_mode.any() or allow_image.any())
         self._text_class = torch.full_like(budget, CLASS_TEXT)
