@@ -12,6 +12,7 @@ answering (a frozen or vanished process never reaches the next collective to tim
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -80,6 +81,18 @@ def init_distributed(
     if world_size() > 1:
         wait = timedelta(seconds=main_process_timeout_seconds or timeout_seconds)
         _main_process_group = torch.distributed.new_group(backend="gloo", timeout=wait)
+    atexit.register(shutdown_distributed)
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process groups (registered at exit by :func:`init_distributed`).
+
+    A process that exits with its gloo group alive can abort in the group's threads at interpreter
+    teardown ("terminate called without an active exception", exit code -6) after a run that succeeded."""
+    global _main_process_group
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _main_process_group = None
 
 
 def _announce_shm_op_build(accelerator: Any) -> None:
