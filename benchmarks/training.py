@@ -7,6 +7,7 @@ the median wall-clock time between the ends of optimizer steps, after warm-up st
 (PaLM's 6N + 12·L·d·T per token) over the machine's matmul peak, measured in this run.
 
     nice python benchmarks/training.py                       # ZeRO-2, fp32
+    nice python benchmarks/training.py --model smollm2-lora  # the SmolLM2 recipe's LoRA on its own chat rows
     nice python benchmarks/training.py --bf16 --deepspeed_config recipes/deepspeed/zero3.json
     python benchmarks/training.py --device cuda --bf16         # one GPU: a larger model, wall clock only
 
@@ -14,6 +15,14 @@ The model and batch default to per-device sizes (``DEFAULTS``: the CPU's small o
 so does the matmul whose rate is the peak. On CUDA the clock is read after ``torch.cuda.synchronize`` and
 only wall-clock figures are printed (``benchmarks/clocks.py``). The loop trains on DeepSpeed's accelerator:
 ``--device cpu`` on a GPU machine needs ``DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES=`` (checked at start).
+
+``--model smollm2-lora`` measures what the SmolLM2 recipe trains: SmolLM2-135M-Instruct with the image vocabulary
+(``make assets``), the LoRA, precision, DeepSpeed config, length and batch of ``recipes/smollm2/llm.yaml``, on
+chat rows made by ``unimm prepare recipes/smollm2/prepare.yaml`` (a small set is prepared first, with a visual
+tokenizer of the recipe's shape trained for one step: the rows have the recipe's layout and lengths). The unit is
+useful tokens, positions with a target, per second: the Trainer gets the same model and rows, padded by
+``DataCollatorForSeq2Seq``, and computes its loss the transformers way (logits at every position); our loop
+runs with the recipe's settings (``packing``, ``torch_compile``) and, as an ablation, padded and eager.
 """
 
 from __future__ import annotations
@@ -30,17 +39,34 @@ import torch
 from accelerate.utils import set_seed
 from clocks import Clock
 from deepspeed.accelerator import get_accelerator
-from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, Trainer, TrainerCallback
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+)
 from transformers import TrainingArguments as HfTrainingArguments
 
+from unimm.llm.modeling_unimm import IGNORE_INDEX
 from unimm.training import distributed
-from unimm.training.arguments import parse_recipe
-from unimm.training.loop import TrainingLoop
-from unimm.training.stages.llm import random_token_table
+from unimm.training.arguments import load_recipe, parse_recipe, read_recipe_file
+from unimm.training.loop import TrainingLoop, train
+from unimm.training.prepare import load_prepare_recipe, prepare
+from unimm.training.stages.llm import load_token_table, random_token_table
 
 MATMUL_REPEATS = 20
 SEED = 0
 UNIMM, TRAINER = "unimm loop", "transformers Trainer"
+TINY_LLAMA, SMOLLM2_LORA = "tiny-llama", "smollm2-lora"
+SMOLLM2_RECIPES = Path("recipes/smollm2")
+# The small prepared set of --model smollm2-lora: images per source (enough rows for every step of every run).
+SMOLLM2_SOURCES = [
+    {"dataset": "fashion_mnist", "max_train_samples": 600},
+    {"dataset": "emoji", "max_train_samples": 200},
+]
 CLOCKS = ("wall", "cpu")
 # Per device type: the model, the batch and the side of the square matmul that measures the peak (the CPU's
 # were the figures' settings; a GPU needs larger ones to be more than launch overhead).
@@ -53,6 +79,10 @@ MATMUL_SIZE = {"cpu": 1024, "cuda": 8192}
 
 @dataclass
 class BenchmarkArguments:
+    model: str = (
+        TINY_LLAMA  # tiny-llama (random token rows) or smollm2-lora (the SmolLM2 recipe, its own rows)
+    )
+    prepared: str | None = None  # smollm2-lora: a `unimm prepare` output to train on (default: a small one)
     device: str = "cpu"  # cpu or cuda; it must be DeepSpeed's accelerator
     hidden_size: int | None = None  # None: DEFAULTS of the device
     num_layers: int | None = None
@@ -64,10 +94,13 @@ class BenchmarkArguments:
     warmup_steps: int = 2
     repeats: int = 5
     bf16: bool = False
+    torch_compile: bool = False  # our loop with torch_compile: true (the Trainer keeps its default, eager)
     deepspeed_config: str = "recipes/deepspeed/zero2.json"
     threads: int = 1  # one thread per process on a CPU: steadier timings on a shared machine
 
     def __post_init__(self) -> None:
+        if self.model not in (TINY_LLAMA, SMOLLM2_LORA):
+            raise ValueError(f"--model must be {TINY_LLAMA} or {SMOLLM2_LORA}, got {self.model!r}")
         for name, value in DEFAULTS[torch.device(self.device).type].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -150,6 +183,7 @@ def run_unimm(args: BenchmarkArguments, clock: Clock, output_dir: Path) -> Throu
             "max_length": args.sequence_length,
             "seed": SEED,
             "bf16": args.bf16,
+            "torch_compile": args.torch_compile,
             "max_steps": total_steps,
             "per_device_train_batch_size": args.batch_size,
             "lr_scheduler_type": "constant",
@@ -206,6 +240,195 @@ def run_trainer(args: BenchmarkArguments, clock: Clock, output_dir: Path) -> Thr
     return throughput(timer.step_ends, args)
 
 
+# ------------------------------------------------------------------------------ --model smollm2-lora
+def prepare_small_set(scratch: Path) -> Path:
+    """The SmolLM2 recipe's data at a small size: a visual tokenizer of the recipe's shape (one training step:
+    the codes are meaningless, their count per image is the recipe's) and `unimm prepare` of its chat rows
+    (no text replay: its rows are SmolLM2's own answers, half an hour to generate)."""
+    tokenizer = train(
+        load_recipe(
+            SMOLLM2_RECIPES / "tokenizer.yaml",
+            [
+                f"output_dir={scratch / 'tokenizer'}",
+                "max_steps=1",
+                "per_device_train_batch_size=8",
+                "warmup_steps=0",
+                "max_eval_samples=8",
+                "per_device_eval_batch_size=8",
+                "eval_steps=0",
+                "sample_steps=0",
+                "num_sample_images=0",
+            ],
+        )
+    )
+    arguments = load_prepare_recipe(
+        SMOLLM2_RECIPES / "prepare.yaml",
+        [
+            f"visual_tokenizer={tokenizer.export_dir}",
+            f"output_dir={scratch / 'prepared'}",
+            "text_replay_fraction=0",
+            f"sources={json.dumps(SMOLLM2_SOURCES)}",
+            "max_eval_samples=8",
+        ],
+    )
+    prepare(arguments)
+    return scratch / "prepared"
+
+
+def smollm2_recipe(args: BenchmarkArguments, prepared: Path, output_dir: Path, **settings) -> dict:
+    """The LLM recipe's mapping, on ``prepared``, for ``warmup_steps + steps`` steps, nothing written."""
+    values = read_recipe_file(SMOLLM2_RECIPES / "llm.yaml")
+    values.update(
+        {
+            "output_dir": str(output_dir),
+            "model_name_or_path": str(prepared / "init"),
+            "train_dataset": str(prepared / "train"),
+            "eval_dataset": None,
+            "text_kl_weight": 0.0,  # the Trainer has no anchor; the prepared rows hold no text-only chat anyway
+            "max_steps": args.warmup_steps + args.steps,
+            "lr_scheduler_type": "constant",
+            "warmup_steps": 0,
+            "logging_steps": args.warmup_steps + args.steps,
+            "save_steps": args.warmup_steps + args.steps,
+            "sample_steps": 0,
+            "export_at_end": False,
+            "resume_from_checkpoint": "never",
+            "seed": SEED,
+            **settings,
+        }
+    )
+    return values
+
+
+def useful_throughput(
+    step_ends: list[tuple[float, float]], targets: list[int], warmup_steps: int
+) -> Throughput:
+    """Positions with a target per second, over the steps after warm-up (each step's count from its batch)."""
+    useful = sum(targets[warmup_steps : len(step_ends)])
+    start, end = step_ends[warmup_steps - 1], step_ends[-1]
+    return Throughput(wall=useful / (end[1] - start[1]), cpu=useful / (end[0] - start[0]))
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())  # labels are shifted inside the model
+
+
+class _CountingLoop(_TimedLoop):
+    """Also counts each micro-batch's targets, on the host batch."""
+
+    def _micro_step(self, batch) -> None:
+        self.targets.append(count_targets(batch["labels"]))
+        super()._micro_step(batch)
+
+
+def run_unimm_smollm2(args: BenchmarkArguments, clock: Clock, prepared: Path, output_dir: Path, **settings):
+    clock.pin_threads(args.threads)
+    loop = _CountingLoop(
+        parse_recipe(smollm2_recipe(args, prepared, output_dir, **settings), base_dir=SMOLLM2_RECIPES)
+    )
+    loop.step_ends, loop.targets, loop.clock = [], [], clock
+    loop.run()
+    return useful_throughput(loop.step_ends, loop.targets, args.warmup_steps)
+
+
+class _CountingCollator:
+    """transformers' padding collator for rows with labels, counting each batch's targets in order."""
+
+    def __init__(self, tokenizer) -> None:
+        self.collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
+        self.targets: list[int] = []
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        self.targets.append(count_targets(batch["labels"]))
+        return batch
+
+
+def run_trainer_smollm2(
+    args: BenchmarkArguments, clock: Clock, prepared: Path, output_dir: Path
+) -> Throughput:
+    recipe = parse_recipe(smollm2_recipe(args, prepared, output_dir), base_dir=SMOLLM2_RECIPES)
+    stage_args = recipe.stage_args
+    set_seed(SEED)
+    model = recipe.build_stage().build_model()  # the same model and LoRA as our loop's
+    table = load_token_table(stage_args.train_dataset, "train_dataset").select_columns(
+        ["input_ids", "labels"]
+    )
+    collator = _CountingCollator(AutoTokenizer.from_pretrained(prepared / "init"))
+    training = recipe.training
+    training_args = HfTrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=training.per_device_train_batch_size,
+        max_steps=training.max_steps,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type="constant",
+        bf16=training.bf16,
+        deepspeed=json.loads(Path(training.deepspeed_config).read_text()),
+        use_cpu=not clock.is_cuda,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=training.max_steps,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        seed=SEED,
+    )
+    timer = _StepTimes(args.threads, clock)
+    Trainer(
+        model=model, args=training_args, train_dataset=table, data_collator=collator, callbacks=[timer]
+    ).train()
+    return useful_throughput(timer.step_ends, collator.targets, args.warmup_steps)
+
+
+def benchmark_smollm2(args: BenchmarkArguments, clock: Clock) -> None:
+    recipe = read_recipe_file(SMOLLM2_RECIPES / "llm.yaml")
+    packing, compiled = recipe.get("packing", False), recipe.get("torch_compile", False)
+    # Our loop as the recipe runs it, then one lever at a time (the recipe's KL anchor rules out packing).
+    variants = {
+        f"{UNIMM} (the recipe: packing {packing}, compile {compiled})": {},
+        f"{UNIMM} (packing {not packing}, compile {compiled})": {"packing": not packing},
+        f"{UNIMM} (packing {packing}, compile {not compiled})": {"torch_compile": not compiled},
+    }
+    results: dict[str, list[Throughput]] = {name: [] for name in [*variants, TRAINER]}
+    with tempfile.TemporaryDirectory() as scratch:
+        prepared = Path(args.prepared) if args.prepared else prepare_small_set(Path(scratch))
+        for repeat in range(args.repeats):
+            run = Path(scratch) / f"run{repeat}"
+            for index, (name, settings) in enumerate(variants.items()):
+                results[name].append(
+                    run_unimm_smollm2(args, clock, prepared, run / f"unimm{index}", **settings)
+                )
+            results[TRAINER].append(run_trainer_smollm2(args, clock, prepared, run / "trainer"))
+    precision = "bf16" if recipe.get("bf16") else "fp32"
+    print(
+        f"model: SmolLM2-135M-Instruct + image vocabulary, LoRA r{recipe['lora_rank']} on "
+        f"{recipe['lora_target_modules']} + image rows, {recipe['deepspeed_config']}, {precision}, batch "
+        f"{recipe['per_device_train_batch_size']} rows (max_length {recipe['max_length']}) of the recipe's chats; "
+        f"{args.threads} thread(s); {args.steps} steps after {args.warmup_steps} warm-up; {args.repeats} "
+        "interleaved repeats; useful tokens = positions with a target"
+    )
+    print_table(results, clock, unit="useful tokens/s")
+
+
+def print_table(results: dict[str, list[Throughput]], clock: Clock, unit: str, mfu=None) -> None:
+    """One row per runner: medians over the repeats, every repeat's wall figure, ratios to the Trainer."""
+    reference = {name: statistics.median(getattr(item, name) for item in results[TRAINER]) for name in CLOCKS}
+    columns = [f"{unit} wall (median)", "wall, all repeats"] + (["MFU wall"] if mfu else [])
+    if not clock.is_cuda:
+        columns += [f"{unit} per CPU-s (median)"] + (["MFU CPU"] if mfu else [])
+    columns += ["vs Trainer (wall)"] + ([] if clock.is_cuda else ["vs Trainer (CPU)"])
+    print("| runner | " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * len(columns))
+    for name, items in results.items():
+        median = {name: statistics.median(getattr(item, name) for item in items) for name in CLOCKS}
+        cells = [f"{median['wall']:.0f}", ", ".join(f"{item.wall:.0f}" for item in items)]
+        cells += [f"{100 * mfu('wall', median['wall']):.1f}%"] if mfu else []
+        if not clock.is_cuda:
+            cells += [f"{median['cpu']:.0f}"] + ([f"{100 * mfu('cpu', median['cpu']):.1f}%"] if mfu else [])
+        cells += [f"{median['wall'] / reference['wall']:.2f}x"]
+        cells += [] if clock.is_cuda else [f"{median['cpu'] / reference['cpu']:.2f}x"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses()
     logging.basicConfig(level=logging.WARNING)
@@ -219,6 +442,9 @@ def main() -> None:
             "set DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES="
         )
     distributed.init_distributed()
+    if args.model == SMOLLM2_LORA:
+        benchmark_smollm2(args, clock)
+        return
     flops = flops_per_token(args)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     peaks = [matmul_peak(clock, dtype)]
@@ -251,32 +477,7 @@ def report(
         f"measured {precision} matmul peak ({where}): {peak['wall'] / 1e9:.1f} GFLOP/s wall{per_cpu_second}; "
         f"model: {flops / 1e6:.1f} MFLOP/token (6N + 12·L·d·T)"
     )
-    if clock.is_cuda:  # one clock: the CPU-time columns would repeat the wall-clock ones
-        report_wall_clock(results, peak, flops)
-        return
-    reference = {name: statistics.median(getattr(item, name) for item in results[TRAINER]) for name in CLOCKS}
-    header = "| runner | tokens/s wall (median) | wall, all repeats | MFU wall | tokens per CPU-s (median) | "
-    print(header + "MFU CPU | vs Trainer (wall) | vs Trainer (CPU) |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
-    for name, items in results.items():
-        median = {name: statistics.median(getattr(item, name) for item in items) for name in CLOCKS}
-        repeats = ", ".join(f"{item.wall:.0f}" for item in items)
-        print(
-            f"| {name} | {median['wall']:.0f} | {repeats} | {100 * median['wall'] * flops / peak['wall']:.1f}% "
-            f"| {median['cpu']:.0f} | {100 * median['cpu'] * flops / peak['cpu']:.1f}% "
-            f"| {median['wall'] / reference['wall']:.2f}x | {median['cpu'] / reference['cpu']:.2f}x |"
-        )
-
-
-def report_wall_clock(results: dict[str, list[Throughput]], peak: dict[str, float], flops: float) -> None:
-    reference = statistics.median(item.wall for item in results[TRAINER])
-    print("| runner | tokens/s wall (median) | wall, all repeats | MFU wall | vs Trainer (wall) |")
-    print("|---|---:|---|---:|---:|")
-    for name, items in results.items():
-        median = statistics.median(item.wall for item in items)
-        repeats = ", ".join(f"{item.wall:.0f}" for item in items)
-        mfu = 100 * median * flops / peak["wall"]
-        print(f"| {name} | {median:.0f} | {repeats} | {mfu:.1f}% | {median / reference:.2f}x |")
+    print_table(results, clock, unit="tokens/s", mfu=lambda name, rate: rate * flops / peak[name])
 
 
 if __name__ == "__main__":

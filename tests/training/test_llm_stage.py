@@ -123,6 +123,43 @@ def test_llm_pretrain_learns(tmp_path, deepspeed_dir, packing):
 
 
 @pytest.mark.integration
+def test_torch_compile_trains_the_same_losses_as_eager(tmp_path, deepspeed_dir):
+    """``torch_compile: true`` compiles the model through DeepSpeed's engine; the step computes the same."""
+    from torch._dynamo.utils import counters
+
+    from unimm.training.loop import train
+
+    data = _write_sequences(tmp_path / "train.jsonl", 32)
+    losses = {}
+    for compiled in (False, True):
+        counters.clear()
+        recipe = parse_recipe(
+            {
+                "stage": "llm_sft",
+                "output_dir": str(tmp_path / f"run-{compiled}"),
+                "model_config": TINY_LLAMA,
+                "train_dataset": data,
+                "deepspeed_config": str(deepspeed_dir / "zero0.json"),
+                "packing": True,
+                "max_length": 24,
+                "torch_compile": compiled,
+                "max_steps": 4,
+                "per_device_train_batch_size": 4,
+                "learning_rate": 1e-2,
+                "logging_steps": 1,
+                "lr_scheduler_type": "constant",
+                "export_at_end": False,
+            }
+        )
+        result = train(recipe)
+        lines = (result.output_dir / "metrics.jsonl").read_text().splitlines()
+        losses[compiled] = [json.loads(line)["loss"] for line in lines]
+        assert (counters["stats"]["unique_graphs"] > 0) == compiled
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    assert losses[True][-1] < losses[True][0]
+
+
+@pytest.mark.integration
 def test_zero3_builds_the_model_partitioned(tmp_path, deepspeed_dir, monkeypatch):
     """At ZeRO-3 the model is partitioned as transformers creates it (no rank ever holds it whole)."""
     from unimm.training.loop import train
@@ -277,6 +314,8 @@ def test_text_kl_anchor_is_the_kl_to_the_model_without_adapters_on_text_rows_onl
 def test_text_kl_anchor_needs_lora():
     with pytest.raises(ValueError, match="text_kl_weight needs lora_rank"):
         _stage(LlmSftStage, train_dataset="unused", text_kl_weight=1.0)
+    with pytest.raises(ValueError, match="text_kl_weight needs packing: false"):
+        _stage(LlmSftStage, train_dataset="unused", lora_rank=4, text_kl_weight=1.0, packing=True)
     with pytest.raises(ValueError, match="text_kl_weight must be >= 0"):
         _stage(LlmSftStage, train_dataset="unused", lora_rank=4, text_kl_weight=-1.0)
 

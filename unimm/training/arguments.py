@@ -60,6 +60,10 @@ class TrainingArguments:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     bf16: bool = False
+    torch_compile: bool = field(
+        default=False,
+        metadata={"help": "compile the model with torch.compile through DeepSpeed's engine.compile()"},
+    )
     logging_steps: int = 10
     eval_steps: int = field(default=0, metadata={"help": "evaluate every N steps (0: only at the end)"})
     sample_steps: int = field(default=0, metadata={"help": "write sample grids every N steps (0: never)"})

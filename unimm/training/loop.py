@@ -241,6 +241,8 @@ class TrainingLoop:
             lr_scheduler=build_scheduler,
             config=self.deepspeed_config,
         )
+        if args.torch_compile:
+            engine.compile()
         return engine
 
     # -------------------------------------------------------------------------------------- training
