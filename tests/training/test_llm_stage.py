@@ -363,3 +363,77 @@ def test_export_carries_the_processor_of_the_initial_folder(tmp_path):
     processor = UniMMProcessor.from_pretrained(tmp_path / "export")
     assert processor.tokenizer.get_vocab() == pipeline.processor.tokenizer.get_vocab()
     assert processor.codebook_size == pipeline.processor.codebook_size
+
+
+@pytest.mark.integration
+def test_eval_tasks_run_every_eval_steps_and_log_learning_curves(tmp_path, deepspeed_dir):
+    """A recipe's `eval_tasks` (a `unimm eval` task file) measure the model as it trains: numbers in
+    metrics.jsonl (split `tasks`), each run's report in output_dir/eval_tasks/step-N."""
+    import PIL.Image
+    import yaml
+
+    from unimm.pipelines.testing import build_random_pipeline
+    from unimm.training.loop import train
+
+    pipeline = build_random_pipeline("tiny", seed=0)
+    pipeline.llm.save_pretrained(tmp_path / "init")
+    pipeline.processor.save_pretrained(tmp_path / "init")
+    pipeline.visual_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    images = tmp_path / "squares"
+    images.mkdir()
+    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+    with (images / "metadata.jsonl").open("w") as handle:
+        for index, (name, colour) in enumerate(colours.items()):
+            PIL.Image.new("RGB", (16, 16), colour).save(images / f"{index}.png")
+            handle.write(json.dumps({"file_name": f"{index}.png", "text": f"a {name} square"}) + "\n")
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(
+        yaml.safe_dump(
+            [
+                {"task": "understanding", "dataset": str(images), "limit": 3, "max_new_tokens": 4},
+                {"task": "reconstruction", "dataset": str(images), "limit": 3},
+            ]
+        )
+    )
+    recipe = parse_recipe(
+        {
+            "stage": "llm_pretrain",
+            "output_dir": str(tmp_path / "run"),
+            "model_name_or_path": str(tmp_path / "init"),
+            "random_tokens": 16,
+            "max_length": 16,
+            "deepspeed_config": str(deepspeed_dir / "zero0.json"),
+            "eval_tasks": str(tasks),
+            "sample_tokenizer_path": str(tmp_path / "tokenizer"),
+            "max_steps": 3,
+            "eval_steps": 2,
+            "per_device_train_batch_size": 4,
+            "logging_steps": 1,
+            "export_at_end": False,
+        }
+    )
+    result = train(recipe)
+    records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    curves = [record for record in records if record["split"] == "tasks"]
+    assert [record["step"] for record in curves] == [2, 3]  # every eval_steps, and at the end
+    for record in curves:
+        assert record["understanding/num_examples"] == 3.0
+        assert 0.0 <= record["understanding/exact_match"] <= 1.0
+        assert record["reconstruction/pixel/psnr"] > 0.0
+    for step in (2, 3):
+        assert (result.output_dir / "eval_tasks" / f"step-{step:08d}" / "report.md").is_file()
+
+
+def test_eval_tasks_are_checked_when_the_recipe_is_read(tmp_path):
+    with pytest.raises(ValueError, match="eval_tasks need sample_tokenizer_path"):
+        _stage(LlmSftStage, train_dataset="unused", eval_tasks=str(tmp_path / "tasks.yaml"))
+    with pytest.raises(FileNotFoundError, match="eval_tasks .* does not exist"):
+        _stage(LlmSftStage, train_dataset="unused", eval_tasks="missing.yaml", sample_tokenizer_path="tok")
+    (tmp_path / "tasks.yaml").write_text("- task: understandin\n")
+    with pytest.raises(ValueError, match="unknown task 'understandin'"):
+        _stage(
+            LlmSftStage,
+            train_dataset="unused",
+            eval_tasks=str(tmp_path / "tasks.yaml"),
+            sample_tokenizer_path="t",
+        )

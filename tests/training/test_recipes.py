@@ -21,12 +21,23 @@ PREPARE_RECIPES = sorted(
     path for path in YAML_FILES if "visual_tokenizer" in yaml.safe_load(path.read_text())
 )
 OTHER_YAML = sorted(path for path in YAML_FILES if "accelerate" in path.parts)
+# Task files of `unimm eval --tasks-file` (and of a recipe's eval_tasks): a list of `task:` mappings.
+EVAL_TASK_FILES = sorted(path for path in YAML_FILES if isinstance(yaml.safe_load(path.read_text()), list))
 DEEPSPEED_CONFIGS = sorted((REPOSITORY / "recipes" / "deepspeed").glob("*.json"))
 
 
 def test_every_yaml_file_is_a_recipe_of_a_known_kind():
-    kinds = (RECIPES, BUILD_RECIPES, PREPARE_RECIPES, OTHER_YAML)
+    kinds = (RECIPES, BUILD_RECIPES, PREPARE_RECIPES, OTHER_YAML, EVAL_TASK_FILES)
     assert sorted(path for kind in kinds for path in kind) == YAML_FILES
+
+
+@pytest.mark.parametrize(
+    "path", EVAL_TASK_FILES, ids=lambda path: str(path.relative_to(REPOSITORY / "recipes"))
+)
+def test_eval_task_file_is_valid(path):
+    from unimm.evaluation.task_runner import load_task_file
+
+    assert load_task_file(path)
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ from unimm.training.stages.base import TrainingStage
 RESUME_AUTO = "auto"
 RESUME_NEVER = "never"
 TRACKERS = ("tensorboard", "wandb")
+RECIPE_RELATIVE_FILES = ("deepspeed_config", "eval_tasks")
 
 
 @dataclass
@@ -174,8 +175,9 @@ def parse_recipe(values: Mapping[str, Any], source: str = "<dict>", base_dir: Pa
     _check_keys(values, classes, source, values["stage"])
     for dataclass_type in classes:
         _check_types(values, dataclass_type, source)
-    if values.get("deepspeed_config"):
-        values["deepspeed_config"] = str(resolve_recipe_path(values["deepspeed_config"], base_dir, source))
+    for name in RECIPE_RELATIVE_FILES:  # small files that travel with recipes (not data or model folders)
+        if values.get(name):
+            values[name] = str(resolve_recipe_path(values[name], base_dir, source))
     try:
         training, stage_args = HfArgumentParser(classes).parse_dict(values, allow_extra_keys=False)
     except (ValueError, TypeError, FileNotFoundError) as error:  # raised by the dataclasses' __post_init__

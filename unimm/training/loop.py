@@ -301,8 +301,10 @@ class TrainingLoop:
         self.progress.update(1)
         if step % args.logging_steps == 0 or step == self.total_steps:
             self._log_train()
-        if self.eval_loader is not None and args.eval_steps and step % args.eval_steps == 0:
-            self._evaluate()
+        if args.eval_steps and step % args.eval_steps == 0:
+            if self.eval_loader is not None:
+                self._evaluate()
+            self._run_eval_tasks()
         if args.sample_steps and step % args.sample_steps == 0:
             self._write_samples()
         if step % args.save_steps == 0 and step < self.total_steps:
@@ -341,10 +343,26 @@ class TrainingLoop:
             logger.info("step %d eval: %s", self.state.global_step, metrics)
         return metrics
 
+    def _run_eval_tasks(self) -> None:
+        """The stage's evaluation tasks (learning curves of what the model can do), on rank 0, eager."""
+        if not self.stage.has_eval_tasks:
+            return
+        step = self.state.global_step
+        self.engine.eval()
+        with torch.no_grad(), gathered_parameters(self.engine), torch.compiler.set_stance("force_eager"):
+            if distributed.is_main_process():
+                directory = self.output_dir / "eval_tasks" / f"step-{step:08d}"
+                metrics = self.stage.run_eval_tasks(self.engine.module, step, directory)
+                self.tracker.log({"step": step, "split": "tasks", **metrics})
+                logger.info("step %d eval tasks: %s", step, metrics)
+        self.engine.train()
+        distributed.wait_for_main_process()
+
     def _write_samples(self) -> None:
         directory = self.output_dir / "samples" / f"step-{self.state.global_step:08d}"
         self.engine.eval()
-        with torch.no_grad(), gathered_parameters(self.engine):
+        # Eager: a compiled model would compile again for every shape the generation loop passes it.
+        with torch.no_grad(), gathered_parameters(self.engine), torch.compiler.set_stance("force_eager"):
             if distributed.is_main_process():
                 paths = self.stage.write_samples(self.engine.module, self.state.global_step, directory)
                 logger.info(
@@ -365,8 +383,10 @@ class TrainingLoop:
     def _finish(self) -> TrainResult:
         args = self.args
         evaluated_last_step = args.eval_steps and self.state.global_step % args.eval_steps == 0
-        if self.eval_loader is not None and not evaluated_last_step:
-            self._evaluate()
+        if not evaluated_last_step:
+            if self.eval_loader is not None:
+                self._evaluate()
+            self._run_eval_tasks()
         checkpoint = self._save()
         self.watchdog.stop()
         distributed.barrier()  # every rank has told the others it leaves on purpose

@@ -102,6 +102,17 @@ class TrainingStage(abc.ABC):
         """Write PNG grids a person would rather look at (reconstructions, generations); optional."""
         return []
 
+    @property
+    def has_eval_tasks(self) -> bool:
+        """Whether :meth:`run_eval_tasks` measures anything (the loop gathers the model for it only then)."""
+        return False
+
+    @torch.no_grad()
+    def run_eval_tasks(self, model: nn.Module, step: int, output_dir: Path) -> dict[str, float]:
+        """Evaluation tasks on the model being trained (rank 0, full parameters): their figures as flat
+        ``name -> value`` metrics for ``metrics.jsonl`` (learning curves), their reports under ``output_dir``."""
+        return {}
+
     @abc.abstractmethod
     def export(self, model: nn.Module, output_dir: Path) -> None:
         """Write the trained component in its Hub layout (``save_pretrained``, safetensors)."""

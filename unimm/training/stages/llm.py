@@ -104,16 +104,37 @@ class LlmArguments:
         metadata={"help": "text-to-image prompts drawn into a PNG grid every sample_steps (a UniMM model)"},
     )
     sample_tokenizer_path: str | None = field(
-        default=None, metadata={"help": "the visual tokenizer whose pixel decoder draws the sample grids"}
+        default=None,
+        metadata={
+            "help": "the visual tokenizer of the sample grids and the eval tasks (its pixel decoder draws)"
+        },
     )
     sample_images_per_prompt: int = 4
     sample_guidance_scale: float = 3.0
+    eval_tasks: str | None = field(
+        default=None,
+        metadata={
+            "help": "a task file (as `unimm eval --tasks-file`) run on the model every eval_steps and at the end "
+            "(a UniMM model; needs sample_tokenizer_path): its figures go to metrics.jsonl (split `tasks`), its "
+            "reports to output_dir/eval_tasks/step-N"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.sample_prompts and self.sample_tokenizer_path is None:
             raise ValueError(
                 "sample_prompts need sample_tokenizer_path (the visual tokenizer that decodes them)"
             )
+        if self.eval_tasks is not None:
+            if self.sample_tokenizer_path is None:
+                raise ValueError(
+                    "eval_tasks need sample_tokenizer_path (the visual tokenizer of the pipeline)"
+                )
+            if not Path(self.eval_tasks).is_file():
+                raise FileNotFoundError(f"eval_tasks {self.eval_tasks!r} does not exist")
+            from unimm.evaluation.task_runner import load_task_file
+
+            load_task_file(self.eval_tasks)  # an unknown task or option fails now, not hours into the run
         if (self.model_name_or_path is None) == (self.model_config is None):
             raise ValueError("set exactly one of model_name_or_path and model_config")
         if (self.train_dataset is None) == (self.random_tokens == 0):
@@ -217,6 +238,18 @@ def _select_rows(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
     if FLASH_VARLEN_KEYS[0] in batch:
         selected.update(flash_varlen_kwargs(selected["position_ids"]))
     return selected
+
+
+def _flat_numbers(values: Any, prefix: str) -> dict[str, float]:
+    """The numbers of a nested metrics mapping, keyed by their path (``understanding/accuracy``)."""
+    if isinstance(values, dict):
+        flat: dict[str, float] = {}
+        for key, value in values.items():
+            flat.update(_flat_numbers(value, f"{prefix}/{key}"))
+        return flat
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        return {prefix: float(values)}
+    return {}
 
 
 def uses_flash_attention(config: Any) -> bool:
@@ -416,6 +449,19 @@ class LlmStage(TrainingStage):
         return int(mask.sum()) if mask is not None and mask.dim() == 2 else batch["input_ids"].numel()
 
     # --------------------------------------------------------------------------------- samples
+    def _pipeline(self, model: UniMMForCausalLM) -> Any:
+        """The pipeline around the model being trained (built once), for sample grids and eval tasks."""
+        if self._sample_pipeline is None:
+            from unimm.llm import UniMMProcessor
+            from unimm.pipelines import UniMMPipeline
+            from unimm.tokenizer import DualCodebookTokenizer
+
+            visual_tokenizer = DualCodebookTokenizer.from_pretrained(self.args.sample_tokenizer_path).eval()
+            processor = UniMMProcessor.from_pretrained(self.args.model_name_or_path)
+            self._sample_pipeline = UniMMPipeline(model, processor, visual_tokenizer)
+            self._sample_pipeline.set_progress_bar_config(disable=True)
+        return self._sample_pipeline
+
     @torch.no_grad()
     def write_samples(self, model: nn.Module, step: int, output_dir: Path) -> list[Path]:
         """A PNG grid per sample step: one row per prompt, drawn by the model as the pipeline would
@@ -426,25 +472,20 @@ class LlmStage(TrainingStage):
             return []
         from diffusers.utils import make_image_grid
 
-        from unimm.llm import UniMMProcessor
-        from unimm.pipelines import UniMMPipeline
-        from unimm.tokenizer import DualCodebookTokenizer
-
-        if self._sample_pipeline is None:
-            visual_tokenizer = DualCodebookTokenizer.from_pretrained(args.sample_tokenizer_path).eval()
-            processor = UniMMProcessor.from_pretrained(args.model_name_or_path)
-            self._sample_pipeline = UniMMPipeline(model, processor, visual_tokenizer)
-            self._sample_pipeline.set_progress_bar_config(disable=True)
         was_training = model.training
         model.eval()
         try:
-            images = self._sample_pipeline.generate_images(
-                args.sample_prompts,
-                num_images_per_prompt=args.sample_images_per_prompt,
-                guidance_scale=args.sample_guidance_scale,
-                seed=0,
-                decoder="pixel",
-            ).images
+            images = (
+                self._pipeline(model)
+                .generate_images(
+                    args.sample_prompts,
+                    num_images_per_prompt=args.sample_images_per_prompt,
+                    guidance_scale=args.sample_guidance_scale,
+                    seed=0,
+                    decoder="pixel",
+                )
+                .images
+            )
         finally:
             model.train(was_training)
         path = Path(output_dir) / f"generations-{step:07d}.png"
@@ -453,6 +494,32 @@ class LlmStage(TrainingStage):
         grid.save(path)
         path.with_suffix(".txt").write_text("\n".join(args.sample_prompts) + "\n")  # the rows' prompts
         return [path]
+
+    @property
+    def has_eval_tasks(self) -> bool:
+        return self.args.eval_tasks is not None
+
+    @torch.no_grad()
+    def run_eval_tasks(self, model: nn.Module, step: int, output_dir: Path) -> dict[str, float]:
+        """The recipe's ``eval_tasks`` on the model being trained, as ``unimm eval`` runs them on a checkpoint:
+        the report under ``output_dir``, every number of it as ``task/metric`` (nested names joined by ``/``)."""
+        from unimm.evaluation.task_base import TaskContext
+        from unimm.evaluation.task_runner import load_task_file, run_tasks
+
+        model = _unwrap(model)
+        if not self.has_eval_tasks or not isinstance(model, UniMMForCausalLM):
+            return {}
+        was_training = model.training
+        model.eval()
+        try:
+            context = TaskContext(output_dir=Path(output_dir), checkpoint=self.args.model_name_or_path)
+            run = run_tasks(self._pipeline(model), load_task_file(self.args.eval_tasks), context)
+        finally:
+            model.train(was_training)
+        metrics: dict[str, float] = {}
+        for result in run.results:
+            metrics.update(_flat_numbers(result.metrics, result.label))
+        return metrics
 
     # ---------------------------------------------------------------------------------- export
     def export(self, model: nn.Module, output_dir: Path) -> None:
