@@ -291,6 +291,7 @@ def smollm2_recipe(args: BenchmarkArguments, prepared: Path, output_dir: Path, *
             "logging_steps": args.warmup_steps + args.steps,
             "save_steps": args.warmup_steps + args.steps,
             "sample_steps": 0,
+            "eval_tasks": None,
             "export_at_end": False,
             "resume_from_checkpoint": "never",
             "seed": SEED,
