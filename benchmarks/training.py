@@ -385,7 +385,7 @@ def run_trainer_smollm2(
 def benchmark_smollm2(args: BenchmarkArguments, clock: Clock) -> None:
     recipe = read_recipe_file(SMOLLM2_RECIPES / "llm.yaml")
     packing, compiled = recipe.get("packing", False), recipe.get("torch_compile", False)
-    # Our loop as the recipe runs it, then one lever at a time (the recipe's KL anchor rules out packing).
+    # Our loop as the recipe runs it, then one lever at a time.
     variants = {
         f"{UNIMM} (the recipe: packing {packing}, compile {compiled})": {},
         f"{UNIMM} (packing {not packing}, compile {compiled})": {"packing": not packing},

@@ -314,8 +314,6 @@ def test_text_kl_anchor_is_the_kl_to_the_model_without_adapters_on_text_rows_onl
 def test_text_kl_anchor_needs_lora():
     with pytest.raises(ValueError, match="text_kl_weight needs lora_rank"):
         _stage(LlmSftStage, train_dataset="unused", text_kl_weight=1.0)
-    with pytest.raises(ValueError, match="text_kl_weight needs packing: false"):
-        _stage(LlmSftStage, train_dataset="unused", lora_rank=4, text_kl_weight=1.0, packing=True)
     with pytest.raises(ValueError, match="text_kl_weight must be >= 0"):
         _stage(LlmSftStage, train_dataset="unused", lora_rank=4, text_kl_weight=-1.0)
 

@@ -148,11 +148,6 @@ class LlmArguments:
                 "text_kl_weight needs lora_rank > 0: the frozen base it anchors to is the model with its "
                 "LoRA adapters switched off"
             )
-        if self.text_kl_weight and self.packing:
-            raise ValueError(
-                "text_kl_weight needs packing: false: the anchor applies to whole rows without an image token, "
-                "and a packed row mixes text-only chats with chats that hold images"
-            )
 
 
 class TokenDataset(torch.utils.data.Dataset):
