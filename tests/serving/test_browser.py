@@ -57,15 +57,18 @@ def test_page_chats_about_an_uploaded_image_and_generates_one(page, image_file, 
     expect(page.locator("#attachment")).to_be_hidden()
 
     # 2. Generate an image with guidance 4.5 (the slider) and seed 7, streamed: every partial image the
-    #    server sends replaces the last one (a MutationObserver records the sources the image shows).
+    #    server sends replaces the last one (a MutationObserver records the source each change replaced: its
+    #    callback may run after several changes, when the image's current source is already a later one).
     page.evaluate(
         """() => {
-            window.shownSources = [];
+            window.replacedSources = [];
             new MutationObserver((changes) => {
                 for (const change of changes) {
-                    if (change.target.matches?.("img.generated")) window.shownSources.push(change.target.src);
+                    if (change.target.matches?.("img.generated")) window.replacedSources.push(change.oldValue);
                 }
-            }).observe(document.body, { subtree: true, attributes: true, attributeFilter: ["src"] });
+            }).observe(document.body, {
+                subtree: true, attributes: true, attributeFilter: ["src"], attributeOldValue: true,
+            });
         }"""
     )
     page.eval_on_selector(
@@ -89,8 +92,10 @@ def test_page_chats_about_an_uploaded_image_and_generates_one(page, image_file, 
     # The tiny model's 4 code rows: previews after rows 1, 2 and 3, then the final image.
     expect(generated).to_have_attribute("data-partials", "3")
     expect(generated).to_have_class("generated")  # no longer "generated partial"
-    shown = page.evaluate("window.shownSources")
-    assert len(shown) == 4 and len(set(shown)) == 4 and shown[-1] == generated.get_attribute("src")
+    replaced = page.evaluate("window.replacedSources")
+    assert len(replaced) == 4  # the source was set four times
+    shown = [*replaced[1:], generated.get_attribute("src")]  # what each setting put there
+    assert len(set(shown)) == 4
     page.wait_for_function(
         "() => [...document.querySelectorAll('img.generated')].every((image) => image.naturalWidth === 16)"
     )
