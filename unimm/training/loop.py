@@ -339,7 +339,8 @@ class TrainingLoop:
 
     def _evaluate(self) -> dict[str, float]:
         self.engine.eval()
-        with torch.no_grad():
+        # Eager, like samples and eval tasks: a compiled model would compile again for evaluation's batches.
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             metrics = self.stage.evaluate(self.engine, self.eval_loader)
         self.engine.train()
         metrics = distributed.mean_over_ranks(metrics, self.engine.device)
