@@ -215,6 +215,35 @@ class _StepTimes(TrainerCallback):
         self.step_ends.append(self.clock.read())
 
 
+def trainer_arguments(
+    output_dir: Path,
+    clock: Clock,
+    batch_size: int,
+    steps: int,
+    learning_rate: float,
+    bf16: bool,
+    deepspeed_config: str,
+    **extra,
+) -> HfTrainingArguments:
+    """The Trainer's settings for a timed run: constant rate, no saving, no progress bar, one log at the end."""
+    return HfTrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=batch_size,
+        max_steps=steps,
+        learning_rate=learning_rate,
+        lr_scheduler_type="constant",
+        bf16=bf16,
+        deepspeed=json.loads(Path(deepspeed_config).read_text()),
+        use_cpu=not clock.is_cuda,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=steps,
+        disable_tqdm=True,
+        seed=SEED,
+        **extra,
+    )
+
+
 def run_trainer(args: BenchmarkArguments, clock: Clock, output_dir: Path) -> Throughput:
     total_steps = args.warmup_steps + args.steps
     table = random_token_table(total_steps * args.batch_size, args.sequence_length, args.vocab_size, SEED)
@@ -222,20 +251,8 @@ def run_trainer(args: BenchmarkArguments, clock: Clock, output_dir: Path) -> Thr
     values = dict(model_config(args))
     set_seed(SEED)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(values.pop("model_type"), **values))
-    training_args = HfTrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=args.batch_size,
-        max_steps=total_steps,
-        learning_rate=1e-4,
-        lr_scheduler_type="constant",
-        bf16=args.bf16,
-        deepspeed=json.loads(Path(args.deepspeed_config).read_text()),
-        use_cpu=not clock.is_cuda,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=total_steps,
-        disable_tqdm=True,
-        seed=SEED,
+    training_args = trainer_arguments(
+        output_dir, clock, args.batch_size, total_steps, 1e-4, args.bf16, args.deepspeed_config
     )
     timer = _StepTimes(args.threads, clock)
     Trainer(model=model, args=training_args, train_dataset=table, callbacks=[timer]).train()
@@ -359,21 +376,15 @@ def run_trainer_smollm2(
     )
     collator = _CountingCollator(AutoTokenizer.from_pretrained(prepared / "init"))
     training = recipe.training
-    training_args = HfTrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=training.per_device_train_batch_size,
-        max_steps=training.max_steps,
-        learning_rate=training.learning_rate,
-        lr_scheduler_type="constant",
-        bf16=training.bf16,
-        deepspeed=json.loads(Path(training.deepspeed_config).read_text()),
-        use_cpu=not clock.is_cuda,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=training.max_steps,
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        seed=SEED,
+    training_args = trainer_arguments(
+        output_dir,
+        clock,
+        training.per_device_train_batch_size,
+        training.max_steps,
+        training.learning_rate,
+        training.bf16,
+        training.deepspeed_config,
+        remove_unused_columns=False,  # the rows hold only what the model takes
     )
     timer = _StepTimes(args.threads, clock)
     Trainer(

@@ -349,33 +349,37 @@ class TrainingLoop:
             logger.info("step %d eval: %s", self.state.global_step, metrics)
         return metrics
 
+    @contextlib.contextmanager
+    def _main_process_inference(self) -> Iterator[bool]:
+        """Inference work that rank 0 does alone (samples, eval tasks): the full parameters, eval mode, eager
+        (a compiled model would compile again for every shape the generation loop passes it); yields whether
+        this rank is the one, and the others wait for it afterwards."""
+        self.engine.eval()
+        with torch.no_grad(), gathered_parameters(self.engine), torch.compiler.set_stance("force_eager"):
+            yield distributed.is_main_process()
+        self.engine.train()
+        distributed.wait_for_main_process()
+
     def _run_eval_tasks(self) -> None:
         """The stage's evaluation tasks (learning curves of what the model can do), on rank 0, eager."""
         if not self.stage.has_eval_tasks:
             return
         step = self.state.global_step
-        self.engine.eval()
-        with torch.no_grad(), gathered_parameters(self.engine), torch.compiler.set_stance("force_eager"):
-            if distributed.is_main_process():
+        with self._main_process_inference() as main:
+            if main:
                 directory = self.output_dir / "eval_tasks" / f"step-{step:08d}"
                 metrics = self.stage.run_eval_tasks(self.engine.module, step, directory)
                 self.tracker.log({"step": step, "split": "tasks", **metrics})
                 logger.info("step %d eval tasks: %s", step, metrics)
-        self.engine.train()
-        distributed.wait_for_main_process()
 
     def _write_samples(self) -> None:
         directory = self.output_dir / "samples" / f"step-{self.state.global_step:08d}"
-        self.engine.eval()
-        # Eager: a compiled model would compile again for every shape the generation loop passes it.
-        with torch.no_grad(), gathered_parameters(self.engine), torch.compiler.set_stance("force_eager"):
-            if distributed.is_main_process():
+        with self._main_process_inference() as main:
+            if main:
                 paths = self.stage.write_samples(self.engine.module, self.state.global_step, directory)
                 logger.info(
                     "step %d: wrote %d sample file(s) to %s", self.state.global_step, len(paths), directory
                 )
-        self.engine.train()
-        distributed.wait_for_main_process()
 
     def _save(self) -> Path:
         metadata = {
