@@ -135,7 +135,7 @@ def bench(args, clock: Clock, janus, pipeline: UniMMPipeline, batch: int) -> dic
         return run_unimm
 
     runners = {"janus": run_janus}
-    for decoder in ("pixel", "diffusion"):
+    for decoder in args.decoders:
         runners[f"unimm {decoder}"] = unimm_runner(decoder, False)
         runners[f"unimm {decoder} compiled"] = unimm_runner(decoder, True)
     return interleaved_rates(clock, runners, args.repeats, batch)
@@ -144,11 +144,11 @@ def bench(args, clock: Clock, janus, pipeline: UniMMPipeline, batch: int) -> dic
 def bench_decoders(args, clock: Clock, janus, pipeline: UniMMPipeline, batch: int) -> dict:
     """The decode alone: Janus's VQ decoder against unimm's pixel and diffusion decoders, on random codes."""
     codes = torch.randint(0, args.codebook, (batch, args.grid, args.grid), device=clock.device)
-    runners = {
-        "janus": lambda seed: janus.decode_image_tokens(codes.flatten(1)),
-        "unimm pixel": lambda seed: pipeline.decode(list(codes), decoder="pixel"),
-        "unimm diffusion": lambda seed: pipeline.decode(list(codes), decoder="diffusion", seed=seed),
-    }
+    runners = {"janus": lambda seed: janus.decode_image_tokens(codes.flatten(1))}
+    if "pixel" in args.decoders:
+        runners["unimm pixel"] = lambda seed: pipeline.decode(list(codes), decoder="pixel")
+    if "diffusion" in args.decoders:
+        runners["unimm diffusion"] = lambda seed: pipeline.decode(list(codes), decoder="diffusion", seed=seed)
     return interleaved_rates(clock, runners, args.repeats, batch)
 
 
@@ -159,6 +159,10 @@ def main(argv: list[str] | None = None) -> None:
     add_device_argument(parser)
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 16])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--decoders", nargs="+", choices=("pixel", "diffusion"), default=["pixel", "diffusion"],
+        help="unimm's decoders to time (the diffusion decoder takes seconds an image on a CPU)",
+    )  # fmt: skip
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         f"codes of {args.codebook} to {args.grid * PIXELS_PER_CODE} px, guidance {args.guidance}; "
         f"{clock.describe()}; median of {args.repeats} interleaved runs after a warm-up round (compile included)"
     )
-    columns = ["pixel", "pixel compiled", "diffusion", "diffusion compiled"]
+    columns = [name for decoder in args.decoders for name in (decoder, f"{decoder} compiled")]
     print(
         f"\n| batch | Janus (img/{clock.unit}) | "
         + " | ".join(f"unimm {name} (img/{clock.unit}) | ratio" for name in columns)
@@ -197,13 +201,15 @@ def main(argv: list[str] | None = None) -> None:
                 cells += [f"{rate[0]:.2f}", f"**{ratio(rate, rates['janus'], clock)}**"]
             print(f"| {batch} | " + " | ".join(cells) + " |", flush=True)
         print(
-            f"\n| decode alone, batch | Janus VQ (img/{clock.unit}) | unimm pixel | ratio | unimm diffusion | ratio |"
+            f"\n| decode alone, batch | Janus VQ (img/{clock.unit}) | "
+            + " | ".join(f"unimm {decoder} | ratio" for decoder in args.decoders)
+            + " |"
         )
-        print("|---|---|---|---|---|---|", flush=True)
+        print("|---" * (2 + 2 * len(args.decoders)) + "|", flush=True)
         for batch in args.batch_sizes:
             rates = bench_decoders(args, clock, janus, pipeline, batch)
             cells = [f"{rates['janus'][0]:.1f}"]
-            for name in ("pixel", "diffusion"):
+            for name in args.decoders:
                 rate = rates[f"unimm {name}"]
                 cells += [f"{rate[0]:.1f}", ratio(rate, rates["janus"], clock)]
             print(f"| {batch} | " + " | ".join(cells) + " |", flush=True)

@@ -1,14 +1,18 @@
-"""`unimm serve` under load: 16 concurrent image requests against the same 16 sent one after another.
+"""`unimm serve` under load: 16 concurrent image requests against the same 16 sent one after another, on the
+compiled engine (what `unimm serve` runs by default) and on the eager one (`unimm serve --no-compile`).
 
     python benchmarks/serve.py                                  # untrained, demo model's shapes
     python benchmarks/serve.py --checkpoint checkpoints/demo    # a checkpoint folder
+    python benchmarks/serve.py --decoder pixel --engine compiled --engine eager
 
 Starts the server in-process (uvicorn on 127.0.0.1, a free port) and sends ``POST /v1/images/generations``
 requests (one image each, no seed, so the server may batch them) over real HTTP from client threads:
 first --requests of them one after another (each waits for the previous answer: every request is a batch of
 one), then --requests at once (the server collects them into engine batches of up to --max-batch-size).
-Prints requests/s and p50/p95 latency of both, and their ratios, for each image decoder: the diffusion
-detokenizer at --steps steps, and the tokenizer's fast pixel decoder. An untimed request warms each server.
+Prints requests/s and p50/p95 latency of both, and their ratios, for each image decoder (the diffusion
+detokenizer at --steps steps, and the tokenizer's fast pixel decoder) and each engine; then the compiled
+server's requests/s over the eager one's at the same load. Each server warms up as `unimm serve` does (the
+compiled one compiles its steps for every batch size first), then takes one untimed request.
 Without --checkpoint the weights are random (``build_random_pipeline("demo")``): the images are noise, the
 work per image is the demo model's (8x8 grid, 76 tokens per image, guidance on).
 
@@ -32,6 +36,7 @@ from unimm.pipelines.testing import build_random_pipeline
 from unimm.serving import BackgroundServer, ServingConfig, create_app
 
 DECODERS = ("diffusion", "pixel")
+ENGINES = ("compiled", "eager")
 PROMPTS = ["a photo of a sneaker", "a photo of a bag", "an emoji of a cat face", "an emoji of a red heart"]
 
 
@@ -46,6 +51,9 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="diffusion decoder steps (default: 20)")
     parser.add_argument(
         "--decoder", action="append", choices=DECODERS, help="measure only this decoder (repeatable)"
+    )
+    parser.add_argument(
+        "--engine", action="append", choices=ENGINES, help="measure only this engine (repeatable)"
     )
     parser.add_argument("--guidance-scale", type=float, default=3.0, help="LLM guidance (default: 3.0)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="server batch rows (default: 16)")
@@ -121,8 +129,9 @@ def health(url: str) -> dict:
         return json.loads(response.read())
 
 
-def measure(pipeline: UniMMPipeline, decoder: str, args: argparse.Namespace) -> dict:
-    """Both modes against a fresh server decoding with ``decoder``."""
+def measure(pipeline: UniMMPipeline, decoder: str, engine: str, args: argparse.Namespace) -> dict:
+    """Both modes against a fresh server decoding with ``decoder`` on the ``engine`` decode step."""
+    pipeline.enable_compile(engine == "compiled")
     config = ServingConfig(
         model_name="benchmark",
         max_batch_size=args.max_batch_size,
@@ -140,6 +149,7 @@ def measure(pipeline: UniMMPipeline, decoder: str, args: argparse.Namespace) -> 
     ratio = together["requests_per_second"] / one_by_one["requests_per_second"]
     return {
         "decoder": decoder,
+        "engine": engine,
         "sequential": one_by_one,
         "concurrent": together,
         "engine_batches": batches,
@@ -150,7 +160,10 @@ def measure(pipeline: UniMMPipeline, decoder: str, args: argparse.Namespace) -> 
 def main() -> None:
     args = parse_arguments()
     pipeline, source = load(args)
-    results = [measure(pipeline, decoder, args) for decoder in args.decoder or DECODERS]
+    engines = args.engine or ENGINES
+    results = [
+        measure(pipeline, decoder, engine, args) for decoder in args.decoder or DECODERS for engine in engines
+    ]
 
     grid = pipeline.image_grid()
     print(
@@ -159,24 +172,34 @@ def main() -> None:
         f"{args.dtype}, {torch.get_num_threads()} threads; server batches of up to {args.max_batch_size} "
         f"rows, {args.batch_wait_ms:g} ms window"
     )
-    print("| decoder | requests | requests/s | p50 latency (s) | p95 latency (s) | engine batches |")
-    print("|---|---|---|---|---|---|")
+    print("| decoder | engine | requests | requests/s | p50 latency (s) | p95 latency (s) | engine batches |")
+    print("|---|---|---|---|---|---|---|")
     for result in results:
         sequential_row, concurrent_row = result["sequential"], result["concurrent"]
+        cells = f"| {result['decoder']} | {result['engine']} |"
         for name, row, batches in (
             ("one after another", sequential_row, args.requests),
             (f"{args.requests} concurrent", concurrent_row, result["engine_batches"]),
         ):
             print(
-                f"| {result['decoder']} | {name} | {row['requests_per_second']:.2f} | "
+                f"{cells} {name} | {row['requests_per_second']:.2f} | "
                 f"{row['p50_seconds']:.3f} | {row['p95_seconds']:.3f} | {batches} |"
             )
         print(
-            f"| {result['decoder']} | concurrent / one after another | "
-            f"**{result['throughput_ratio']:.1f}x** | "
+            f"{cells} concurrent / one after another | **{result['throughput_ratio']:.1f}x** | "
             f"{concurrent_row['p50_seconds'] / sequential_row['p50_seconds']:.1f}x | "
             f"{concurrent_row['p95_seconds'] / sequential_row['p95_seconds']:.1f}x | |"
         )
+    by_engine = {(result["decoder"], result["engine"]): result for result in results}
+    for decoder in args.decoder or DECODERS:
+        if all((decoder, engine) in by_engine for engine in ENGINES):
+            compiled, eager = (by_engine[decoder, engine] for engine in ENGINES)
+            for mode, name in (
+                ("sequential", "one after another"),
+                ("concurrent", f"{args.requests} concurrent"),
+            ):
+                speedup = compiled[mode]["requests_per_second"] / eager[mode]["requests_per_second"]
+                print(f"| {decoder} | compiled / eager | {name} | **{speedup:.2f}x** | | | |")
     if args.output_json:
         with open(args.output_json, "w") as file:
             json.dump({"source": source, "requests": args.requests, "results": results}, file, indent=2)

@@ -87,7 +87,7 @@ def test_generated_images_are_judged_as_well_as_the_references(demo_cuda, demo_c
         shares.append(sum(judge.score(output.images, prompts)) / len(prompts))
     reference, ours = shares
     assert ours >= reference - JUDGED_SHARE and ours >= 0.5, shares
-    diffusion = demo_cuda.generate_images(class_prompts, seed=0, num_inference_steps=10)
+    diffusion = demo_cuda.generate_images(class_prompts, seed=0, decoder="diffusion", num_inference_steps=10)
     assert sum(judge.score(diffusion.images, class_prompts)) / len(class_prompts) >= 0.5
 
 
@@ -103,7 +103,8 @@ def test_reconstruction_matches_the_float32_reference(demo_cuda, demo_cpu, demo_
     reference = float(psnr(pixels(expected.images), originals).mean())
     assert ours >= reference - PSNR_DB, (ours, reference)
     diffusion = [
-        pipeline.reconstruct(images[:4], num_inference_steps=10, seed=0) for pipeline in (demo_cpu, demo_cuda)
+        pipeline.reconstruct(images[:4], decoder="diffusion", num_inference_steps=10, seed=0)
+        for pipeline in (demo_cpu, demo_cuda)
     ]
     reference, ours = (float(psnr(pixels(output.images), originals[:4]).mean()) for output in diffusion)
     assert ours >= reference - PSNR_DB, ("diffusion decoder", ours, reference)

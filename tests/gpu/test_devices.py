@@ -93,7 +93,7 @@ def test_a_pipeline_placed_by_device_map_puts_every_component_on_cuda(
     for name in ("llm", "visual_tokenizer"):
         assert devices(getattr(pipeline, name)) == {"cuda"}, name
     assert devices(pipeline.detokenizer.decoder) == {"cuda"}, "the nested detokenizer pipeline"
-    options = dict(num_images_per_prompt=2, seed=0, num_inference_steps=4)
+    options = dict(num_images_per_prompt=2, seed=0, decoder="diffusion", num_inference_steps=4)
     ours = pipeline.generate_images(class_prompts[:2], **options).images
     expected = demo_cuda.generate_images(class_prompts[:2], **options).images
     assert [image.tobytes() for image in ours] == [image.tobytes() for image in expected]
@@ -114,7 +114,7 @@ def test_model_cpu_offload_gives_the_resident_pipelines_outputs(
     codes = pipeline.reconstruct(images[:4], decoder="pixel").image_token_ids
     expected_codes = demo_cuda.reconstruct(images[:4], decoder="pixel").image_token_ids
     assert all(torch.equal(ours, expected) for ours, expected in zip(codes, expected_codes))
-    options = dict(num_images_per_prompt=2, seed=0, num_inference_steps=4)
+    options = dict(num_images_per_prompt=2, seed=0, decoder="diffusion", num_inference_steps=4)
     ours = pipeline.generate_images(class_prompts[:2], **options).images
     expected = demo_cuda.generate_images(class_prompts[:2], **options).images
     assert [image.tobytes() for image in ours] == [image.tobytes() for image in expected]

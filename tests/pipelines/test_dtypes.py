@@ -127,8 +127,9 @@ def test_each_component_in_its_own_dtype(demo_like_checkpoint, images):
         "detokenizer": {torch.float16},
     }
     assert len(pipeline.chat(QUESTION, images=images[:1], max_new_tokens=2).texts) == 1
-    assert len(pipeline.generate_images("a cat", seed=0, num_inference_steps=2).images) == 1
-    assert pipeline.reconstruct(images[:1], num_inference_steps=2, seed=0).images[0].size == (16, 16)
+    diffusion = dict(decoder="diffusion", num_inference_steps=2, seed=0)
+    assert len(pipeline.generate_images("a cat", **diffusion).images) == 1
+    assert pipeline.reconstruct(images[:1], **diffusion).images[0].size == (16, 16)
 
 
 @pytest.mark.integration

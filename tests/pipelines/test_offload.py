@@ -81,7 +81,7 @@ def test_an_offloaded_pipeline_gives_the_resident_pipelines_outputs(offloaded, t
     # inside, never the llm's own hooked forward), brought their models in.
     assert onloads[:2] == [("visual_tokenizer", "call"), ("llm", "call")]
 
-    options = dict(seed=[0, 1], num_inference_steps=2)
+    options = dict(seed=[0, 1], decoder="diffusion", num_inference_steps=2)
     onloads = record_onloads(offloaded)
     ours = offloaded.generate_images(["a cat", "a dog"], **options)
     assert ("decoder", "call") in onloads  # the condition is computed outside the decoder's forward

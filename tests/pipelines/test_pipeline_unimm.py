@@ -56,8 +56,8 @@ def test_save_load_round_trip_gives_identical_outputs(tiny_pipeline, tiny_checkp
         == loaded.chat("what is this ?", **question).texts
     )
     before, after = (
-        tiny_pipeline.reconstruct([image_file], seed=1, num_inference_steps=2),
-        loaded.reconstruct([image_file], seed=1, num_inference_steps=2),
+        tiny_pipeline.reconstruct([image_file], seed=1, decoder="diffusion", num_inference_steps=2),
+        loaded.reconstruct([image_file], seed=1, decoder="diffusion", num_inference_steps=2),
     )
     assert torch.equal(before.image_token_ids[0], after.image_token_ids[0])
     assert _same_images(before.images, after.images)
@@ -221,7 +221,7 @@ def test_dtype_and_device_reach_every_component(tiny_checkpoint):
     pipeline.set_progress_bar_config(disable=True)
     modules = (pipeline.llm, pipeline.visual_tokenizer, pipeline.detokenizer.decoder)
     assert {module.dtype for module in modules} == {torch.bfloat16}
-    output = pipeline.generate_images("a cat", seed=0, num_inference_steps=1)
+    output = pipeline.generate_images("a cat", seed=0, decoder="diffusion", num_inference_steps=1)
     assert len(output.images) == 1
     # Image understanding in half precision crashed ("mat1 and mat2 must have the same dtype"), also with
     # the teacher kept in float32 as the demo checkpoint's is.
@@ -314,9 +314,9 @@ def test_a_checkpoint_without_detokenizer_decodes_with_the_pixel_decoder(tiny_pi
     assert not (tmp_path / "no-detokenizer" / "detokenizer").exists()
     loaded = UniMMPipeline.from_pretrained(tmp_path / "no-detokenizer")
     assert loaded.detokenizer is None
-    assert len(loaded.generate_images("a cat", decoder="pixel", seed=0).images) == 1
+    assert len(loaded.generate_images("a cat", seed=0).images) == 1  # the pixel decoder is the default
     with pytest.raises(ValueError, match="no detokenizer/: use decoder='pixel'"):
-        loaded.generate_images("a cat")
+        loaded.generate_images("a cat", decoder="diffusion")
 
 
 def test_components_of_different_codebooks_are_refused(tiny_pipeline):
@@ -470,10 +470,9 @@ def test_decode_takes_grids_of_any_sizes_and_gives_each_its_image_alone(tiny_pip
         assert _same_images(images, alone)
         assert [image.size for image in images] == [(16, 16), (16, 8), (16, 16)]
     # What generate_images wrote, decoded again with the same seed, gives its images.
-    output = tiny_pipeline.generate_images(PROMPTS, num_images_per_prompt=2, seed=3, num_inference_steps=2)
-    assert _same_images(
-        tiny_pipeline.decode(output.image_token_ids, seed=3, num_inference_steps=2), output.images
-    )
+    options = dict(seed=3, decoder="diffusion", num_inference_steps=2)
+    output = tiny_pipeline.generate_images(PROMPTS, num_images_per_prompt=2, **options)
+    assert _same_images(tiny_pipeline.decode(output.image_token_ids, **options), output.images)
     with pytest.raises(ValueError, match=r"expected \(B, h, w\)"):
         tiny_pipeline.decode(grids[0], decoder="pixel")
     with pytest.raises(ValueError, match="2 generators for 3 images"):

@@ -38,6 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from unimm.data import ImageTooLargeError
 from unimm.pipelines import UniMMPipeline
 from unimm.pipelines.conversations import open_image_argument
+from unimm.pipelines.pipeline_unimm import DEFAULT_DECODER
 
 from .batching import GenerationBatcher, QueueFullError
 from .config import ServingConfig
@@ -100,7 +101,7 @@ router = APIRouter()
 def create_app(pipeline: UniMMPipeline, config: ServingConfig | None = None) -> FastAPI:
     """The server of ``pipeline``; ``config`` holds its limits and batching settings."""
     config = config or ServingConfig()
-    decoder = config.decoder or ("diffusion" if pipeline.detokenizer is not None else "pixel")
+    decoder = config.decoder or DEFAULT_DECODER
     if decoder == "diffusion" and pipeline.detokenizer is None:
         raise ValueError("this checkpoint has no detokenizer/: serve it with decoder='pixel'")
     pipeline.set_progress_bar_config(disable=True)  # a server's log is no place for progress bars

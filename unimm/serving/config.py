@@ -43,7 +43,7 @@ class ServingConfig:
     decoder: str | None = field(
         default=None,
         metadata={
-            "help": "'diffusion' or 'pixel' (default: diffusion when the checkpoint has a detokenizer)"
+            "help": "'pixel' (the tokenizer's fast decoder) or 'diffusion' (the detokenizer) (default: pixel)"
         },
     )
     num_inference_steps: int = field(default=20, metadata={"help": "diffusion decoder steps"})

@@ -33,6 +33,7 @@ from transformers import TextStreamer
 
 from unimm.llm import ModalitySampling
 from unimm.pipelines import ImagePreviewStreamer, UniMMPipeline
+from unimm.pipelines.pipeline_unimm import DEFAULT_DECODER
 from unimm.pipelines.previews import ImagePreview
 
 logger = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ class ServingEngine:
     def __init__(
         self,
         pipeline: UniMMPipeline,
-        decoder: str = "diffusion",
+        decoder: str = DEFAULT_DECODER,
         num_inference_steps: int = 20,
         decoder_guidance_scale: float = 2.0,
     ) -> None:
