@@ -9,9 +9,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, ViTConfig, ViTModel
 
-from unimm.tokenizer import DualCodebookConfig, DualCodebookTokenizer
+from unimm.tokenizer import DualCodebookConfig, DualCodebookTokenizer, modeling_dual_codebook
 from unimm.tokenizer.configuration_dual_codebook import TRAINING_ONLY_KEYS
-from unimm.tokenizer.modeling_dual_codebook import DualCodebookQuantizer, shared_index_distances
+from unimm.tokenizer.modeling_dual_codebook import (
+    DualCodebookQuantizer,
+    nearest_shared_index,
+    shared_index_distances,
+)
 
 
 def test_forward_returns_what_a_loss_reads_without_weighting(tiny_tokenizer, pixel_values):
@@ -155,10 +159,25 @@ def test_shared_index_selection_matches_brute_force():
         torch.testing.assert_close(distances, expected, atol=1e-4, rtol=1e-4)
         reference = [min(range(20), key=lambda k, i=i: float(expected[i, k])) for i in range(50)]
         assert distances.argmin(-1).tolist() == reference
+        codebooks = (semantic_codebook, pixel_codebook)
+        assert nearest_shared_index(semantic, pixel, *codebooks, *weights).tolist() == reference
     # The shared index differs from either branch's own nearest entry: both distances count.
     alone = shared_index_distances(semantic, pixel, semantic_codebook, pixel_codebook, 1.0, 0.0).argmin(-1)
     joint = shared_index_distances(semantic, pixel, semantic_codebook, pixel_codebook, 1.0, 1.0).argmin(-1)
     assert not torch.equal(alone, joint)
+
+
+def test_nearest_shared_index_searches_in_chunks(monkeypatch):
+    monkeypatch.setattr(modeling_dual_codebook, "NEAREST_CHUNK_ROWS", 7)  # 50 rows: 8 chunks, the last short
+    generator = torch.Generator().manual_seed(1)
+    semantic, pixel = torch.randn(50, 6, generator=generator), torch.randn(50, 3, generator=generator)
+    codebooks = (torch.randn(20, 6, generator=generator), torch.randn(20, 3, generator=generator))
+    expected = shared_index_distances(semantic, pixel, *codebooks, 0.5, 2.0).argmin(-1)
+    assert torch.equal(
+        modeling_dual_codebook.nearest_shared_index(semantic, pixel, *codebooks, 0.5, 2.0), expected
+    )
+    empty = nearest_shared_index(semantic[:0], pixel[:0], *codebooks, 1.0, 1.0)
+    assert empty.shape == (0,) and empty.dtype == torch.long
 
 
 def test_quantizer_select_uses_normalised_codebook():

@@ -200,10 +200,12 @@ class UniMMProcessor(ProcessorMixin):
     def pixel_values(self, images: Sequence[Any]) -> list[torch.Tensor]:
         """Images (PIL, paths, bytes) to normalised float32 pixels ``(C, H, W)``, one tensor each (sizes may
         differ when the image processor keeps aspect ratios)."""
-        return [
-            self.image_processor(open_image(image), return_tensors="pt")["pixel_values"][0]  # (C, H, W)
-            for image in images
-        ]
+        if not images:
+            return []
+        # One image processor call for the batch (a call per image cost as much as the visual tokenizer's
+        # encoding of it); without return_tensors it keeps each image's own size.
+        processed = self.image_processor([open_image(image) for image in images])["pixel_values"]
+        return [torch.from_numpy(pixels) for pixels in processed]  # (C, H, W) each
 
     def _with_image_grids(
         self, batch: list[dict], grids: Sequence[torch.Tensor], expected: int

@@ -602,12 +602,13 @@ class UniMMPipeline(DiffusionPipeline):
         An image is a PIL image, a path or bytes, or its normalised pixels ``(C, H, W)`` as
         ``processor.pixel_values`` makes them."""
         images = list(images) if isinstance(images, (list, tuple)) else [images]
-        pixel_values = [
-            image
-            if isinstance(image, torch.Tensor)
-            else self.processor.pixel_values([open_image_argument(image, f"images[{index}]")])[0]
+        opened = {
+            index: open_image_argument(image, f"images[{index}]")
             for index, image in enumerate(images)
-        ]
+            if not isinstance(image, torch.Tensor)
+        }
+        processed = dict(zip(opened, self.processor.pixel_values(list(opened.values()))))  # one call
+        pixel_values = [processed.get(index, image) for index, image in enumerate(images)]
         grids = encode_by_size(self.visual_tokenizer, pixel_values)
         self.maybe_free_model_hooks()
         return grids

@@ -182,6 +182,35 @@ def shared_index_distances(
     )
 
 
+# Positions searched at a time by `nearest_shared_index`: 1024 rows of distances to a 4096-entry codebook (16 MB in
+# float32) stay in the CPU's cache for the argmin, where the whole (N, K) matrix of a batch would not.
+NEAREST_CHUNK_ROWS = 1024
+
+
+def nearest_shared_index(
+    semantic_codes: torch.Tensor,
+    pixel_codes: torch.Tensor,
+    semantic_codebook: torch.Tensor,
+    pixel_codebook: torch.Tensor,
+    semantic_weight: float,
+    pixel_weight: float,
+) -> torch.Tensor:
+    """``shared_index_distances(...).argmin(-1)`` (N,) without its whole (N, K) matrix: a code's own squared norm
+    is the same for every entry and drops out, and the two products become one over the concatenated code,
+    ``-2 [w_sem z_sem, w_pix z_pix] . [E_sem[k], E_pix[k]] + w_sem ||E_sem[k]||^2 + w_pix ||E_pix[k]||^2``, one
+    ``addmm`` per chunk of rows."""
+    codes = torch.cat([semantic_weight * semantic_codes, pixel_weight * pixel_codes], -1)  # (N, Ds + Dp)
+    codebook = torch.cat([semantic_codebook, pixel_codebook], -1)  # (K, Ds + Dp)
+    entry_norms = semantic_weight * semantic_codebook.pow(2).sum(-1) + pixel_weight * pixel_codebook.pow(
+        2
+    ).sum(-1)
+    ids = [
+        torch.addmm(entry_norms, chunk, codebook.t(), alpha=-2).argmin(-1)  # (n, K) -> (n,)
+        for chunk in codes.split(NEAREST_CHUNK_ROWS)
+    ]
+    return torch.cat(ids) if ids else codes.new_zeros(0, dtype=torch.long)
+
+
 class DualCodebookQuantizer(nn.Module):
     """K shared indices, each with a semantic and a pixel vector; cosine or EMA codebooks; dead-entry restart."""
 
@@ -223,7 +252,7 @@ class DualCodebookQuantizer(nn.Module):
         dtype = torch.promote_types(semantic_codes.dtype, torch.float32)
         semantic_codebook, pixel_codebook = self.codebook_vectors(dtype)
         device = semantic_codebook.device
-        distances = shared_index_distances(
+        return nearest_shared_index(
             semantic_codes.to(device, dtype),
             pixel_codes.to(device, dtype),
             semantic_codebook,
@@ -231,7 +260,6 @@ class DualCodebookQuantizer(nn.Module):
             self.config.semantic_distance_weight,
             self.config.pixel_distance_weight,
         )
-        return distances.argmin(dim=-1)
 
     def nearest(self, semantic_codes: torch.Tensor, pixel_codes: torch.Tensor) -> torch.LongTensor:
         """Ids (B, h, w) of continuous codes (B, h, w, Ds) and (B, h, w, Dp), normalised in float32 at least."""
@@ -628,5 +656,6 @@ __all__ = [
     "DualCodebookQuantizerOutput",
     "DualCodebookTokenizer",
     "DualCodebookTokenizerOutput",
+    "nearest_shared_index",
     "shared_index_distances",
 ]
