@@ -116,7 +116,7 @@ class LlmArguments:
         metadata={
             "help": "a task file (as `unimm eval --tasks-file`) run on the model every eval_steps and at the end "
             "(a UniMM model; needs sample_tokenizer_path): its figures go to metrics.jsonl (split `tasks`), its "
-            "reports to output_dir/eval_tasks/step-N"
+            "reports to output_dir/eval_tasks/step-NNNNNNNN (eight digits)"
         },
     )
 
