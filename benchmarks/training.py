@@ -62,11 +62,9 @@ SEED = 0
 UNIMM, TRAINER = "unimm loop", "transformers Trainer"
 TINY_LLAMA, SMOLLM2_LORA = "tiny-llama", "smollm2-lora"
 SMOLLM2_RECIPES = Path("recipes/smollm2")
-# The small prepared set of --model smollm2-lora: images per source (enough rows for every step of every run).
-SMOLLM2_SOURCES = [
-    {"dataset": "fashion_mnist", "max_train_samples": 600},
-    {"dataset": "emoji", "max_train_samples": 200},
-]
+# The small prepared set of --model smollm2-lora: the recipe's sources (their prompts and answers), images per
+# source capped (enough rows for every step of every run).
+SMOLLM2_IMAGES = {"fashion_mnist": 600, "emoji": 200}
 CLOCKS = ("wall", "cpu")
 # Per device type: the model, the batch and the side of the square matmul that measures the peak (the CPU's
 # were the figures' settings; a GPU needs larger ones to be more than launch overhead).
@@ -286,12 +284,18 @@ def prepare_small_set(scratch: Path) -> Path:
             f"visual_tokenizer={tokenizer.export_dir}",
             f"output_dir={scratch / 'prepared'}",
             "text_replay_fraction=0",
-            f"sources={json.dumps(SMOLLM2_SOURCES)}",
+            f"sources={json.dumps(smollm2_sources())}",
             "max_eval_samples=8",
         ],
     )
     prepare(arguments)
     return scratch / "prepared"
+
+
+def smollm2_sources() -> list[dict]:
+    """``prepare.yaml``'s sources, each with its image count capped at ``SMOLLM2_IMAGES``."""
+    sources = read_recipe_file(SMOLLM2_RECIPES / "prepare.yaml")["sources"]
+    return [{**source, "max_train_samples": SMOLLM2_IMAGES[source["dataset"]]} for source in sources]
 
 
 def smollm2_recipe(args: BenchmarkArguments, prepared: Path, output_dir: Path, **settings) -> dict:

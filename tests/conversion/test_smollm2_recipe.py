@@ -6,11 +6,13 @@ image rows and the adapters, never SmolLM2's own weights."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
+import yaml
 
 from unimm.llm import UniMMForCausalLM, UniMMProcessor
 from unimm.llm.lora import apply_lora
@@ -19,9 +21,14 @@ from unimm.training.prepare import load_prepare_recipe, prepare
 
 pytestmark = pytest.mark.slow
 PREPARE_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "smollm2" / "prepare.yaml"
-# The recipe's sources without their own sizes (6,000 Fashion-MNIST images, emoji 3 times), so that
-# max_train_samples cuts both to four images seen once; no text replay (SmolLM2 would take minutes to write it).
-SMALL_SOURCES = "sources=[{dataset: fashion_mnist}, {dataset: emoji}]"
+# The recipe's sources (their labels and prompts) without their own sizes and repeats, so that max_train_samples
+# cuts each to four images seen once; no text replay (SmolLM2 would take minutes to write it).
+SMALL_SOURCES = "sources=" + json.dumps(
+    [
+        {key: value for key, value in source.items() if key not in ("max_train_samples", "repeats")}
+        for source in yaml.safe_load(PREPARE_RECIPE.read_text())["sources"]
+    ]
+)
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
