@@ -7,7 +7,10 @@ so every difference is the LLM's:
 - ``fp32``, ``bf16``: ``UniMMForCausalLM.from_pretrained(..., dtype=...)``;
 - ``int8``, ``int8-bf16``: int8 weight-only (``load_quantized_llm(..., "int8")`` of
   ``unimm/pipelines/quantization.py``, torchao through transformers' ``TorchAoConfig``) with float32 or bfloat16
-  activations and unquantized weights (embeddings, head).
+  activations and unquantized weights (embeddings, head);
+- ``int8-dynamic``, ``int8-dynamic-bf16``: the same int8 weights with each activation row quantized to int8 as
+  it comes (``load_quantized_llm(..., "int8-dynamic")``, torchao's ``Int8DynamicActivationInt8WeightConfig``),
+  int8 by int8 products; float32 or bfloat16 elsewhere.
 
 Speed: ``llm.generate_multimodal(mode="image")`` over the first text-to-image prompts of the demo report (the
 checkpoint's default grid, guidance 3, sampled codes, seed 0), the same call for every row, at each batch size.
@@ -77,6 +80,8 @@ ROWS = {
     "bf16": (torch.bfloat16, None),
     "int8": (torch.float32, "int8"),
     "int8-bf16": (torch.bfloat16, "int8"),
+    "int8-dynamic": (torch.float32, "int8-dynamic"),
+    "int8-dynamic-bf16": (torch.bfloat16, "int8-dynamic"),
 }
 GUIDANCE_SCALE = 3.0
 SEED = 0

@@ -400,11 +400,17 @@ def run_trainer_smollm2(
 def benchmark_smollm2(args: BenchmarkArguments, clock: Clock) -> None:
     recipe = read_recipe_file(SMOLLM2_RECIPES / "llm.yaml")
     packing, compiled = recipe.get("packing", False), recipe.get("torch_compile", False)
+    regions = compiled and recipe.get("torch_compile_regions", False)
+    compile_name = {False: "eager", True: "compiled"}
+    recipe_compile = "compiled by layer" if regions else compile_name[compiled]
     # Our loop as the recipe runs it, then one lever at a time.
     variants = {
-        f"{UNIMM} (the recipe: packing {packing}, compile {compiled})": {},
-        f"{UNIMM} (packing {not packing}, compile {compiled})": {"packing": not packing},
-        f"{UNIMM} (packing {packing}, compile {not compiled})": {"torch_compile": not compiled},
+        f"{UNIMM} (the recipe: packing {packing}, {recipe_compile})": {},
+        f"{UNIMM} (packing {not packing}, {recipe_compile})": {"packing": not packing},
+        f"{UNIMM} (packing {packing}, {compile_name[not compiled]})": {
+            "torch_compile": not compiled,
+            "torch_compile_regions": False,
+        },
     }
     results: dict[str, list[Throughput]] = {name: [] for name in [*variants, TRAINER]}
     with tempfile.TemporaryDirectory() as scratch:

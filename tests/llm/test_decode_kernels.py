@@ -1,3 +1,5 @@
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,6 +8,8 @@ from unimm.llm import decode_kernels
 from unimm.llm.decode_kernels import (
     PACKED_LINEAR_DTYPES,
     FusedDecodeMode,
+    int8_dynamic_linear,
+    is_int8_dynamic,
     packed_linear,
     packed_weight_cache,
     reduction_attention,
@@ -171,3 +175,78 @@ def test_fused_decode_mode_compiles_to_the_same_values():
                 torch.testing.assert_close(compiled(hidden, key, value, mask), expected, rtol=1e-5, atol=1e-5)
             if batch > decode_kernels.MAX_FUSED_LINEAR_ROWS and PACKED_LINEAR_DTYPES:
                 assert len(decode_kernels._cache.weights.copies) == 2  # the layer's weight and the head slice
+
+
+needs_torchao = pytest.mark.skipif(
+    importlib.util.find_spec("torchao") is None, reason="torchao is not installed"
+)
+
+
+def _int8_layer(dtype: torch.dtype, dynamic: bool = True) -> torch.nn.Linear:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48).to(dtype)
+    quantize_(layer, Int8DynamicActivationInt8WeightConfig() if dynamic else Int8WeightOnlyConfig())
+    return layer
+
+
+@needs_torchao
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_dynamic_linear_is_torchao_s_own_product(dtype):
+    """Parity with torchao's eager kernel, to the bit: the activation quantized by torchao's rule, an exact
+    int32 accumulation, the same rescaling in the same order."""
+    layer = _int8_layer(dtype)
+    assert is_int8_dynamic(layer.weight)
+    input = torch.randn(3, 5, 64, dtype=dtype)  # (B, T, in)
+    expected = F.linear(input, layer.weight, layer.bias)  # torchao's kernel
+    output = int8_dynamic_linear(input, layer.weight, layer.bias)
+    assert output.shape == (3, 5, 48) and output.dtype == dtype
+    torch.testing.assert_close(output, expected, rtol=0, atol=0)
+
+
+@needs_torchao
+def test_int8_dynamic_linear_golden_value():
+    """torchao's symmetric rule: scale = max |row| / 127.5, values rounded (half to even) and clipped to
+    [-128, 127]. Inputs [1, 2] and [-4, 0] become [64, 127] and [-127, 0] (-4 / (4 / 127.5) is -127.49999 in
+    float32); weight rows [127.5, 0] and
+    [127.5, -51] (scale 1) become [127, 0] and [127, -51]."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    layer = torch.nn.Linear(2, 2, bias=False)
+    layer.weight.data = torch.tensor([[127.5, 0.0], [127.5, -51.0]])
+    quantize_(layer, Int8DynamicActivationInt8WeightConfig())
+    input = torch.tensor([[1.0, 2.0], [-4.0, 0.0]])
+    products = torch.tensor([[64 * 127.0, 64 * 127.0 - 127 * 51], [-127 * 127.0, -127 * 127.0]])
+    expected = products * torch.tensor([[2 / 127.5], [4 / 127.5]])
+    torch.testing.assert_close(int8_dynamic_linear(input, layer.weight), expected, rtol=1e-6, atol=1e-5)
+
+
+@needs_torchao
+def test_fused_decode_mode_multiplies_int8_dynamic_weights_in_int8_only():
+    calls = []
+    dynamic, weight_only = _int8_layer(torch.float32), _int8_layer(torch.float32, dynamic=False)
+    with FusedDecodeMode():
+        original = decode_kernels.int8_dynamic_linear
+        try:
+            decode_kernels.int8_dynamic_linear = lambda *args: calls.append("int8") or original(*args)
+            dynamic(torch.randn(2, 64))
+            weight_only(torch.randn(2, 64))  # torchao's weight-only kernel: not swapped
+        finally:
+            decode_kernels.int8_dynamic_linear = original
+    assert calls == ["int8"]
+
+
+@needs_torchao
+@pytest.mark.integration
+@pytest.mark.parametrize("rows", [1, 2, 32])
+def test_int8_dynamic_linear_compiles_to_torchao_s_values(rows):
+    layer = _int8_layer(torch.float32)
+
+    def forward(input):
+        with FusedDecodeMode():
+            return layer(input)
+
+    input = torch.randn(rows, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(forward)(input), layer(input), rtol=0, atol=0)

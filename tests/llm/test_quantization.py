@@ -46,12 +46,13 @@ def _logits(model: UniMMForCausalLM, input_ids: torch.Tensor) -> torch.Tensor:
 
 @needs_torchao
 def test_named_choices_resolve_to_torchao_configs():
-    from torchao.quantization import Int8WeightOnlyConfig
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
 
     config = quantization_config("int8")
     assert isinstance(config, TorchAoConfig)
     assert isinstance(config.quant_type, Int8WeightOnlyConfig)
-    assert set(QUANTIZATION_CHOICES) == {"int8", "int4"}
+    assert isinstance(quantization_config("int8-dynamic").quant_type, Int8DynamicActivationInt8WeightConfig)
+    assert set(QUANTIZATION_CHOICES) == {"int8", "int8-dynamic", "int4"}
     # A transformers config of the user's own passes through unchanged.
     assert quantization_config(config) is config
     with pytest.raises(ValueError, match="one of"):
@@ -72,9 +73,10 @@ def test_missing_torchao_says_what_to_install(monkeypatch):
 
 
 @needs_torchao
-def test_int8_model_is_quantized_close_to_fp32_and_generates(saved_model, tiny):
+@pytest.mark.parametrize("quantization", ["int8", "int8-dynamic"])
+def test_int8_model_is_quantized_close_to_fp32_and_generates(saved_model, tiny, quantization):
     reference, path = saved_model
-    model = load_quantized_llm(path, "int8")
+    model = load_quantized_llm(path, quantization)
     assert is_quantized(model) and not is_quantized(reference)
     # Every linear layer of the backbone, and nothing else: embeddings and the head keep their dtype.
     linears = [
@@ -106,11 +108,12 @@ def test_int8_model_is_quantized_close_to_fp32_and_generates(saved_model, tiny):
 
 
 @needs_torchao
-def test_quantized_model_round_trips_through_save_pretrained(saved_model, tiny, tmp_path):
+@pytest.mark.parametrize("quantization", ["int8", "int8-dynamic"])
+def test_quantized_model_round_trips_through_save_pretrained(saved_model, tiny, tmp_path, quantization):
     """Decided: a quantized model saves as it is (its config records the quantization, transformers writes
     torchao's tensors to safetensors) and loads back quantized, with the same outputs."""
     _, path = saved_model
-    model = load_quantized_llm(path, "int8")
+    model = load_quantized_llm(path, quantization)
     model.save_pretrained(tmp_path / "quantized")
     loaded = UniMMForCausalLM.from_pretrained(tmp_path / "quantized")
     assert is_quantized(loaded)
@@ -144,11 +147,13 @@ def test_pipeline_with_a_quantized_llm_chats_and_draws(tmp_path):
 
 @needs_torchao
 @pytest.mark.integration
-def test_compiled_engine_on_int8_weights_matches_the_eager_engine(saved_model):
+@pytest.mark.parametrize("quantization", ["int8", "int8-dynamic"])
+def test_compiled_engine_on_int8_weights_matches_the_eager_engine(saved_model, quantization):
     """The compiled CPU decode step swaps linears for its own kernels (fused reductions, oneDNN's packed
-    copies); torchao's int8 weights are not plain tensors, so those swaps must leave them to torchao."""
+    copies); torchao's int8 weights are not plain tensors, so those swaps must leave them to torchao, but for
+    int8 by int8 products (``int8-dynamic``), which ``torch._int_mm`` computes to torchao's values."""
     _, path = saved_model
-    model = load_quantized_llm(path, "int8")
+    model = load_quantized_llm(path, quantization)
     arguments = dict(
         input_ids=[[1, 5, 6], [1, 7]],
         mode="image",

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from unimm.data.packing import IGNORE_INDEX
-from unimm.training.arguments import parse_recipe
+from unimm.training.arguments import TrainingArguments, parse_recipe
 from unimm.training.stages.llm import LlmArguments, LlmPretrainStage, LlmSftStage
 
 TINY_LLAMA = {
@@ -124,39 +124,52 @@ def test_llm_pretrain_learns(tmp_path, deepspeed_dir, packing):
 
 @pytest.mark.integration
 def test_torch_compile_trains_the_same_losses_as_eager(tmp_path, deepspeed_dir):
-    """``torch_compile: true`` compiles the model through DeepSpeed's engine; the step computes the same."""
+    """``torch_compile: true`` compiles the model through DeepSpeed's engine, or with
+    ``torch_compile_regions: true`` each decoder layer (one graph the layers share); the step computes the same."""
     from torch._dynamo.utils import counters
 
     from unimm.training.loop import train
 
     data = _write_sequences(tmp_path / "train.jsonl", 32)
-    losses = {}
-    for compiled in (False, True):
+    modes = {
+        "eager": {"torch_compile": False},
+        "model": {"torch_compile": True},
+        "regions": {"torch_compile": True, "torch_compile_regions": True},
+    }
+    losses, graphs = {}, {}
+    for mode, settings in modes.items():
         counters.clear()
         recipe = parse_recipe(
             {
                 "stage": "llm_sft",
-                "output_dir": str(tmp_path / f"run-{compiled}"),
+                "output_dir": str(tmp_path / f"run-{mode}"),
                 "model_config": TINY_LLAMA,
                 "train_dataset": data,
                 "deepspeed_config": str(deepspeed_dir / "zero0.json"),
                 "packing": True,
                 "max_length": 24,
-                "torch_compile": compiled,
                 "max_steps": 4,
                 "per_device_train_batch_size": 4,
                 "learning_rate": 1e-2,
                 "logging_steps": 1,
                 "lr_scheduler_type": "constant",
                 "export_at_end": False,
+                **settings,
             }
         )
         result = train(recipe)
         lines = (result.output_dir / "metrics.jsonl").read_text().splitlines()
-        losses[compiled] = [json.loads(line)["loss"] for line in lines]
-        assert (counters["stats"]["unique_graphs"] > 0) == compiled
-    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
-    assert losses[True][-1] < losses[True][0]
+        losses[mode] = [json.loads(line)["loss"] for line in lines]
+        graphs[mode] = counters["stats"]["unique_graphs"]
+    assert graphs["eager"] == 0 and graphs["model"] > 0 and graphs["regions"] > 0
+    for mode in ("model", "regions"):
+        assert losses[mode] == pytest.approx(losses["eager"], rel=1e-4)
+    assert losses["regions"][-1] < losses["regions"][0]
+
+
+def test_torch_compile_regions_needs_torch_compile():
+    with pytest.raises(ValueError, match="torch_compile_regions.*needs torch_compile: true"):
+        TrainingArguments(stage="llm_sft", torch_compile_regions=True)
 
 
 @pytest.mark.integration

@@ -10,8 +10,10 @@ head. Written as plain reductions (one per row over the same weight; scores, sof
 of values for attention), ``torch.compile`` fuses them into vectorised loops that read each weight and
 cache once. Above a few rows the matrix products are bound by arithmetic instead, and oneDNN's kernel on a
 weight reordered once into its blocked layout (:func:`packed_linear`) runs them at nearly twice the BLAS's
-rate. :class:`FusedDecodeMode` makes these swaps while it is active; the values are the same sums in another
-order.
+rate. Weights quantized with int8 activations as well (torchao's ``Int8DynamicActivationInt8WeightConfig``) are
+multiplied by ``torch._int_mm`` (:func:`int8_dynamic_linear`), which oneDNN runs with the CPU's int8 dot-product
+instructions, instead of torchao's compiled CPU path, a float32 matrix product. :class:`FusedDecodeMode` makes
+these swaps while it is active; the values are the same sums in another order.
 """
 
 from __future__ import annotations
@@ -136,6 +138,57 @@ def packed_linear(
     return torch.ops.unimm.packed_linear(input, weight, bias)
 
 
+# `torch._int_mm` as an operator the compiled step calls as it is: inductor would otherwise lower it to its own
+# int32 loops, and torchao's compiled CPU path multiplies the int8 values as float32 instead.
+_LIBRARY.define("int8_matmul(Tensor input, Tensor weight) -> Tensor")
+
+
+def _int8_matmul_cpu(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch._int_mm(input, weight.t())
+
+
+_LIBRARY.impl("int8_matmul", _int8_matmul_cpu, "CPU")
+
+
+@torch.library.register_fake("unimm::int8_matmul", lib=_LIBRARY)
+def _(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return input.new_empty(input.shape[0], weight.shape[0], dtype=torch.int32)
+
+
+def is_int8_dynamic(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is torchao's int8 tensor with symmetric dynamic activation quantization and nothing
+    else applied to its inputs (no pre-scale, no static scale): the case :func:`int8_dynamic_linear` computes."""
+    quant_kwargs = getattr(weight, "act_quant_kwargs", None)
+    if quant_kwargs is None or type(weight).__name__ != "Int8Tensor":
+        return False
+    return (
+        quant_kwargs.mapping_type.name == "SYMMETRIC"
+        and getattr(weight, "act_pre_scale", None) is None
+        and getattr(weight, "act_quant_scale", None) is None
+        and list(weight.block_size) == [1, weight.shape[-1]]  # one scale per output row
+    )
+
+
+def int8_dynamic_linear(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.linear`` of a float ``input`` ``(..., in)`` and a torchao int8 ``weight`` with dynamic activation
+    quantization (:func:`is_int8_dynamic`): the input quantized by torchao's own rule, an int8 by int8 product
+    accumulated in int32 (exact), then torchao's rescaling, in its order."""
+    from torchao.quantization.quantize_.common.quantize_tensor_kwargs import (
+        _choose_quant_func_and_quantize_tensor,
+    )
+
+    rows = input.reshape(-1, input.shape[-1])  # (M, in)
+    quantized = _choose_quant_func_and_quantize_tensor(rows, weight.act_quant_kwargs)
+    products = torch.ops.unimm.int8_matmul(quantized.qdata, weight.qdata)  # (M, out) int32
+    scaled = (products.to(quantized.scale.dtype) * quantized.scale.reshape(-1, 1)).to(input.dtype)
+    output = scaled * weight.scale.flatten()
+    if bias is not None:
+        output = output + bias
+    return output.to(input.dtype).reshape(*input.shape[:-1], weight.shape[0])
+
+
 def reduction_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -170,7 +223,8 @@ def reduction_attention(
 class FusedDecodeMode(TorchFunctionMode):
     """While active, on the CPU: ``F.linear`` of at most ``max_linear_rows`` rows (all dimensions of the
     input but the last) runs as :func:`rowwise_linear`, of more rows as :func:`packed_linear` (float32 and
-    bfloat16 where PyTorch has oneDNN), and ``F.scaled_dot_product_attention`` with at most
+    bfloat16 where PyTorch has oneDNN), of int8 weights with dynamic int8 activations as
+    :func:`int8_dynamic_linear`, and ``F.scaled_dot_product_attention`` with at most
     ``max_attention_queries`` queries, no dropout and no causal flag as :func:`reduction_attention`.
     Meant to be entered inside a ``torch.compile``d function (eager, the many small ops are slower than
     the library kernels). A fused linear's row count is specialised to its power-of-two bucket: each bucket
@@ -190,8 +244,12 @@ class FusedDecodeMode(TorchFunctionMode):
         if func is F.linear:
             input, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            # A quantized weight (torchao's int8 and int4 tensors are subclasses) runs its own kernel.
-            if input.device.type == "cpu" and is_plain(weight):
+            # A quantized weight (torchao's int8 and int4 tensors are subclasses) runs its own kernel, but for
+            # int8 by int8 products on a CPU.
+            if input.device.type == "cpu" and not is_plain(weight):
+                if is_int8_dynamic(weight):
+                    return int8_dynamic_linear(input, weight, bias)
+            elif input.device.type == "cpu":
                 if input.numel() <= self.max_linear_rows * input.shape[-1]:
                     return rowwise_linear(input, weight, bias)
                 if _packs(input, weight):
@@ -231,4 +289,12 @@ def _packs(input: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-__all__ = ["FusedDecodeMode", "packed_linear", "packed_weight_cache", "reduction_attention", "rowwise_linear"]
+__all__ = [
+    "FusedDecodeMode",
+    "int8_dynamic_linear",
+    "is_int8_dynamic",
+    "packed_linear",
+    "packed_weight_cache",
+    "reduction_attention",
+    "rowwise_linear",
+]

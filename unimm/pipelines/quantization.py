@@ -4,6 +4,10 @@ A choice is a name, resolved here only, into a transformers ``TorchAoConfig``:
 
 - ``"int8"``: int8 weights with one scale per output row (torchao ``Int8WeightOnlyConfig``); CPU and CUDA,
   activations in any dtype.
+- ``"int8-dynamic"``: the same int8 weights, and each activation row quantized to int8 as it comes (one
+  symmetric scale per row; torchao ``Int8DynamicActivationInt8WeightConfig``), so the products are int8 by int8
+  (VNNI on x86 CPUs). The compiled engine runs them through ``torch._int_mm``
+  (:func:`unimm.llm.decode_kernels.int8_dynamic_linear`).
 - ``"int4"``: int4 weights with a scale and zero point per 64 inputs (torchao ``Int4WeightOnlyConfig``,
   tinygemm's tile-packed layout); CUDA with compute capability 8.0 or later, computes in bfloat16.
 
@@ -38,7 +42,7 @@ from unimm.llm import UniMMForCausalLM
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATION_CHOICES = ("int8", "int4")
+QUANTIZATION_CHOICES = ("int8", "int8-dynamic", "int4")
 # Inputs per int4 group: 64 divides the hidden sizes of more small models than torchao's default of 128
 # (SmolLM2-135M: 576, the demo model: 192); a layer whose input size it does not divide stays unquantized.
 INT4_GROUP_SIZE = 64
@@ -60,11 +64,17 @@ def quantization_config(
     if quantization == "int4":
         _check_int4_device(device)
     try:
-        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+        from torchao.quantization import (
+            Int4WeightOnlyConfig,
+            Int8DynamicActivationInt8WeightConfig,
+            Int8WeightOnlyConfig,
+        )
     except ImportError as error:
         raise ImportError(f"quantization={quantization!r} needs torchao: {INSTALL_HINT}") from error
     if quantization == "int8":
         return TorchAoConfig(quant_type=Int8WeightOnlyConfig())
+    if quantization == "int8-dynamic":
+        return TorchAoConfig(quant_type=Int8DynamicActivationInt8WeightConfig())
     return TorchAoConfig(
         quant_type=Int4WeightOnlyConfig(group_size=INT4_GROUP_SIZE, int4_packing_format="tile_packed_to_4d")
     )

@@ -24,7 +24,7 @@ from typing import Any
 import deepspeed
 import torch
 import yaml
-from accelerate.utils import set_seed
+from accelerate.utils import compile_regions_deepspeed, set_seed
 from deepspeed.accelerator import get_accelerator
 from torch import nn
 from tqdm.auto import tqdm
@@ -246,7 +246,11 @@ class TrainingLoop:
             lr_scheduler=build_scheduler,
             config=self.deepspeed_config,
         )
-        if args.torch_compile:
+        if args.torch_compile and args.torch_compile_regions:
+            # One graph per kind of block: the decoder layers share theirs (in-place `module.compile()`, which
+            # keeps DeepSpeed's hooks on the modules).
+            compile_regions_deepspeed(engine.module)
+        elif args.torch_compile:
             engine.compile()
         return engine
 
