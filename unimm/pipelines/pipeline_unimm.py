@@ -161,8 +161,9 @@ class UniMMPipeline(DiffusionPipeline):
         keyword arguments go to ``DiffusionPipeline.from_pretrained`` (``device_map``, ``variant``, ...),
         the loading options among them to the nested detokenizer too.
 
-        ``quantization`` (``"int8"``, ``"int4"`` on CUDA, or a transformers quantization config) quantizes the
-        language model's linear weights as they load (torchao; see ``unimm.pipelines.quantization``).
+        ``quantization`` (``"int8"``, ``"int8-dynamic"`` with int8 activations too, ``"int4"`` on CUDA, or a
+        transformers quantization config) quantizes the language model's linear weights as they load (torchao;
+        see ``unimm.pipelines.quantization``).
 
         ``dtype`` may be a dict as in diffusers, one dtype per component name (``"llm"``,
         ``"visual_tokenizer"``, ``"detokenizer"``) and a ``"default"`` for the others (else float32).
