@@ -209,8 +209,7 @@ def test_int8_dynamic_linear_is_torchao_s_own_product(dtype):
 def test_int8_dynamic_linear_golden_value():
     """torchao's symmetric rule: scale = max |row| / 127.5, values rounded (half to even) and clipped to
     [-128, 127]. Inputs [1, 2] and [-4, 0] become [64, 127] and [-127, 0] (-4 / (4 / 127.5) is -127.49999 in
-    float32); weight rows [127.5, 0] and
-    [127.5, -51] (scale 1) become [127, 0] and [127, -51]."""
+    float32); weight rows [127.5, 0] and [127.5, -51] (scale 1) become [127, 0] and [127, -51]."""
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
     layer = torch.nn.Linear(2, 2, bias=False)
@@ -223,17 +222,16 @@ def test_int8_dynamic_linear_golden_value():
 
 
 @needs_torchao
-def test_fused_decode_mode_multiplies_int8_dynamic_weights_in_int8_only():
+def test_fused_decode_mode_multiplies_int8_dynamic_weights_in_int8_only(monkeypatch):
     calls = []
+    original = decode_kernels.int8_dynamic_linear
+    monkeypatch.setattr(
+        decode_kernels, "int8_dynamic_linear", lambda *args: calls.append("int8") or original(*args)
+    )
     dynamic, weight_only = _int8_layer(torch.float32), _int8_layer(torch.float32, dynamic=False)
     with FusedDecodeMode():
-        original = decode_kernels.int8_dynamic_linear
-        try:
-            decode_kernels.int8_dynamic_linear = lambda *args: calls.append("int8") or original(*args)
-            dynamic(torch.randn(2, 64))
-            weight_only(torch.randn(2, 64))  # torchao's weight-only kernel: not swapped
-        finally:
-            decode_kernels.int8_dynamic_linear = original
+        dynamic(torch.randn(2, 64))
+        weight_only(torch.randn(2, 64))  # torchao's weight-only kernel: not swapped
     assert calls == ["int8"]
 
 

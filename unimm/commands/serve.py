@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("int8", "int8-dynamic", "int4"),
         default=None,
         help="quantize the language model's weights as they load (torchao: int8 on CPU or CUDA, int4 on CUDA; "
-        "int8-dynamic also quantizes each activation row, for int8 by int8 products: the fastest on a CPU)",
+        "int8-dynamic also quantizes each activation row, for int8 by int8 products)",
     )
     for field in fields(ServingConfig):
         shown = DEFAULTS_SHOWN.get(field.name, field.default)
