@@ -227,6 +227,44 @@ def test_condition_dropout_rate() -> None:
         assert abs(kinds[UNCONDITIONAL] / rows - expected) < 0.015
 
 
+def test_chats_per_pair_weights_the_directions_of_train_pairs() -> None:
+    args = PrepareArguments(
+        dataset="emoji", visual_tokenizer="vq", output_dir="out", backbone=TINY_BACKBONE,
+        chats_per_pair={"generation": 2, "understanding": 0.25}, condition_dropout=0.0,
+    )  # fmt: skip
+    builder = SampleBuilder(args)
+    pair = [
+        {"type": IMAGE, "role": "", "image_token_ids": [1, 2, 3, 4], "image_grid": [2, 2]},
+        {"type": TEXT, "role": "", "text": "a red circle"},
+    ]
+    rows = 4000
+    kinds = Counter(
+        kind for index in range(rows) for kind, _ in builder(pair, random.Random(index), train=True)
+    )
+    assert kinds[GENERATION] == 2 * rows
+    assert abs(kinds[UNDERSTANDING] / rows - 0.25) < 0.02
+    # Held-out pairs measure both directions once, whatever the train mix.
+    assert Counter(kind for kind, _ in builder(pair, random.Random(0), train=False)) == {
+        GENERATION: 1, UNDERSTANDING: 1,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("chats_per_pair", "message"),
+    [
+        ({"captions": 1}, "unknown direction 'captions'"),
+        ({"generation": -1}, "chats_per_pair.generation must be a number >= 0"),
+        ({"generation": 0, "understanding": 0}, "at least one chat"),
+    ],
+)
+def test_chats_per_pair_is_checked(chats_per_pair: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PrepareArguments(
+            dataset="emoji", visual_tokenizer="vq", output_dir="out", backbone=TINY_BACKBONE,
+            chats_per_pair=chats_per_pair,
+        )  # fmt: skip
+
+
 def test_answers_keep_one_full_stop() -> None:
     args = PrepareArguments(dataset="emoji", visual_tokenizer="vq", output_dir="out", backbone=TINY_BACKBONE)
     builder, rng = SampleBuilder(args), random.Random(0)

@@ -17,7 +17,7 @@ The data are one ``dataset`` spec or a list of ``sources`` (``unimm.data.sources
 column, a naming ``subject`` and ``repeats``). What each row teaches follows its layout (``row_kind``): an
 image-caption pair gives two chats, a prompt → image (drawn from ``prompt_templates``; a ``condition_dropout``
 share with the text dropped, for classifier-free guidance) and image + question → the answer naming it
-(``answer_template``); a conversation is trained on its assistant turns; an interleaved document (or an image
+(``answer_template``), or in training as many of each as ``chats_per_pair`` says; a conversation is trained on its assistant turns; an interleaved document (or an image
 or text alone) on every token. ``skills`` add multi-turn conversations, interleaved answers, edits and
 wide or tall compositions, planned from the labelled pairs (``unimm.data.skills``).
 
@@ -207,6 +207,14 @@ class PrepareArguments:
         default="{subject}.",
         metadata={"help": "the answer naming an image (a field's final '.' is not doubled)"},
     )
+    chats_per_pair: dict[str, float] = field(
+        default_factory=lambda: {GENERATION: 1.0, UNDERSTANDING: 1.0},
+        metadata={
+            "help": "chats a train pair gives per direction, {generation: n, understanding: n}: a fraction is "
+            "a chance (0.5: every other pair), 0 leaves that direction out; each generation draws its own "
+            "prompt"
+        },
+    )
     synonym_share: float = field(
         default=0.3,
         metadata={"help": "share of image prompts naming a row by one of its source's label_synonyms"},
@@ -270,6 +278,14 @@ class PrepareArguments:
         ):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        self.chats_per_pair = {GENERATION: 1.0, UNDERSTANDING: 1.0, **(self.chats_per_pair or {})}
+        for kind, share in self.chats_per_pair.items():
+            if kind not in (GENERATION, UNDERSTANDING):
+                raise ValueError(f"chats_per_pair: unknown direction {kind!r} (generation, understanding)")
+            if isinstance(share, bool) or not isinstance(share, int | float) or share < 0:
+                raise ValueError(f"chats_per_pair.{kind} must be a number >= 0, got {share!r}")
+        if not any(self.chats_per_pair.values()):
+            raise ValueError("chats_per_pair: a pair must give at least one chat")
         if self.upper_case_share + self.capitalize_share > 1.0:
             raise ValueError("upper_case_share + capitalize_share must be at most 1")
         for name in (
@@ -402,15 +418,28 @@ class SampleBuilder:
         (caption,) = (segment["text"] for segment in segments if segment["type"] == TEXT)
         values = self.fields(caption, source, label)
         image_fields = {name: image.get(name) for name in ("image", "image_token_ids", "image_grid")}
-        generation = generation_sample(
-            self.wording.prompt(self.prompt_fields(values, source, rng), rng), image_fields
-        )
-        dropped = train and rng.random() < self.args.condition_dropout
-        question = self.wording.question(rng)
-        return [
-            (UNCONDITIONAL, drop_text(generation)) if dropped else (GENERATION, generation),
-            (UNDERSTANDING, understanding_sample(question, self.wording.name(values, rng), image_fields)),
-        ]
+        chats = []
+        for _ in range(self._count(GENERATION, rng, train)):  # each with its own wording and dropout
+            generation = generation_sample(
+                self.wording.prompt(self.prompt_fields(values, source, rng), rng), image_fields
+            )
+            dropped = train and rng.random() < self.args.condition_dropout
+            chats.append((UNCONDITIONAL, drop_text(generation)) if dropped else (GENERATION, generation))
+        for _ in range(self._count(UNDERSTANDING, rng, train)):
+            question = self.wording.question(rng)
+            answer = self.wording.name(values, rng)
+            chats.append((UNDERSTANDING, understanding_sample(question, answer, image_fields)))
+        return chats
+
+    def _count(self, kind: str, rng: random.Random, train: bool) -> int:
+        """How many chats of ``kind`` a train pair gives: ``chats_per_pair``'s whole part, plus one with its
+        fraction's probability (drawn only when there is a fraction, so whole counts draw nothing). A
+        held-out pair gives one of each, so that the eval rows measure both directions whatever the mix."""
+        if not train:
+            return 1
+        share = self.args.chats_per_pair[kind]
+        whole = int(share)
+        return whole + int(share > whole and rng.random() < share - whole)
 
     def texts(
         self,
@@ -744,7 +773,7 @@ class Preparation:
         return record
 
     def _sequences(self, split: str, processor: UniMMProcessor) -> datasets.Dataset:
-        """The split's usable rows as token rows (two per pair), each source's rows ``repeats`` times."""
+        """The split's usable rows as token rows (``chats_per_pair``), each source's rows ``repeats`` times."""
         args, scan = self.args, self.scans[split]
         positions = repeated(scan.kept, scan.kept_sources, self.repeats(split))
         rows = self.encoded[split].select(positions, keep_in_memory=True)
@@ -1020,7 +1049,7 @@ def tokenize_rows(
     train: bool,
     seed: int,
 ) -> dict[str, list]:
-    """``datasets.map`` function: encoded rows → token rows (two per pair). Each row draws its dropout and
+    """``datasets.map`` function: encoded rows → token rows (``chats_per_pair``). Each row draws its dropout and
     wording from its own generator, so the table does not depend on batching."""
     columns: dict[str, list] = _token_columns()
     for segments, source, label, index in zip(batch["segments"], batch["source"], batch["label"], indices):
