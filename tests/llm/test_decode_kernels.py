@@ -231,8 +231,41 @@ def test_fused_decode_mode_multiplies_int8_dynamic_weights_in_int8_only(monkeypa
     dynamic, weight_only = _int8_layer(torch.float32), _int8_layer(torch.float32, dynamic=False)
     with FusedDecodeMode():
         dynamic(torch.randn(2, 64))
-        weight_only(torch.randn(2, 64))  # torchao's weight-only kernel: not swapped
+        weight_only(torch.randn(2, 64))  # int8 by float: rowwise_linear
     assert calls == ["int8"]
+
+
+@needs_torchao
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 8, 9])
+def test_int8_weight_only_layers_run_as_rowwise_reductions_of_their_int8_values(monkeypatch, dtype, rows):
+    calls = []
+    original = decode_kernels.rowwise_linear
+    monkeypatch.setattr(
+        decode_kernels, "rowwise_linear", lambda *args: calls.append(args[1].dtype) or original(*args)
+    )
+    layer = _int8_layer(dtype, dynamic=False)
+    assert decode_kernels.is_int8_per_row(layer.weight) and not is_int8_dynamic(layer.weight)
+    input = torch.randn(rows, 1, 64, dtype=dtype)  # (M, T, in)
+    expected = F.linear(input, layer.weight, layer.bias)  # torchao's kernel
+    with FusedDecodeMode():
+        output = layer(input)
+    assert calls == ([torch.int8] if rows <= decode_kernels.MAX_FUSED_LINEAR_ROWS else [])
+    assert output.shape == (rows, 1, 48) and output.dtype == dtype
+    # The same sums in another order, in float32 (torchao's bfloat16 kernel rounds its products to bfloat16).
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(output, expected, **tolerance)
+
+
+def test_rowwise_linear_sums_bfloat16_in_float32():
+    """bfloat16 rows multiplied in float32 and rounded once: 1.0078125 * 1.0078125 + 1.0078125 * 1.015625 is
+    2.0392456 in float32, 2.046875 in bfloat16; its products rounded to bfloat16 one by one (1.015625 and
+    1.0234375) would sum to 2.03125."""
+    input = torch.tensor([[1.0078125, 1.0078125]], dtype=torch.bfloat16)
+    weight = torch.tensor([[1.0078125, 1.015625]], dtype=torch.bfloat16)
+    output = rowwise_linear(input, weight, None)
+    assert output.dtype == torch.bfloat16
+    assert output.item() == 2.046875
 
 
 @needs_torchao
@@ -248,3 +281,20 @@ def test_int8_dynamic_linear_compiles_to_torchao_s_values(rows):
     input = torch.randn(rows, 64)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(forward)(input), layer(input), rtol=0, atol=0)
+
+
+@needs_torchao
+@pytest.mark.integration
+@pytest.mark.parametrize("rows", [1, 2])
+def test_int8_weight_only_layers_compile_to_their_rowwise_values(rows):
+    layer = _int8_layer(torch.bfloat16, dynamic=False)
+
+    def forward(input):
+        with FusedDecodeMode():
+            return layer(input)
+
+    input = torch.randn(rows, 64, dtype=torch.bfloat16)
+    with torch.no_grad(), FusedDecodeMode():
+        expected = layer(input)  # eager: rowwise_linear on the int8 values
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(forward)(input), expected, rtol=1e-2, atol=1e-2)
