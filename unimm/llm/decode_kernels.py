@@ -57,7 +57,7 @@ def rowwise_linear(
     instead of one each. Products and sums are float32 whatever the dtypes (the result is cast back to
     ``input``'s), the input converted before it is padded: inductor computes a bfloat16 product in float32
     anyway and rounds it back to bfloat16 before it sums, and skipping that made 30 MLP blocks of SmolLM2-135M
-    at two rows 1.33x as fast (12.7 against 9.5 ms, compiled, one thread; converted after the padding, no
+    at two rows 1.24-1.34x as fast (``benchmarks/decode_kernels.py``; converted after the padding, no
     faster)."""
     rows = input.reshape(-1, input.shape[-1]).float()  # (M, in)
     count = rows.shape[0]
@@ -209,8 +209,8 @@ def int8_dynamic_linear(
     quantized = _choose_quant_func_and_quantize_tensor(rows, weight.act_quant_kwargs)
     if rows.shape[0] <= max_rows:
         # A few rows: the int8 products as float32 reductions, which inductor fuses into one pass over the
-        # weight (oneDNN's int8 product reorders the whole weight at every call: 14.3 against 9.8 ms for 30
-        # MLP blocks of SmolLM2-135M at two rows). Exact while a row's partial sums stay below 2^24 (any
+        # weight (oneDNN's int8 product reorders the whole weight at every call: 1.39-1.48x against it for
+        # 30 MLP blocks of SmolLM2-135M at two rows, benchmarks/decode_kernels.py). Exact while a row's partial sums stay below 2^24 (any
         # input of up to 1,040 features).
         products = rowwise_linear(quantized.qdata.float(), weight.qdata, None)  # (M, out) float32
     else:
