@@ -210,8 +210,9 @@ def int8_dynamic_linear(
     if rows.shape[0] <= max_rows:
         # A few rows: the int8 products as float32 reductions, which inductor fuses into one pass over the
         # weight (oneDNN's int8 product reorders the whole weight at every call: 1.39-1.48x against it for
-        # 30 MLP blocks of SmolLM2-135M at two rows, benchmarks/decode_kernels.py). Exact while a row's partial sums stay below 2^24 (any
-        # input of up to 1,040 features).
+        # 30 MLP blocks of SmolLM2-135M at two rows, benchmarks/decode_kernels.py). Exact while a row's
+        # partial sums stay below 2^24 (any input of up to 1,040 features). A float input, so that the sums
+        # come back as float32 rather than cast to int8.
         products = rowwise_linear(quantized.qdata.float(), weight.qdata, None)  # (M, out) float32
     else:
         products = torch.ops.unimm.int8_matmul(quantized.qdata, weight.qdata)  # (M, out) int32

@@ -6,8 +6,9 @@ A choice is a name, resolved here only, into a transformers ``TorchAoConfig``:
   activations in any dtype.
 - ``"int8-dynamic"``: the same int8 weights, and each activation row quantized to int8 as it comes (one
   symmetric scale per row; torchao ``Int8DynamicActivationInt8WeightConfig``), so the products are int8 by int8
-  (VNNI on x86 CPUs). The compiled engine runs them through ``torch._int_mm``
-  (:func:`unimm.llm.decode_kernels.int8_dynamic_linear`).
+  (VNNI on x86 CPUs). The compiled CPU engine runs them through ``torch._int_mm`` above 8 rows and as fused
+  reductions of the int8 values at fewer (:func:`unimm.llm.decode_kernels.int8_dynamic_linear`), where int8
+  weight-only weights go too.
 - ``"int4"``: int4 weights with a scale and zero point per 64 inputs (torchao ``Int4WeightOnlyConfig``,
   tinygemm's tile-packed layout); CUDA with compute capability 8.0 or later, computes in bfloat16.
 

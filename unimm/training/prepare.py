@@ -17,9 +17,10 @@ The data are one ``dataset`` spec or a list of ``sources`` (``unimm.data.sources
 column, a naming ``subject`` and ``repeats``). What each row teaches follows its layout (``row_kind``): an
 image-caption pair gives two chats, a prompt → image (drawn from ``prompt_templates``; a ``condition_dropout``
 share with the text dropped, for classifier-free guidance) and image + question → the answer naming it
-(``answer_template``), or in training as many of each as ``chats_per_pair`` says; a conversation is trained on its assistant turns; an interleaved document (or an image
-or text alone) on every token. ``skills`` add multi-turn conversations, interleaved answers, edits and
-wide or tall compositions, planned from the labelled pairs (``unimm.data.skills``).
+(``answer_template``), or in training as many of each as ``chats_per_pair`` says; a conversation is trained on
+its assistant turns; an interleaved document (or an image or text alone) on every token. ``skills`` add
+multi-turn conversations, interleaved answers, edits and wide or tall compositions, planned from the labelled
+pairs (``unimm.data.skills``).
 
 Each step is skipped when its output exists, and every output is written under a temporary name and renamed
 when complete, so a rerun after a crash resumes. ``arguments.json`` records the arguments of the first run: a
@@ -116,6 +117,8 @@ GENERATION, UNCONDITIONAL, UNDERSTANDING, TEXT_REPLAY = (
     "understanding",
     "text_replay",
 )
+# chats_per_pair's default: a labelled pair gives one chat per direction.
+ONE_CHAT_EACH = {GENERATION: 1.0, UNDERSTANDING: 1.0}
 WORD_LEVEL, BPE = "word_level", "bpe"
 TEXT_TOKENIZERS = (WORD_LEVEL, BPE)
 SPLITS = ("train", "eval")  # output folders; the spec's held-out split ("test") becomes "eval"
@@ -208,7 +211,7 @@ class PrepareArguments:
         metadata={"help": "the answer naming an image (a field's final '.' is not doubled)"},
     )
     chats_per_pair: dict[str, float] = field(
-        default_factory=lambda: {GENERATION: 1.0, UNDERSTANDING: 1.0},
+        default_factory=lambda: dict(ONE_CHAT_EACH),
         metadata={
             "help": "chats a train pair gives per direction, {generation: n, understanding: n}: a fraction is "
             "a chance (0.5: every other pair), 0 leaves that direction out; each generation draws its own "
@@ -278,9 +281,9 @@ class PrepareArguments:
         ):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        self.chats_per_pair = {GENERATION: 1.0, UNDERSTANDING: 1.0, **(self.chats_per_pair or {})}
+        self.chats_per_pair = {**ONE_CHAT_EACH, **(self.chats_per_pair or {})}
         for kind, share in self.chats_per_pair.items():
-            if kind not in (GENERATION, UNDERSTANDING):
+            if kind not in ONE_CHAT_EACH:
                 raise ValueError(f"chats_per_pair: unknown direction {kind!r} (generation, understanding)")
             if isinstance(share, bool) or not isinstance(share, int | float) or share < 0:
                 raise ValueError(f"chats_per_pair.{kind} must be a number >= 0, got {share!r}")
