@@ -22,7 +22,12 @@ chat rows made by ``unimm prepare recipes/smollm2/prepare.yaml`` (a small set is
 tokenizer of the recipe's shape trained for one step: the rows have the recipe's layout and lengths). The unit is
 useful tokens, positions with a target, per second: the Trainer gets the same model and rows, padded by
 ``DataCollatorForSeq2Seq``, and computes its loss the transformers way (logits at every position); our loop
-runs with the recipe's settings (``packing``, ``torch_compile``) and, as an ablation, padded and eager.
+runs with the recipe's settings (``shared_prefix``, ``group_by_length``, ``packing``, ``torch_compile``) and, as
+ablations, with each of them switched. Rows grouped by length are sorted ``--length_group_batches`` batches at a time in the timed runs
+(the recipe's own runs sort 50 at a time, which pads less): ``--steps`` and ``--warmup_steps`` are multiples of it,
+so the timed steps hold whole groups, a random sample of rows as a shuffled order's batches are.
+
+    python benchmarks/training.py --model smollm2-lora --warmup_steps 8 --steps 8 --length_group_batches 8
 """
 
 from __future__ import annotations
@@ -95,12 +100,23 @@ class BenchmarkArguments:
     torch_compile: bool = False  # tiny-llama: our loop with torch_compile: true too (the Trainer stays eager)
     deepspeed_config: str = "recipes/deepspeed/zero2.json"
     threads: int = 1  # one thread per process on a CPU: steadier timings on a shared machine
+    # smollm2-lora with group_by_length: batches per sorted group in the timed runs. Sorted groups are random
+    # samples only as wholes (each starts with its longest rows), so --warmup_steps and --steps must be
+    # multiples of it: the timed steps then cover whole groups, the rows a random batch order would give.
+    length_group_batches: int = 2
 
     def __post_init__(self) -> None:
         if self.model not in (TINY_LLAMA, SMOLLM2_LORA):
             raise ValueError(f"--model must be {TINY_LLAMA} or {SMOLLM2_LORA}, got {self.model!r}")
         if self.warmup_steps < 1:
             raise ValueError("--warmup_steps must be >= 1 (the first step's end starts the clock)")
+        if self.model == SMOLLM2_LORA and (
+            self.steps % self.length_group_batches or self.warmup_steps % self.length_group_batches
+        ):
+            raise ValueError(
+                f"--steps ({self.steps}) and --warmup_steps ({self.warmup_steps}) must be multiples of "
+                f"--length_group_batches ({self.length_group_batches}): the timed steps must be whole sorted groups"
+            )
         for name, value in DEFAULTS[torch.device(self.device).type].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -321,6 +337,8 @@ def smollm2_recipe(args: BenchmarkArguments, prepared: Path, output_dir: Path, *
             **settings,
         }
     )
+    if values.get("group_by_length"):
+        values["length_group_batches"] = args.length_group_batches
     return values
 
 
@@ -400,18 +418,31 @@ def run_trainer_smollm2(
 def benchmark_smollm2(args: BenchmarkArguments, clock: Clock) -> None:
     recipe = read_recipe_file(SMOLLM2_RECIPES / "llm.yaml")
     packing, compiled = recipe.get("packing", False), recipe.get("torch_compile", False)
+    grouped, shared = recipe.get("group_by_length", False), recipe.get("shared_prefix", False)
     regions = compiled and recipe.get("torch_compile_regions", False)
     compile_name = {False: "eager", True: "compiled"}
     recipe_compile = "compiled by layer" if regions else compile_name[compiled]
-    # Our loop as the recipe runs it, then one lever at a time.
+    rows = "packed rows" if packing else "rows grouped by length" if grouped else "padded rows"
+    rows += ", shared prefix" if shared else ""
+    # Our loop as the recipe runs it, then one lever at a time (packing replaces grouping by length and the
+    # shared prefix).
     variants = {
-        f"{UNIMM} (the recipe: packing {packing}, {recipe_compile})": {},
-        f"{UNIMM} (packing {not packing}, {recipe_compile})": {"packing": not packing},
-        f"{UNIMM} (packing {packing}, {compile_name[not compiled]})": {
+        f"{UNIMM} (the recipe: {rows}, {recipe_compile})": {},
+        f"{UNIMM} (shared_prefix {not shared}, {recipe_compile})": {"shared_prefix": not shared},
+        f"{UNIMM} (group_by_length {not grouped}, {recipe_compile})": {"group_by_length": not grouped},
+        f"{UNIMM} (packing {not packing}, {recipe_compile})": {
+            "packing": not packing,
+            "group_by_length": False,
+            "shared_prefix": False,
+        },
+        f"{UNIMM} ({rows}, {compile_name[not compiled]})": {
             "torch_compile": not compiled,
             "torch_compile_regions": False,
         },
     }
+    if packing:  # grouping by length and the shared prefix need unpacked rows
+        del variants[f"{UNIMM} (group_by_length {not grouped}, {recipe_compile})"]
+        del variants[f"{UNIMM} (shared_prefix {not shared}, {recipe_compile})"]
     results: dict[str, list[Throughput]] = {name: [] for name in [*variants, TRAINER]}
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(args.prepared) if args.prepared else prepare_small_set(Path(scratch))

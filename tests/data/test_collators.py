@@ -1,6 +1,6 @@
 import pytest
 
-from unimm.data.collators import PaddingCollator, TextDropout
+from unimm.data.collators import PaddingCollator, TextDropout, shared_prefix_length
 from unimm.data.packing import IGNORE_INDEX
 from unimm.data.schema import image_segment, text_segment
 
@@ -42,3 +42,16 @@ def test_text_dropout_rate_and_reproducibility():
 def test_text_dropout_probability_is_checked():
     with pytest.raises(ValueError, match=r"probability must be in \[0, 1\]"):
         TextDropout(probability=1.5)
+
+
+def test_shared_prefix_length_stops_at_a_difference_a_target_or_padding():
+    collate = PaddingCollator(pad_token_id=0)
+    rows = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6, 7], [1, 2, 3, 4]]
+    untargeted = [{"input_ids": row, "labels": [IGNORE_INDEX] * len(row)} for row in rows]
+    assert shared_prefix_length(collate(untargeted)) == 4  # the rows differ from position 4 on
+    targeted = [{"input_ids": row, "labels": [IGNORE_INDEX] * 3 + row[3:]} for row in rows]
+    assert shared_prefix_length(collate(targeted)) == 2  # position 3 is a target: hidden state 2 predicts it
+    short = [*untargeted[:2], {"input_ids": [1, 2], "labels": [IGNORE_INDEX] * 2}]
+    assert shared_prefix_length(collate(short)) == 2  # padding is not a shared token
+    same = [untargeted[0], untargeted[0]]
+    assert shared_prefix_length(collate(same)) == 4  # identical rows keep their last token apart

@@ -107,6 +107,37 @@ def test_loss_without_logits_matches_the_full_head(tiny, kind, tied):
     torch.testing.assert_close(sparse_gradient, full_gradient)
 
 
+@pytest.mark.parametrize(("kind", "tied"), [("llama", False), ("qwen2", True), ("gpt2", True)])
+def test_shared_prefix_gives_the_loss_and_gradients_of_the_full_batch(tiny, kind, tied):
+    """shared_prefix_length: the rows' common start runs once and the rest attends to its keys and values as
+    to a cache; loss, per-modality losses and every parameter's gradient are the full forward's."""
+    model = tiny.model(kind, tied, image_loss_weight=0.5)
+    image = model.vocabulary.image_to_token_ids(torch.tensor([[0, 1, 2], [3, 4, 5]])).tolist()
+    prefix = [1, 5, 6, 7]
+    rows = [[*prefix, 8, *image, 9], [*prefix, 10, 11, *image, 12, 13, 14], [*prefix, 15, 16, *image]]
+    length = max(map(len, rows))
+    input_ids = torch.tensor([row + [0] * (length - len(row)) for row in rows])  # (3, T), right-padded
+    attention_mask = torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in rows])
+    labels = torch.where(attention_mask.bool(), input_ids, -100)
+    labels[:, : len(prefix) + 1] = -100  # no target in the prefix nor at the token after it
+    results = []
+    for shared in (0, len(prefix)):
+        model.zero_grad()
+        output = model(input_ids, attention_mask=attention_mask, labels=labels, return_logits=False,
+                       shared_prefix_length=shared)  # fmt: skip
+        output.loss.backward()
+        gradients = {
+            name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None
+        }
+        results.append((output, gradients))
+    (full, full_gradients), (shared, shared_gradients) = results
+    for name in ("loss", "text_loss", "image_loss"):
+        torch.testing.assert_close(getattr(shared, name), getattr(full, name))
+    assert shared_gradients.keys() == full_gradients.keys() and len(full_gradients) > 5
+    for name, gradient in full_gradients.items():
+        torch.testing.assert_close(shared_gradients[name], gradient, msg=name)
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_from_text_model_keeps_text_logits(tiny, tied):
     torch.manual_seed(0)

@@ -68,6 +68,10 @@ def test_invalid_values_and_stages(synthetic_recipe):
         parse_recipe({"max_steps": 1})
     with pytest.raises(ValueError, match="report_to"):
         parse_recipe({**synthetic_recipe, "report_to": ["mlflow"]})
+    with pytest.raises(ValueError, match="length_group_batches .* needs group_by_length: true"):
+        parse_recipe({**synthetic_recipe, "length_group_batches": 4})
+    with pytest.raises(ValueError, match=r"length_group_batches \(0\)"):
+        parse_recipe({**synthetic_recipe, "group_by_length": True, "length_group_batches": 0})
 
 
 def test_missing_files_are_reported(tmp_path, synthetic_recipe):

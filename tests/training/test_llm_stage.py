@@ -67,6 +67,19 @@ def test_packing_gives_block_causal_rows(tmp_path):
     assert stage.count_units(batch) == 60
 
 
+def test_sample_lengths_are_the_served_lengths_and_need_unpacked_rows(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": [1] * n, "labels": [1] * n}) + "\n" for n in (3, 9, 5)))
+    stage = _stage(LlmSftStage, train_dataset=str(data), max_length=6)
+    train_set, _ = stage.build_datasets()
+    assert stage.sample_lengths(train_set) == [3, 6, 5]  # truncated to max_length, as served
+    train_set.table = train_set.table.select([2, 0])
+    assert stage.sample_lengths(train_set) == [5, 3]  # a selected table's own order
+    packed = _stage(LlmSftStage, train_dataset=str(data), max_length=20, packing=True)
+    with pytest.raises(ValueError, match="packing or group_by_length, not both"):
+        packed.sample_lengths(packed.build_datasets()[0])
+
+
 def test_dataset_errors_name_the_field_and_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_dataset '.*missing.jsonl' does not exist"):
         _stage(LlmPretrainStage, train_dataset=str(tmp_path / "missing.jsonl")).build_datasets()
@@ -322,6 +335,63 @@ def test_text_kl_anchor_is_the_kl_to_the_model_without_adapters_on_text_rows_onl
     assert float(kl) > 1e-3
     assert metrics["text_kl"] == pytest.approx(float(kl), rel=1e-4)
     torch.testing.assert_close(loss, plain_loss + 0.5 * kl)
+
+
+def _system_prompt_batch(stage, vocabulary):
+    """Four chats starting with the same 9-token "system prompt", collated by the stage."""
+    image = vocabulary.image_to_token_ids(torch.tensor([[0, 5], [9, 15]])).tolist()
+    system = [3, 20, 21, 22, 23, 24, 25, 26, 27]
+    rows = [
+        [*system, 4, 5, 6, 7, 8],
+        [*system, 9, 10, 11],
+        [*system, 4, *image, 12],
+        [*system, 30, *image, 14],
+    ]
+    samples = [{"input_ids": row, "labels": [IGNORE_INDEX] * 11 + row[11:]} for row in rows]
+    return stage.collate(samples)
+
+
+@pytest.mark.parametrize("text_kl_weight", [0.0, 0.5])
+def test_shared_prefix_runs_the_system_prompt_once_for_the_same_loss_and_gradients(text_kl_weight):
+    from peft.tuners.lora import LoraLayer
+
+    values = dict(train_dataset="unused", lora_rank=4, text_kl_weight=text_kl_weight)
+    plain, shared = _stage(LlmSftStage, **values), _stage(LlmSftStage, **values, shared_prefix=True)
+    model = _tiny_unified_lora(plain).eval()
+    for module in model.modules():  # adapters away from the identity: the prefix's activations depend on them
+        if isinstance(module, LoraLayer):
+            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.5)
+    vocabulary = model.get_base_model().vocabulary
+    assert _system_prompt_batch(shared, vocabulary)["shared_prefix_length"] == 9
+    assert "shared_prefix_length" not in _system_prompt_batch(plain, vocabulary)
+    results = []
+    for stage in (plain, shared):
+        model.zero_grad()
+        loss, metrics = stage.compute_loss(model, _system_prompt_batch(stage, vocabulary), step=0)
+        loss.backward()
+        trainable = {
+            name: param.grad.clone() for name, param in model.named_parameters() if param.requires_grad
+        }
+        results.append((loss, metrics, trainable))
+    (plain_loss, plain_metrics, plain_grads), (shared_loss, shared_metrics, shared_grads) = results
+    torch.testing.assert_close(shared_loss, plain_loss)
+    for name, value in plain_metrics.items():
+        torch.testing.assert_close(shared_metrics[name], value, msg=name)
+    for name, gradient in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], gradient, msg=name)
+
+
+def test_shared_prefix_is_left_out_below_its_minimum_and_needs_padded_rows():
+    stage = _stage(LlmSftStage, train_dataset="unused", shared_prefix=True)
+    batch = stage.collate(
+        [
+            {"input_ids": [3, 4, 5, 6], "labels": [-100, -100, 5, 6]},
+            {"input_ids": [3, 4, 7], "labels": [-100, -100, 7]},
+        ]
+    )
+    assert batch["shared_prefix_length"] == 0  # 1 token: not worth a second decoder call
+    with pytest.raises(ValueError, match="needs padded rows"):
+        _stage(LlmSftStage, train_dataset="unused", shared_prefix=True, packing=True)
 
 
 def test_text_kl_anchor_needs_lora():

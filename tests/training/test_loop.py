@@ -86,6 +86,14 @@ def test_component_learning_rates_are_applied(synthetic_recipe):
         TrainingLoop(parse_recipe({**values, "component_learning_rates": {"vision_tower": 1.0}})).setup()
 
 
+def test_group_by_length_needs_a_stage_with_sample_lengths(synthetic_recipe):
+    from unimm.training.loop import TrainingLoop
+
+    loop = TrainingLoop(parse_recipe({**synthetic_recipe, "max_steps": 1, "group_by_length": True}))
+    with pytest.raises(ValueError, match="group_by_length: stage 'synthetic' has no sample lengths"):
+        loop.setup()
+
+
 def test_resume_folder_of_another_run_is_refused_before_training(synthetic_recipe, tmp_path):
     first = train(parse_recipe({**synthetic_recipe, "max_steps": 2, "save_steps": 1}))
     other_model = {

@@ -55,6 +55,20 @@ class PaddingCollator:
         return values + pad if self.padding_side == "right" else pad + values
 
 
+def shared_prefix_length(batch: dict[str, torch.Tensor]) -> int:
+    """How many leading positions every row of a padded batch shares (same token, none padding) with no target
+    among them nor at the position after them: what a loss-only forward may run once for all rows
+    (``UniMMForCausalLM``'s ``shared_prefix_length``). Chat rows share their template's system prompt."""
+    input_ids, labels = batch["input_ids"], batch["labels"]  # (B, T)
+    same = (input_ids == input_ids[:1]).all(dim=0)  # (T,)
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        same &= mask.bool().all(dim=0)
+    no_target = (labels == IGNORE_INDEX).all(dim=0)  # (T,)
+    leading_same, leading_untargeted = (int(flags.long().cumprod(0).sum()) for flags in (same, no_target))
+    return max(min(leading_same, leading_untargeted - 1, input_ids.shape[1] - 1), 0)
+
+
 class TextDropout:
     """Classifier-free guidance training: with ``probability``, a sample becomes ``drop_text(sample)``.
 

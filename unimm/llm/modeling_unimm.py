@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -189,6 +190,7 @@ class UniMMForCausalLM(UniMMGenerationMixin, UniMMPreTrainedModel, GenerationMix
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
         return_logits: bool = True,
+        shared_prefix_length: int = 0,
         **kwargs,
     ) -> UniMMCausalLMOutput:
         """Next-token prediction over the extended vocabulary.
@@ -197,7 +199,10 @@ class UniMMForCausalLM(UniMMGenerationMixin, UniMMPreTrainedModel, GenerationMix
         ``num_items_in_batch`` (transformers' gradient-accumulation convention) replaces the local token
         count as the loss denominator. ``return_logits=False`` (training, with ``labels``) runs the head only
         at positions that have a target: a chat sample trains on a few answer tokens, and the vocabulary
-        projection and its cross-entropy over every position are a large share of a step.
+        projection and its cross-entropy over every position are a large share of a step. There,
+        ``shared_prefix_length`` > 0 says that every row starts with the same so many tokens and has no target
+        before the token after them (a chat template's system prompt): the prefix runs once, as one row whose
+        keys and values every row attends to, for the same loss (see :meth:`_shared_prefix_forward`).
         The KV cache is passed on under the name the installed transformers' backbone takes."""
         cache_argument, _ = _cache_keywords(self.language_model)
         model_inputs = dict(
@@ -210,7 +215,11 @@ class UniMMForCausalLM(UniMMGenerationMixin, UniMMPreTrainedModel, GenerationMix
             **kwargs,
         )
         if not return_logits and labels is not None:
-            outputs = self.language_model.get_decoder()(**model_inputs)
+            if 0 < shared_prefix_length < labels.shape[1] and len(labels) > 1:
+                outputs = self._shared_prefix_forward(model_inputs, shared_prefix_length, cache_argument)
+                labels = labels[:, shared_prefix_length:]  # the prefix holds no target
+            else:
+                outputs = self.language_model.get_decoder()(**model_inputs)
             shift_labels = labels[:, 1:].to(outputs.last_hidden_state.device)  # (B, T - 1)
             valid = shift_labels != IGNORE_INDEX
             hidden_states = outputs.last_hidden_state[:, :-1][valid]  # (N, D): positions with a target
@@ -226,6 +235,38 @@ class UniMMForCausalLM(UniMMGenerationMixin, UniMMPreTrainedModel, GenerationMix
         # The language model's own fields (logits, cache, hidden_states, attentions) pass through by name.
         passed = {name: value for name, value in outputs.items() if name != "loss"}
         return UniMMCausalLMOutput(loss=loss, text_loss=text_loss, image_loss=image_loss, **passed)
+
+    def _shared_prefix_forward(self, model_inputs: dict, prefix_length: int, cache_argument: str) -> Any:
+        """The decoder's outputs for the tokens after a prefix that all rows share: the prefix runs as one
+        row, its keys and values are expanded (a view) to every row, the rest attends to them as to a KV
+        cache. Gradients flow back through the cache, summed over the rows, so the loss and its gradients
+        are those of the full batch; the prefix's work is done once instead of once per row."""
+        input_ids, attention_mask = model_inputs["input_ids"], model_inputs["attention_mask"]
+        if input_ids is None or model_inputs["position_ids"] is not None:
+            raise ValueError("shared_prefix_length needs input_ids and no position_ids (unpacked rows)")
+        decoder = self.language_model.get_decoder()
+        extra = {
+            key: value
+            for key, value in model_inputs.items()
+            if key not in ("input_ids", "attention_mask", "position_ids", "use_cache", cache_argument)
+        }
+        prefix = decoder(input_ids=input_ids[:1, :prefix_length], use_cache=True, **extra)
+        cache = getattr(prefix, cache_argument, None)  # the output field is named as the argument
+        if cache is None:  # e.g. gradient checkpointing, under which transformers turns the cache off
+            raise ValueError("shared_prefix_length needs the decoder's KV cache (no gradient checkpointing)")
+        batch_size, length = input_ids.shape
+        for layer in cache.layers:
+            layer.keys = layer.keys.expand(batch_size, -1, -1, -1)  # (B, H, P, Dh), no copy
+            layer.values = layer.values.expand(batch_size, -1, -1, -1)
+        positions = torch.arange(prefix_length, length, device=input_ids.device).expand(batch_size, -1)
+        return decoder(
+            input_ids=input_ids[:, prefix_length:],
+            attention_mask=attention_mask,  # (B, T): the prefix's columns included
+            position_ids=positions,  # (B, T - P)
+            use_cache=True,
+            **{cache_argument: cache},
+            **extra,
+        )
 
     def loss_per_modality(
         self,

@@ -89,6 +89,21 @@ class TrainingArguments:
     )
     report_to: list[str] = field(default_factory=list, metadata={"help": f"extra trackers: {TRACKERS}"})
     dataloader_num_workers: int = 0
+    group_by_length: bool = field(
+        default=False,
+        metadata={
+            "help": "batches of samples of similar length, so padding wastes less (transformers' "
+            "group_by_length: the epoch's random order is cut into groups of 50 batches, each sorted by "
+            "length); a stage that gives its samples' lengths only (the LLM stages, unpacked)"
+        },
+    )
+    length_group_batches: int | None = field(
+        default=None,
+        metadata={
+            "help": "with group_by_length: batches per sorted group (default: transformers' choice, 50 or a "
+            "quarter of the epoch); more groups less padding, fewer keep batches closer to random"
+        },
+    )
     ddp_timeout: int = field(
         default=1800,
         metadata={
@@ -119,6 +134,13 @@ class TrainingArguments:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.length_group_batches is not None and (
+            not self.group_by_length or self.length_group_batches < 1
+        ):
+            raise ValueError(
+                f"length_group_batches ({self.length_group_batches}) sizes group_by_length's groups: it needs "
+                "group_by_length: true and a value >= 1"
+            )
         if self.torch_compile_regions and not self.torch_compile:
             raise ValueError("torch_compile_regions says how to compile: it needs torch_compile: true")
         schedulers = [item.value for item in SchedulerType]

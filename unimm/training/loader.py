@@ -13,22 +13,46 @@ neither applies and batches are used as collated.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 
 class ResumableDistributedSampler(DistributedSampler):
-    """``DistributedSampler`` that can skip the first ``start_index`` samples of this rank's shard."""
+    """``DistributedSampler`` that can skip the first ``start_index`` samples of this rank's shard.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    Given the samples' ``lengths`` (and ``batch_size``), a shuffled epoch groups samples of similar length
+    into the same batches: transformers' ``get_length_grouped_indices`` over the global batch (every rank's
+    batch ``i`` comes from the same sorted run; ``group_batches`` batches sorted at a time), seeded by ``(seed,
+    epoch)`` as the plain order is."""
+
+    def __init__(
+        self,
+        *args: Any,
+        lengths: Sequence[int] | None = None,
+        batch_size: int = 1,
+        group_batches: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        if lengths is not None and len(lengths) != len(self.dataset):
+            raise ValueError(f"lengths: {len(lengths)} values for a dataset of {len(self.dataset)} samples")
+        self.lengths, self.batch_size, self.group_batches = lengths, batch_size, group_batches
         self.start_index = 0
 
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
+        if self.lengths is None or not self.shuffle:
+            indices = list(super().__iter__())
+        else:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            grouped = get_length_grouped_indices(
+                self.lengths, self.batch_size * self.num_replicas, self.group_batches, generator
+            )
+            indices = grouped[: self.total_size]  # drop_last: the shuffled loader's only mode
+            indices = indices[self.rank : self.total_size : self.num_replicas]
         return iter(indices[self.start_index :])
 
     def __len__(self) -> int:
@@ -46,17 +70,31 @@ def build_loader(
     shuffle: bool,
     num_workers: int = 0,
     device: torch.device | str | None = None,
+    lengths: Sequence[int] | None = None,
+    group_batches: int | None = None,
 ) -> DataLoader:
     """A loader over this rank's shard; training loaders shuffle and drop the last partial batch.
 
-    ``device``: where the batches go; an accelerator's batches come in pinned memory."""
+    ``device``: where the batches go; an accelerator's batches come in pinned memory. ``lengths``: the
+    samples' lengths, to batch similar lengths together (a shuffling loader), sorted ``group_batches`` batches
+    at a time (``None``: transformers' default)."""
     if len(dataset) < world_size * (batch_size if shuffle else 1):
         raise ValueError(
             f"dataset has {len(dataset)} samples, fewer than one batch per rank "
             f"({world_size} rank(s) x batch size {batch_size})"
         )
+    if lengths is not None and not shuffle:
+        raise ValueError("lengths group a shuffled epoch's batches; an unshuffled loader keeps its order")
     sampler = ResumableDistributedSampler(
-        dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=shuffle
+        dataset,
+        num_replicas=world_size,
+        rank=rank,
+        shuffle=shuffle,
+        seed=seed,
+        drop_last=shuffle,
+        lengths=lengths,
+        batch_size=batch_size,
+        group_batches=group_batches,
     )
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(

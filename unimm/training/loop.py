@@ -192,7 +192,15 @@ class TrainingLoop:
         common = {"rank": distributed.rank(), "world_size": distributed.world_size(), "seed": args.seed}
         common["collate_fn"], common["num_workers"] = self.stage.collate, args.dataloader_num_workers
         common["device"] = get_accelerator().current_device_name()  # pinned host memory for an accelerator
-        train_loader = build_loader(train_set, args.per_device_train_batch_size, shuffle=True, **common)
+        lengths = self.stage.sample_lengths(train_set) if args.group_by_length else None
+        train_loader = build_loader(
+            train_set,
+            args.per_device_train_batch_size,
+            shuffle=True,
+            lengths=lengths,
+            group_batches=args.length_group_batches,
+            **common,
+        )
         if eval_set is None:
             return train_loader, None
         return train_loader, build_loader(eval_set, args.per_device_eval_batch_size, shuffle=False, **common)

@@ -44,6 +44,11 @@ class TrainingStage(abc.ABC):
     def build_datasets(self) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None]:
         """Return ``(train, eval)`` map-style datasets; ``eval`` may be ``None``."""
 
+    def sample_lengths(self, dataset: torch.utils.data.Dataset) -> Sequence[int]:
+        """The length of every sample of ``dataset``, for ``group_by_length``; a stage whose samples all cost
+        the same has none."""
+        raise ValueError(f"group_by_length: stage {self.name!r} has no sample lengths to group by")
+
     def collate(self, samples: Sequence[Any]) -> dict[str, torch.Tensor]:
         """Turn a list of dataset items into a batch; the default stacks tensors field by field."""
         return torch.utils.data.default_collate(list(samples))

@@ -30,7 +30,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from unimm.data.collators import PaddingCollator
+from unimm.data.collators import PaddingCollator, shared_prefix_length
 from unimm.data.packing import (
     FLASH_VARLEN_KEYS,
     IGNORE_INDEX,
@@ -47,6 +47,10 @@ logger = logging.getLogger(__name__)
 
 TOKENS_COLUMN = "input_ids"
 LABELS_COLUMN = "labels"
+# A batch's shared prefix (LlmArguments.shared_prefix) runs apart only from this many tokens on: the second decoder
+# call costs more than a shorter prefix saves.
+MIN_SHARED_PREFIX = 8
+SHARED_PREFIX_KEY = "shared_prefix_length"
 # Per-modality losses a UniMMForCausalLM output carries, logged next to the loss.
 MODALITY_LOSSES = ("text_loss", "image_loss")
 TABLE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -78,6 +82,14 @@ class LlmArguments:
         default=False, metadata={"help": "pack samples into max_length rows (no attention across samples)"}
     )
     gradient_checkpointing: bool = False
+    shared_prefix: bool = field(
+        default=False,
+        metadata={
+            "help": "a unified model's loss: the tokens that all rows of a batch start with and that hold no "
+            "target (a chat template's system prompt) run once per batch, their keys and values shared by every "
+            "row; the same loss and gradients for less work (padded rows; no gradient checkpointing)"
+        },
+    )
     lora_rank: int = field(default=0, metadata={"help": "> 0: train LoRA adapters of this rank instead"})
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -143,6 +155,11 @@ class LlmArguments:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         if self.text_kl_weight < 0:
             raise ValueError(f"text_kl_weight must be >= 0, got {self.text_kl_weight}")
+        if self.shared_prefix and (self.packing or self.gradient_checkpointing):
+            raise ValueError(
+                "shared_prefix runs the rows' common start once and lets every row attend to its KV cache: it "
+                "needs padded rows (packing: false) and the cache (gradient_checkpointing: false)"
+            )
         if self.text_kl_weight and self.lora_rank == 0:
             raise ValueError(
                 "text_kl_weight needs lora_rank > 0: the frozen base it anchors to is the model with its "
@@ -163,6 +180,13 @@ class TokenDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         row = self.table[index]
         return {key: list(row[key])[: self.max_length] for key in self.columns}
+
+    def lengths(self) -> list[int]:
+        """Every row's length as it is served (at most ``max_length``), from the column's offsets (in the
+        table's row order: a ``select``ed table keeps its indices)."""
+        column = self.table.with_format("arrow")[TOKENS_COLUMN]
+        lengths = pyarrow.compute.list_value_length(column)
+        return [min(length, self.max_length) for length in lengths.to_pylist()]
 
     def max_token_id(self) -> int:
         tokens = pyarrow.compute.list_flatten(self.table.data.column(TOKENS_COLUMN))
@@ -374,10 +398,22 @@ class LlmStage(TrainingStage):
                 "was the data tokenized for another model (or another image vocabulary)?"
             )
 
+    def sample_lengths(self, dataset: TokenDataset) -> list[int]:
+        if self.args.packing:
+            raise ValueError(
+                "group_by_length: packed rows are all max_length long; use packing or group_by_length, not both"
+            )
+        return dataset.lengths()
+
     def collate(self, samples: Sequence[dict[str, list[int]]]) -> dict[str, Any]:
         """Padded batches (``unimm.data.collators``), or packed rows (``unimm.data.packing``: no mask, the
-        samples kept apart by their restarting ``position_ids``)."""
-        return self.collator(samples)
+        samples kept apart by their restarting ``position_ids``). With ``shared_prefix``, the batch also says
+        how many leading tokens its rows share (0: too few to run apart), counted here on the host."""
+        batch = self.collator(samples)
+        if self.args.shared_prefix:
+            length = shared_prefix_length(batch)
+            batch[SHARED_PREFIX_KEY] = length if length >= MIN_SHARED_PREFIX else 0
+        return batch
 
     # ------------------------------------------------------------------------------------ loss
     def compute_loss(
@@ -386,20 +422,24 @@ class LlmStage(TrainingStage):
         """The loss and detached metric tensors (nan: not measured in this batch), read at logging time."""
         # Training reads no KV cache, and packed rows are kept apart only without one.
         batch = {**batch, "use_cache": False}
+        shared_prefix = batch.pop(SHARED_PREFIX_KEY, 0)
         if self.args.text_kl_weight:
-            return self._text_anchored_loss(model, batch)
+            return self._text_anchored_loss(model, batch, shared_prefix)
         # A unified model computes its head only where there is a target (most positions have none).
-        extra = {"return_logits": False} if isinstance(_unwrap(model), UniMMForCausalLM) else {}
+        extra = {}
+        if isinstance(_unwrap(model), UniMMForCausalLM):
+            extra = {"return_logits": False, SHARED_PREFIX_KEY: shared_prefix}
         outputs = model(**batch, **extra)
         return outputs.loss, _modality_metrics(outputs)
 
     def _text_anchored_loss(
-        self, model: nn.Module, batch: dict[str, Any]
+        self, model: nn.Module, batch: dict[str, Any], shared_prefix: int = 0
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The next-token loss of the batch, plus ``text_kl_weight`` times the mean KL(base || tuned) per
         target token of its text-only rows. Rows with image tokens take the loss-only forward; text rows
         a forward with logits. Both share the batch's target count as the denominator, so the sum is the
-        loss of one forward over the whole batch."""
+        loss of one forward over the whole batch. The loss-only forward runs ``shared_prefix`` leading tokens
+        once (a subset of the rows shares what all of them do)."""
         base_model = _unwrap(model)
         labels = batch["labels"]
         num_items = (labels[:, 1:] != IGNORE_INDEX).sum().clamp_min(1)
@@ -413,7 +453,12 @@ class LlmStage(TrainingStage):
         parts = []
         if not text_rows.all():
             image_part = _select_rows(batch, ~text_rows)
-            outputs = model(**image_part, return_logits=False, num_items_in_batch=num_items)
+            outputs = model(
+                **image_part,
+                return_logits=False,
+                num_items_in_batch=num_items,
+                **({SHARED_PREFIX_KEY: shared_prefix} if isinstance(base_model, UniMMForCausalLM) else {}),
+            )
             loss = loss + outputs.loss
             parts.append((outputs, image_part["labels"]))
         if not text_rows.any():  # every batch names the same metrics (the ranks reduce them together)
