@@ -426,23 +426,21 @@ def benchmark_smollm2(args: BenchmarkArguments, clock: Clock) -> None:
     rows += ", shared prefix" if shared else ""
     # Our loop as the recipe runs it, then one lever at a time (packing replaces grouping by length and the
     # shared prefix).
-    variants = {
-        f"{UNIMM} (the recipe: {rows}, {recipe_compile})": {},
-        f"{UNIMM} (shared_prefix {not shared}, {recipe_compile})": {"shared_prefix": not shared},
-        f"{UNIMM} (group_by_length {not grouped}, {recipe_compile})": {"group_by_length": not grouped},
-        f"{UNIMM} (packing {not packing}, {recipe_compile})": {
-            "packing": not packing,
-            "group_by_length": False,
-            "shared_prefix": False,
-        },
-        f"{UNIMM} ({rows}, {compile_name[not compiled]})": {
-            "torch_compile": not compiled,
-            "torch_compile_regions": False,
-        },
+    variants = {f"{UNIMM} (the recipe: {rows}, {recipe_compile})": {}}
+    if not packing:  # grouping by length and the shared prefix need unpacked rows
+        variants[f"{UNIMM} (shared_prefix {not shared}, {recipe_compile})"] = {"shared_prefix": not shared}
+        variants[f"{UNIMM} (group_by_length {not grouped}, {recipe_compile})"] = {
+            "group_by_length": not grouped
+        }
+    variants[f"{UNIMM} (packing {not packing}, {recipe_compile})"] = {
+        "packing": not packing,
+        "group_by_length": False,
+        "shared_prefix": False,
     }
-    if packing:  # grouping by length and the shared prefix need unpacked rows
-        del variants[f"{UNIMM} (group_by_length {not grouped}, {recipe_compile})"]
-        del variants[f"{UNIMM} (shared_prefix {not shared}, {recipe_compile})"]
+    variants[f"{UNIMM} ({rows}, {compile_name[not compiled]})"] = {
+        "torch_compile": not compiled,
+        "torch_compile_regions": False,
+    }
     results: dict[str, list[Throughput]] = {name: [] for name in [*variants, TRAINER]}
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(args.prepared) if args.prepared else prepare_small_set(Path(scratch))

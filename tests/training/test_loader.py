@@ -14,7 +14,8 @@ class Numbers(torch.utils.data.Dataset):
         return index
 
 
-def _loader(rank: int = 0, world_size: int = 1, batch_size: int = 4):
+def _loader(rank: int = 0, world_size: int = 1, batch_size: int = 4, **options):
+    """A shuffling loader over ``Numbers``; ``options`` go to ``build_loader`` (lengths, group_batches)."""
     return build_loader(
         Numbers(),
         batch_size,
@@ -23,6 +24,7 @@ def _loader(rank: int = 0, world_size: int = 1, batch_size: int = 4):
         world_size=world_size,
         seed=3,
         shuffle=True,
+        **options,
     )
 
 
@@ -66,20 +68,8 @@ def test_move_to_device_casts_only_floating_tensors():
 LENGTHS = [(7 * index) % 37 + 3 for index in range(40)]  # 3..39, scattered over the indices
 
 
-def _grouped_loader(
-    rank: int = 0, world_size: int = 1, batch_size: int = 4, lengths=LENGTHS, group_batches=None
-):
-    return build_loader(
-        Numbers(),
-        batch_size,
-        torch.utils.data.default_collate,
-        rank=rank,
-        world_size=world_size,
-        seed=3,
-        shuffle=True,
-        lengths=lengths,
-        group_batches=group_batches,
-    )
+def _grouped_loader(rank: int = 0, world_size: int = 1, batch_size: int = 4, lengths=LENGTHS, **options):
+    return _loader(rank, world_size, batch_size, lengths=lengths, **options)
 
 
 def _padding(batches: list[list[int]]) -> int:

@@ -226,7 +226,9 @@ class UniMMForCausalLM(UniMMGenerationMixin, UniMMPreTrainedModel, GenerationMix
             loss, text_loss, image_loss = self._modality_losses(
                 self.compute_logits(hidden_states), shift_labels[valid], num_items_in_batch
             )
-            passed = {name: value for name, value in outputs.items() if name != "last_hidden_state"}
+            # The shared prefix's cache is the step's own, not one the caller asked for.
+            dropped = {"last_hidden_state", cache_argument} if shared_prefix_length else {"last_hidden_state"}
+            passed = {name: value for name, value in outputs.items() if name not in dropped}
             return UniMMCausalLMOutput(loss=loss, text_loss=text_loss, image_loss=image_loss, **passed)
         outputs = self.language_model(**model_inputs, logits_to_keep=logits_to_keep)
         loss = text_loss = image_loss = None
