@@ -1,3 +1,5 @@
+from dataclasses import asdict
+
 import pytest
 import torch
 from transformers.generation.streamers import BaseStreamer
@@ -5,7 +7,7 @@ from transformers.generation.streamers import BaseStreamer
 from unimm.llm import ModalitySampling
 from unimm.llm import generation as generation_module
 from unimm.llm.constraints import DONE, IMAGE, ConstraintState, build_mask_table
-from unimm.llm.sampling import RowSampler
+from unimm.llm.sampling import RowSampler, default_image_sampling, describe_sampling, set_image_sampling
 
 GREEDY = ModalitySampling()
 SAMPLED = ModalitySampling(do_sample=True, temperature=1.0)
@@ -266,6 +268,40 @@ def test_sampling_is_seeded_and_num_images_per_prompt_expands(tiny):
     assert first.sequences.shape[0] == 6 and len(first.image_token_ids) == 6
     assert torch.equal(first.sequences, second.sequences)
     assert len({tuple(first.sequences[row].tolist()) for row in range(3)}) > 1
+
+
+def test_image_sampling_defaults_to_the_checkpoints_own(tiny, tmp_path):
+    """A call that names no image sampling samples as the generation config says (``image_temperature``,
+    ``image_top_k``, ``image_top_p``), which round-trips with ``save_pretrained``; a named one wins."""
+    model = tiny.model()
+    kwargs = dict(mode="image", image_grid=(3, 3), num_images_per_prompt=4, seed=5)
+    plain = model.generate_multimodal([[1, 5]], **kwargs).sequences
+    assert torch.equal(plain, model.generate_multimodal([[1, 5]], image_sampling=SAMPLED, **kwargs).sequences)
+    own = ModalitySampling(do_sample=True, temperature=0.5, top_k=3)
+    set_image_sampling(model.generation_config, own)
+    assert model.generation_config.to_diff_dict() | {"image_temperature": 0.5, "image_top_k": 3} == (
+        model.generation_config.to_diff_dict()
+    )
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    assert default_image_sampling(loaded.generation_config) == own
+    assert describe_sampling(asdict(own)) == ", image codes sampled at temperature 0.5, top-k 3"
+    assert describe_sampling(asdict(SAMPLED)) == describe_sampling({}) == ""
+    defaulted = loaded.generate_multimodal([[1, 5]], **kwargs).sequences
+    assert torch.equal(defaulted, model.generate_multimodal([[1, 5]], image_sampling=own, **kwargs).sequences)
+    assert not torch.equal(defaulted, plain)
+    assert torch.equal(
+        plain, loaded.generate_multimodal([[1, 5]], image_sampling=SAMPLED, **kwargs).sequences
+    )
+    # Back to the plain default: the fields leave the config; impossible values are refused.
+    set_image_sampling(loaded.generation_config, ModalitySampling(do_sample=True))
+    assert not hasattr(loaded.generation_config, "image_temperature")
+    assert default_image_sampling(loaded.generation_config) == SAMPLED
+    loaded.generation_config.image_top_p = 1.5
+    with pytest.raises(ValueError, match="generation_config.*top_p"):
+        loaded.generate_multimodal([[1, 5]], **kwargs)
+    with pytest.raises(ValueError, match="do_sample=True"):
+        set_image_sampling(loaded.generation_config, GREEDY)
 
 
 def test_row_sampler_per_modality_parameters():

@@ -138,6 +138,50 @@ def test_shared_prefix_gives_the_loss_and_gradients_of_the_full_batch(tiny, kind
         torch.testing.assert_close(shared_gradients[name], gradient, msg=name)
 
 
+def test_shared_prefix_needs_the_kv_cache(tiny):
+    """Under gradient checkpointing transformers turns the KV cache off: the shared prefix says so."""
+    model = tiny.model("llama").train()
+    model.gradient_checkpointing_enable()
+    input_ids = torch.tensor([[1, 5, 6, 7, 8, 9], [1, 5, 6, 7, 10, 11]])
+    labels = input_ids.clone()
+    labels[:, :5] = -100
+    with pytest.raises(ValueError, match="needs the decoder's KV cache"):
+        model(input_ids, labels=labels, return_logits=False, shared_prefix_length=4)
+
+
+@pytest.mark.integration
+def test_shared_prefix_compiled_by_layer_is_one_graph_for_every_layer(tiny):
+    """Decoder layers compiled by region run the shared prefix's cache without a graph per layer: the graphs do
+    not grow with the layer count (each layer its own graph would pass dynamo's recompile limit of 8 at 30
+    layers, and the rest run eager), and the compiled loss is the eager one."""
+    from accelerate.utils import compile_regions_deepspeed
+    from torch._dynamo.utils import counters
+
+    prefix = [1, 5, 6, 7, 8, 9]
+    graphs = {}
+    for num_layers in (2, 5):
+        config = tiny.config("llama")
+        config.text_config.num_hidden_layers = num_layers
+        torch.manual_seed(0)
+        eager = UniMMForCausalLM(config).train()
+        compiled = UniMMForCausalLM(config).train()
+        compiled.load_state_dict(eager.state_dict())
+        compile_regions_deepspeed(compiled)
+        torch._dynamo.reset()
+        counters.clear()
+        for length in (12, 14, 17):
+            generator = torch.Generator().manual_seed(length)
+            input_ids = torch.randint(3, tiny.text_vocab, (3, length), generator=generator)
+            input_ids[:, : len(prefix)] = torch.tensor(prefix)
+            labels = input_ids.clone()
+            labels[:, : len(prefix) + 1] = -100
+            inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels,
+                          return_logits=False, shared_prefix_length=len(prefix))  # fmt: skip
+            torch.testing.assert_close(compiled(**inputs).loss, eager(**inputs).loss)
+        graphs[num_layers] = counters["stats"]["unique_graphs"]
+    assert graphs[2] > 0 and graphs[5] == graphs[2]
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_from_text_model_keeps_text_logits(tiny, tied):
     torch.manual_seed(0)

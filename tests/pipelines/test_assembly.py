@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from unimm.cli import main as unimm_main
+from unimm.llm import ModalitySampling
+from unimm.llm.sampling import default_image_sampling
 from unimm.pipelines import UniMMPipeline
 from unimm.pipelines.assembly import assemble_pipeline
 from unimm.pipelines.testing import build_random_pipeline
@@ -53,6 +55,29 @@ def test_assemble_command_writes_a_checkpoint_that_behaves_like_the_parts(tiny_p
     assemble_pipeline(parts["llm"], parts["tokenizer"], output, dtype=torch.bfloat16)
     assert UniMMPipeline.from_pretrained(output, dtype=None).llm.dtype == torch.bfloat16
     assert not (output / "detokenizer").exists()
+
+
+def test_assemble_gives_the_checkpoint_its_own_image_sampling(parts, tmp_path):
+    """``--image-temperature/--image-top-k``: the checkpoint samples image codes so when a call names no
+    sampling (the pipeline, the CLI, the server, the eval tasks), as if the call had named it."""
+    output = tmp_path / "checkpoint"
+    argv = ["assemble", "--llm", str(parts["llm"]), "--visual-tokenizer", str(parts["tokenizer"])]
+    assert (
+        unimm_main([*argv, "--output", str(output), "--image-temperature", "0.5", "--image-top-k", "4"]) == 0
+    )
+    loaded = UniMMPipeline.from_pretrained(output)
+    loaded.set_progress_bar_config(disable=True)
+    own = ModalitySampling(do_sample=True, temperature=0.5, top_k=4)
+    assert default_image_sampling(loaded.llm.generation_config) == own
+    options = dict(num_images_per_prompt=3, seed=0, decoder="pixel")
+    drawn = loaded.generate_images("a cat", **options).image_token_ids
+    assert torch.equal(drawn, loaded.generate_images("a cat", image_sampling=own, **options).image_token_ids)
+    plain = loaded.generate_images("a cat", image_sampling=ModalitySampling(do_sample=True), **options)
+    assert not torch.equal(drawn, plain.image_token_ids)
+    # Without the options the checkpoint keeps the plain default.
+    assert unimm_main([*argv, "--output", str(output)]) == 0
+    plain_checkpoint = UniMMPipeline.from_pretrained(output).llm.generation_config
+    assert default_image_sampling(plain_checkpoint) == ModalitySampling(do_sample=True)
 
 
 def test_parts_that_do_not_fit_are_refused_with_the_reason(parts, tmp_path):

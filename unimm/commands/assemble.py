@@ -32,6 +32,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompt-format", default="chat", choices=("chat", "caption"), help="how image prompts are written"
     )
     parser.add_argument(
+        "--image-temperature",
+        type=float,
+        default=None,
+        help="the checkpoint's own sampling temperature of image codes, used when a call names none (default: 1)",
+    )
+    parser.add_argument(
+        "--image-top-k",
+        type=int,
+        default=None,
+        help="the checkpoint's own top-k of image codes (default: off)",
+    )
+    parser.add_argument(
+        "--image-top-p",
+        type=float,
+        default=None,
+        help="the checkpoint's own top-p of image codes (default: off)",
+    )
+    parser.add_argument(
         "--training-data",
         action="append",
         default=None,
@@ -43,8 +61,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    from unimm.llm import ModalitySampling
     from unimm.pipelines.assembly import assemble_pipeline
 
+    sampling = None
+    if (args.image_temperature, args.image_top_k, args.image_top_p) != (None, None, None):
+        temperature = 1.0 if args.image_temperature is None else args.image_temperature
+        sampling = ModalitySampling(
+            do_sample=True, temperature=temperature, top_k=args.image_top_k, top_p=args.image_top_p
+        )
     try:
         output = assemble_pipeline(
             llm=args.llm,
@@ -55,6 +80,7 @@ def main(args: argparse.Namespace) -> int:
             dtype=getattr(torch, args.dtype) if args.dtype else None,
             prompt_format=args.prompt_format,
             training_data=args.training_data,
+            image_sampling=sampling,
         )
     except (OSError, ValueError) as error:  # a missing part, parts that do not fit together
         return report_error(error)

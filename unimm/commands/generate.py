@@ -87,7 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--decoder-guidance-scale", type=float, default=2.0, help="diffusion decoder guidance (default: 2.0)"
     )
     parser.add_argument(
-        "--temperature", type=float, default=1.0, help="sampling temperature of image tokens (default: 1.0)"
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature of image tokens (default: the checkpoint's generation config, else 1.0)",
     )
     parser.add_argument(
         "--top-k", type=int, default=None, help="keep the k likeliest image tokens (default: all)"
@@ -113,10 +116,15 @@ def main(args: argparse.Namespace) -> int:
         "decoder": args.decoder,
         "num_inference_steps": args.steps,
         "decoder_guidance_scale": args.decoder_guidance_scale,
-        "image_sampling": ModalitySampling(
-            do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p
-        ),
+        "image_sampling": None,  # the checkpoint's own (its generation config), unless one is given here
     }
+    if (args.temperature, args.top_k, args.top_p) != (None, None, None):
+        options["image_sampling"] = ModalitySampling(
+            do_sample=True,
+            temperature=1.0 if args.temperature is None else args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+        )
     if args.geneval is not None or args.dpg_bench is not None:
         return _generate_suite(args, options)
     try:

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 import PIL.Image
 from PIL.PngImagePlugin import PngInfo
 
+from unimm.llm.sampling import default_image_sampling
+
 if TYPE_CHECKING:
     from unimm.pipelines import UniMMPipeline
 
@@ -282,6 +284,8 @@ def generate_prompt_suite(
             )
     items = read_prompt_suite(suite, source)
     output_dir = Path(output_dir)
+    if generation_options.get("image_sampling") is None:  # recorded as drawn: the checkpoint's own
+        generation_options["image_sampling"] = default_image_sampling(pipeline.llm.generation_config)
     # 2. The record of the run: the settings and each prompt's seed (checked against an earlier run's).
     settings = {
         "suite": suite,

@@ -41,6 +41,7 @@ from unimm.data.demo_datasets import (
     load_emoji,
     load_fashion_mnist,
 )
+from unimm.llm.sampling import default_image_sampling, describe_sampling
 
 from .frechet import frechet_distance
 from .judge import FashionMNISTJudge, images_to_tensor, judge_outputs, load_judge
@@ -124,6 +125,8 @@ class EvaluationReport:
     emoji_reference_total: int
     emoji_real_total: int
     understanding_examples: list[dict[str, Any]] = field(default_factory=list)
+    # How image codes were sampled (ModalitySampling's fields): the checkpoint's own, see default_image_sampling.
+    image_sampling: dict[str, Any] = field(default_factory=dict)
     # Unknown words, data the checkpoint did not train on (see DemoTask): read before the figures.
     warnings: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
@@ -443,6 +446,7 @@ def evaluate_pipeline(
         emoji_reference_total=reference_count if emoji_generated else 0,
         emoji_real_total=len(emoji_test_images),
         understanding_examples=listed,
+        image_sampling=dataclasses.asdict(default_image_sampling(pipeline.llm.generation_config)),
         warnings=list(warnings),
         files=files,
         timings_seconds=timings,
@@ -503,7 +507,7 @@ def render_markdown(report: EvaluationReport) -> str:
         f"# Evaluation of `{report.checkpoint or 'pipeline'}`",
         "",
         f"Seed {report.seed}; generated images decoded with the {report.decoder} decoder, "
-        f"language-model guidance {report.guidance_scale:g}.",
+        f"language-model guidance {report.guidance_scale:g}{describe_sampling(report.image_sampling)}.",
         "",
     ]
     if report.warnings:

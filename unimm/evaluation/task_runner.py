@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from unimm.data.spec import resolve_spec_paths
+from unimm.llm.sampling import default_image_sampling, describe_sampling
 
 from .skill_tasks import SKILL_TASKS
 from .task_base import EvalTask, TaskContext, TaskResult
@@ -155,6 +156,7 @@ def run_tasks(pipeline: Any, tasks: Sequence[EvalTask], context: TaskContext) ->
             "guidance_scale": context.guidance_scale,
             "num_inference_steps": context.num_inference_steps,
             "batch_size": context.batch_size,
+            "image_sampling": dataclasses.asdict(default_image_sampling(pipeline.llm.generation_config)),
         },
     )
     if not standalone:
@@ -173,11 +175,12 @@ def write_report(run: EvaluationRun) -> None:
 
 def render_run_markdown(run: EvaluationRun) -> str:
     settings = run.settings
+    sampling = describe_sampling(settings.get("image_sampling", {}))
     lines = [
         f"# Evaluation of `{run.checkpoint or 'pipeline'}`",
         "",
         f"Seed {run.seed}; generated images decoded with the {settings['decoder']} decoder, language-model "
-        f"guidance {settings['guidance_scale']:g}. Tasks: {', '.join(result.label for result in run.results)}.",
+        f"guidance {settings['guidance_scale']:g}{sampling}. Tasks: {', '.join(result.label for result in run.results)}.",
         "",
     ]
     # Each distinct warning once, numbered, with the tasks it applies to (tasks on one dataset share some).

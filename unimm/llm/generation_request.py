@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from .sampling import ModalitySampling
+from .sampling import ModalitySampling, default_image_sampling
 from .streamers import BatchStreamer
 from .vocabulary import ImageVocabulary
 
@@ -116,7 +116,7 @@ def normalise_request(
     grids = _per_request(image_grid, count, "image_grid", is_single=_is_grid)
     scales = [float(s) for s in _per_request(guidance_scale, count, "guidance_scale")]
     text_sampling = text_sampling or ModalitySampling()
-    image_sampling = image_sampling or ModalitySampling(do_sample=True)
+    image_sampling = image_sampling or default_image_sampling(model.generation_config)
     text_sampling.validate("text_sampling")
     image_sampling.validate("image_sampling")
     repeats = _positive_ints(num_images_per_prompt, count, "num_images_per_prompt")

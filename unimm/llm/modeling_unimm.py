@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
@@ -25,6 +25,23 @@ from .generation_request import resolve_eos_token_ids
 from .vocabulary import ImageVocabulary
 
 IGNORE_INDEX = -100
+
+
+class _SharedPrefixCache(DynamicCache):
+    """The KV cache of a shared prefix, for decoder layers compiled by region (one graph that every layer
+    runs). Traced, the cache update guards on its layer's entry, so each layer would compile its own graph,
+    past dynamo's recompile limit (8), after which the layers run eager: the update runs outside the graph,
+    and :func:`_any_layer_index` keeps the layer index it is handed from being a guard."""
+
+    @torch.compiler.disable
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+def _any_layer_index() -> Any:
+    """Dynamo reads ``int`` attributes of modules (a layer's ``layer_idx``) as dynamic values, not as constants
+    it guards on, for the calls made under this context."""
+    return torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True)
 
 
 @dataclass
@@ -252,23 +269,28 @@ class UniMMForCausalLM(UniMMGenerationMixin, UniMMPreTrainedModel, GenerationMix
             for key, value in model_inputs.items()
             if key not in ("input_ids", "attention_mask", "position_ids", "use_cache", cache_argument)
         }
-        prefix = decoder(input_ids=input_ids[:1, :prefix_length], use_cache=True, **extra)
-        cache = getattr(prefix, cache_argument, None)  # the output field is named as the argument
-        if cache is None:  # e.g. gradient checkpointing, under which transformers turns the cache off
+        cache = _SharedPrefixCache(config=self.config.text_config)
+        with _any_layer_index():
+            prefix = decoder(
+                input_ids=input_ids[:1, :prefix_length], use_cache=True, **{cache_argument: cache}, **extra
+            )
+        if getattr(prefix, cache_argument, None) is not cache or not cache.get_seq_length():
+            # e.g. gradient checkpointing, under which transformers turns the cache off
             raise ValueError("shared_prefix_length needs the decoder's KV cache (no gradient checkpointing)")
         batch_size, length = input_ids.shape
         for layer in cache.layers:
             layer.keys = layer.keys.expand(batch_size, -1, -1, -1)  # (B, H, P, Dh), no copy
             layer.values = layer.values.expand(batch_size, -1, -1, -1)
         positions = torch.arange(prefix_length, length, device=input_ids.device).expand(batch_size, -1)
-        return decoder(
-            input_ids=input_ids[:, prefix_length:],
-            attention_mask=attention_mask,  # (B, T): the prefix's columns included
-            position_ids=positions,  # (B, T - P)
-            use_cache=True,
-            **{cache_argument: cache},
-            **extra,
-        )
+        with _any_layer_index():
+            return decoder(
+                input_ids=input_ids[:, prefix_length:],
+                attention_mask=attention_mask,  # (B, T): the prefix's columns included
+                position_ids=positions,  # (B, T - P)
+                use_cache=True,
+                **{cache_argument: cache},
+                **extra,
+            )
 
     def loss_per_modality(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -44,6 +45,58 @@ class ModalitySampling:
                 f"`{argument}.temperature` must be > 0 when sampling, got {self.temperature!r}; "
                 "use do_sample=False for greedy decoding."
             )
+
+
+# A checkpoint's own image sampling: fields of its generation config (``generation_config.json``), as
+# ``temperature``/``top_k``/``top_p`` are for text in transformers; each maps to the ModalitySampling field.
+IMAGE_SAMPLING_FIELDS = {"image_temperature": "temperature", "image_top_k": "top_k", "image_top_p": "top_p"}
+
+
+def default_image_sampling(generation_config: Any) -> ModalitySampling:
+    """Image codes' sampling when a call names none: temperature 1 and no filter, or what the checkpoint's
+    generation config sets (``image_temperature``, ``image_top_k``, ``image_top_p``; ``unimm assemble
+    --image-temperature`` writes them)."""
+    values = {
+        name: getattr(generation_config, key)
+        for key, name in IMAGE_SAMPLING_FIELDS.items()
+        if getattr(generation_config, key, None) is not None
+    }
+    sampling = ModalitySampling(do_sample=True, **values)
+    sampling.validate("generation_config (image_temperature, image_top_k, image_top_p)")
+    return sampling
+
+
+def set_image_sampling(generation_config: Any, sampling: ModalitySampling) -> None:
+    """Make ``sampling`` (with ``do_sample=True``) the default of a generation config: the inverse of
+    :func:`default_image_sampling`; fields at their plain default are removed."""
+    if not sampling.do_sample:
+        raise ValueError(
+            "a checkpoint's image sampling samples (do_sample=True): greedy codes repeat one image"
+        )
+    sampling.validate("image_sampling")
+    # A config made from the model config drops unknown fields when it is read back: this one is edited now.
+    generation_config._from_model_config = False
+    plain = ModalitySampling(do_sample=True)
+    for key, name in IMAGE_SAMPLING_FIELDS.items():
+        value = getattr(sampling, name)
+        if value == getattr(plain, name):
+            if hasattr(generation_config, key):
+                delattr(generation_config, key)
+        else:
+            setattr(generation_config, key, value)
+
+
+def describe_sampling(values: dict[str, Any]) -> str:
+    """``", image codes sampled at temperature 0.7, top-k 64"`` for a report, from ModalitySampling's fields as a
+    dict; empty for the plain default (temperature 1, no filter) and for no record."""
+    parts = []
+    if values.get("temperature", 1.0) != 1.0:
+        parts.append(f"temperature {values['temperature']:g}")
+    if values.get("top_k") is not None:
+        parts.append(f"top-k {values['top_k']}")
+    if values.get("top_p") is not None:
+        parts.append(f"top-p {values['top_p']:g}")
+    return f", image codes sampled at {', '.join(parts)}" if parts else ""
 
 
 class RowSampler:

@@ -19,6 +19,7 @@ import torch
 
 from unimm.detokenizer import DetokenizerPipeline
 from unimm.llm import UniMMForCausalLM, UniMMProcessor
+from unimm.llm.sampling import ModalitySampling, set_image_sampling
 from unimm.llm.text_tokenizer import END_OF_TURN
 from unimm.tokenizer import DualCodebookTokenizer
 
@@ -72,12 +73,16 @@ def assemble_pipeline(
     prompt_format: str = "chat",
     training_data: Sequence[str] | None = None,
     metrics: Mapping[str, float | str] | None = None,
+    image_sampling: ModalitySampling | None = None,
 ) -> Path:
     """Write a ``UniMMPipeline`` folder at ``output_dir`` from the trained parts' folders.
 
     ``processor`` defaults to the one inside ``llm``; ``dtype`` (e.g. ``torch.bfloat16`` for a smaller
     folder) applies to the LLM only, the others keep their stored dtype; ``None`` keeps the LLM's too.
-    ``training_data`` and ``metrics`` go to the model card. Returns ``output_dir``."""
+    ``training_data`` and ``metrics`` go to the model card. ``image_sampling`` becomes the checkpoint's own
+    sampling of image codes, used when a call names none (its generation config's ``image_temperature``,
+    ``image_top_k`` and ``image_top_p``; :func:`~unimm.llm.sampling.default_image_sampling`). Returns
+    ``output_dir``."""
     llm_dir = _existing_folder(llm, "llm")
     tokenizer_dir = _existing_folder(visual_tokenizer, "visual_tokenizer")
     processor_dir = _processor_folder(llm_dir, processor)
@@ -86,6 +91,8 @@ def assemble_pipeline(
     language_model = UniMMForCausalLM.from_pretrained(llm_dir, dtype=dtype or "auto").eval()
     text_processor = UniMMProcessor.from_pretrained(processor_dir)
     stop_at_end_of_turn(language_model, text_processor.tokenizer)
+    if image_sampling is not None:
+        set_image_sampling(language_model.generation_config, image_sampling)
     pipeline = UniMMPipeline(
         llm=language_model,
         processor=text_processor,
