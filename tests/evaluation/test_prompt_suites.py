@@ -141,7 +141,9 @@ def test_geneval_layout_is_what_its_scorer_reads(tiny_pipeline, geneval_file, tm
     # Seeds: prompt i drew with seed + i, in the record and in each PNG's text chunks.
     record = json.loads((output_dir / RECORD_FILE).read_text())
     assert [entry["seed"] for entry in record["prompts"]] == [7, 8, 9]
-    assert record["generation_options"] == {"decoder": "pixel"}
+    # The sampling the images were drawn with is recorded even when the call named none: the checkpoint's own.
+    plain = {"do_sample": True, "temperature": 1.0, "top_k": None, "top_p": None}
+    assert record["generation_options"] == {"decoder": "pixel", "image_sampling": plain}
     sample = PIL.Image.open(output_dir / "00002" / "samples" / "0001.png")
     assert sample.text == {"prompt": GENEVAL_LINES[2]["prompt"], "seed": "9", "image_index": "1"}
     alone = tiny_pipeline.generate_images(
